@@ -1,0 +1,27 @@
+# Two commands for a newcomer (see README): `make demo` and `make test`.
+# Both create .venv (CPU torch 2.13.0 here; any torch >= 2.4 elsewhere), build the C++ backend, then run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+$(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "$(TORCH)" numpy ninja pybind11
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -c "import petal_fast._C" || (echo "C++ backend failed to build" && exit 1)
+	touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python -m petal_fast.cli demo
+
+bench: setup
+	$(BIN)/python -m benchmarks --quick
+
+.PHONY: setup test demo bench

@@ -1,0 +1,179 @@
+// PetalLinear on the CPU (DESIGN §1.1):
+//   y = b + x Wᵀ + Σ_k c_k ⊙ D_k(U_k B_kᵀ),  U = x A_catᵀ (M × R),  c = [s(1−α), sα] per image.
+// Row-blocked: each block of rows is read once while it is hot in cache, for every GEMM that
+// needs it (base, shrink, expand in the same output; backward: dY·W, dY·B_cat, dYᵀ·V, dTᵀ·x),
+// so the LoRA adds no full pass over an M×in or M×out tensor. Blocks run in parallel
+// (at::parallel_for); BLAS calls inside a block are single-threaded. Reductions over M (dA, dB)
+// are per-thread fp32 partials summed at the end. Dropout masks come from hash32.h, never stored.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "hash32.h"
+
+namespace petal_fast {
+namespace {
+
+using at::Tensor;
+
+struct Dims {
+  int64_t M, K, N, R, images, branches, rpi, r;
+};
+
+Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& a_cat, const Tensor& coef) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "petal_linear: x must be contiguous (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "petal_linear: weight must be (N, K)");
+  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(1) == x.size(1), "petal_linear: A_cat must be (R, K)");
+  TORCH_CHECK(coef.dim() == 2, "petal_linear: coef must be (images, branches)");
+  Dims d{x.size(0), x.size(1), w.size(0), a_cat.size(0), coef.size(0), coef.size(1), 0, 0};
+  TORCH_CHECK(d.M % d.images == 0, "petal_linear: rows must be a multiple of images");
+  TORCH_CHECK(d.R % d.branches == 0, "petal_linear: R must be a multiple of branches");
+  d.rpi = d.M / d.images;
+  d.r = d.R / d.branches;
+  return d;
+}
+
+// Rows per block: a block of the widest row-major operand (~1 MiB) stays in L2 across the GEMMs.
+int64_t block_rows(const Dims& d, int64_t elem) {
+  int64_t rows = (int64_t{1} << 20) / (std::max(d.N, d.K) * elem);
+  rows = std::max<int64_t>(16, std::min<int64_t>(512, rows / 16 * 16));
+  int64_t per_thread = (d.M + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>(1, std::min(rows, per_thread));
+}
+
+// V = U ⊙ c for rows [r0, r0+n): c gathered per image for the block (n × branches), never M-long.
+Tensor row_scale(const Tensor& u_rows, const Dims& d, const Tensor& coef, int64_t r0) {
+  const int64_t n = u_rows.size(0);
+  Tensor img = at::arange(r0, r0 + n, coef.options().dtype(at::kLong)).div_(d.rpi, "floor");
+  Tensor c = coef.index_select(0, img).to(u_rows.scalar_type());
+  return (u_rows.view({n, d.branches, d.r}) * c.unsqueeze(-1)).view({n, d.R});
+}
+
+// out (rows × N) [+]= mask_k ⊙ part, mask of branch k for global rows r0…
+template <typename T>
+void apply_mask(T* out, const T* part, int64_t rows, int64_t n, int64_t r0, uint32_t key, uint32_t thr,
+                double inv_keep, bool accumulate) {
+  using acc_t = at::opmath_type<T>;  // float for half/bfloat16/float, double for double
+  const acc_t inv = static_cast<acc_t>(inv_keep);
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint32_t rh = mix32(key ^ static_cast<uint32_t>(r0 + i));
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t val = keep(rh, j, thr) ? static_cast<acc_t>(part[i * n + j]) * inv : acc_t(0);
+      out[i * n + j] = accumulate ? static_cast<T>(static_cast<acc_t>(out[i * n + j]) + val) : static_cast<T>(val);
+    }
+  }
+}
+
+void masked(Tensor out, const Tensor& part, int64_t r0, int64_t seed, int64_t branch, double p, bool accumulate) {
+  const uint32_t key = branch_key(seed, branch), thr = keep_threshold(p);
+  const double inv = 1.0 / (1.0 - p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "petal_linear_mask", [&] {
+    apply_mask<scalar_t>(out.data_ptr<scalar_t>(), part.data_ptr<scalar_t>(), out.size(0), out.size(1), r0, key,
+                         thr, inv, accumulate);
+  });
+}
+
+std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
+                                            const Tensor& a_cat, const Tensor& b_cat, const Tensor& coef, double p,
+                                            int64_t seed) {
+  const Dims d = dims_of(x, w, a_cat, coef);
+  Tensor y = at::empty({d.M, d.N}, x.options());
+  Tensor u = at::empty({d.M, d.R}, x.options());
+  const Tensor wt = w.t(), at_ = a_cat.t(), bt = b_cat.t();
+  const Tensor& cf = coef;
+  const int64_t rows = block_rows(d, x.element_size());
+  const int64_t blocks = (d.M + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain kernels, no autograd
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, n = std::min(rows, d.M - r0);
+      Tensor xb = x.narrow(0, r0, n), yb = y.narrow(0, r0, n), ub = u.narrow(0, r0, n);
+      at::mm_out(ub, xb, at_);
+      Tensor vb = row_scale(ub, d, cf, r0);
+      if (bias.has_value()) at::addmm_out(yb, *bias, xb, wt);
+      else at::mm_out(yb, xb, wt);
+      if (p == 0.0) {
+        yb.addmm_(vb, bt);  // the expand accumulates into the base output
+      } else {
+        for (int64_t k = 0; k < d.branches; ++k) {
+          Tensor part = at::mm(vb.narrow(1, k * d.r, d.r), bt.narrow(0, k * d.r, d.r));
+          masked(yb, part, r0, seed, k, p, /*accumulate=*/true);
+        }
+      }
+    }
+  });
+  return {y, u};
+}
+
+std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const Tensor& x, const Tensor& w,
+                                                    const Tensor& a_cat, const Tensor& b_cat, const Tensor& coef,
+                                                    const Tensor& u, double p, int64_t seed, bool need_x) {
+  const Dims d = dims_of(x, w, a_cat, coef);
+  const Tensor dy = dy_in.contiguous();
+  TORCH_CHECK(dy.size(0) == d.M && dy.size(1) == d.N, "petal_linear_bwd: dy must be (M, N)");
+  Tensor dx = need_x ? at::empty({d.M, d.K}, x.options()) : Tensor();
+  const Tensor& cf = coef;
+  const bool fp32 = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  const auto acc = fp32 ? x.options() : x.options().dtype(at::kFloat);  // reductions over M in fp32
+  const Tensor b_acc = b_cat.to(acc.dtype()), a_acc = a_cat.to(acc.dtype());
+  const int64_t rows = block_rows(d, x.element_size());
+  const int64_t blocks = (d.M + rows - 1) / rows;
+  const int threads = at::get_num_threads();
+  std::vector<Tensor> db_part(threads), da_part(threads);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int t = at::get_thread_num();
+    if (!db_part[t].defined()) {
+      db_part[t] = at::zeros({d.N, d.R}, acc);
+      da_part[t] = at::zeros({d.R, d.K}, acc);
+    }
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows, n = std::min(rows, d.M - r0);
+      Tensor dyb = dy.narrow(0, r0, n), xb = x.narrow(0, r0, n);
+      Tensor dyb_acc = dyb.to(acc.dtype());
+      Tensor vb = row_scale(u.narrow(0, r0, n), d, cf, r0).to(acc.dtype());
+      Tensor dub;
+      if (p == 0.0) {
+        dub = at::mm(dyb_acc, b_acc);              // dU = dY·B_cat (both branches)
+        db_part[t].addmm_(dyb_acc.t(), vb);        // dB += dYᵀ·(c ⊙ U)
+      } else {
+        dub = at::empty({n, d.R}, acc);
+        Tensor dyk = at::empty_like(dyb_acc);
+        for (int64_t k = 0; k < d.branches; ++k) {
+          masked(dyk, dyb_acc, r0, seed, k, p, /*accumulate=*/false);
+          dub.narrow(1, k * d.r, d.r).copy_(at::mm(dyk, b_acc.narrow(1, k * d.r, d.r)));
+          db_part[t].narrow(1, k * d.r, d.r).addmm_(dyk.t(), vb.narrow(1, k * d.r, d.r));
+        }
+      }
+      Tensor dtb = row_scale(dub, d, cf, r0);      // dT = c ⊙ dU
+      da_part[t].addmm_(dtb.t(), xb.to(acc.dtype()));
+      if (need_x) {
+        Tensor dxb = dx.narrow(0, r0, n);
+        at::mm_out(dxb, dyb, w);
+        dxb.addmm_(dtb.to(x.scalar_type()), a_cat);  // LoRA term in the same output as dY·W
+      }
+    }
+  });
+  Tensor db = at::zeros({d.N, d.R}, acc), da = at::zeros({d.R, d.K}, acc);
+  for (int t = 0; t < threads; ++t)
+    if (db_part[t].defined()) {
+      db.add_(db_part[t]);
+      da.add_(da_part[t]);
+    }
+  return {dx, da.to(a_cat.scalar_type()), db.to(b_cat.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(petal_fast, m) {
+  m.def("petal_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor a_cat, Tensor b_cat, Tensor coef, float p, int seed) -> (Tensor, Tensor)");
+  m.def("petal_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor a_cat, Tensor b_cat, Tensor coef, Tensor u, float p, int seed, bool need_x) -> (Tensor, Tensor, Tensor)");
+  m.impl("petal_linear_fwd", c10::DispatchKey::CPU, TORCH_FN(petal_linear_fwd));
+  m.impl("petal_linear_bwd", c10::DispatchKey::CPU, TORCH_FN(petal_linear_bwd));
+}
+
+}  // namespace petal_fast

@@ -1,0 +1,109 @@
+"""Backend selection (DESIGN §3).
+
+Every fused op has the same signature on every backend:
+
+- ``triton``    — Triton kernels from ``petal_fast.kernels`` (CUDA tensors; CPU tensors only under
+                  ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU);
+- ``cpp``       — the C++ extension ``petal_fast._C`` built from ``csrc/`` (CPU tensors);
+- ``torch``     — a plain torch composition with the same memory behaviour as the fused paths;
+- ``reference`` — the literal formula from ``petal_fast.reference`` (float64-capable test oracle).
+
+``auto`` (the default) picks ``triton`` for CUDA tensors and ``cpp`` for CPU tensors, falling back
+to ``torch`` with one warning when the extension or Triton is missing. Force a backend with the
+environment variable ``PETAL_FAST_BACKEND`` or, scoped, with ``petal_fast.use_backend(name)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("reference", "torch", "cpp", "triton")
+_local = threading.local()
+_warned: set[str] = set()
+
+
+def _check(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for: innermost ``use_backend`` context, else ``PETAL_FAST_BACKEND``, else auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check(os.environ.get("PETAL_FAST_BACKEND", "auto") or "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Force every petal_fast op inside the ``with`` block onto backend ``name``."""
+    name = _check(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS) -> str:
+    """Choose the backend for an op whose tensors live on ``device``.
+
+    ``supported`` lists the backends the op implements. An explicitly forced backend that cannot
+    run here raises; ``auto`` degrades to ``torch`` with one warning per op.
+    """
+    from petal_fast import _ext  # late: _ext imports this module
+
+    want = requested_backend()
+    if want == "auto":
+        if device.type == "cuda" and "triton" in supported and triton_available():
+            return "triton"
+        if device.type == "cpu" and "cpp" in supported:
+            if _ext.has_op(op):
+                return "cpp"
+            warn_once(f"nocpp-{op}", f"petal_fast: C++ backend for {op!r} is not built "
+                      f"({_ext.load_error() or 'op missing'}); using the torch fallback. "
+                      "Rebuild with `pip install --no-build-isolation -e .`.")
+        if device.type == "cuda" and "triton" in supported:
+            warn_once(f"notriton-{op}", f"petal_fast: Triton is not installed; {op!r} uses the torch fallback")
+        return "torch" if "torch" in supported else "reference"
+    if want not in supported:
+        raise ValueError(f"{op}: backend {want!r} is not implemented (available: {supported})")
+    if want == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"{op}: the cpp backend runs on CPU tensors, got {device}")
+        if not _ext.has_op(op):
+            raise RuntimeError(f"{op}: the C++ extension is not available ({_ext.load_error() or 'op missing'}); "
+                               "build it with `pip install --no-build-isolation -e .`")
+    if want == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend 'triton' requested but Triton is not installed (pip install triton)")
+        if device.type == "cpu" and not triton_interpreting():
+            raise ValueError(f"{op}: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                             "(the Triton interpreter); use a CUDA device otherwise")
+    return want

@@ -1,0 +1,1 @@
+"""petal_fast.data"""

@@ -1,0 +1,118 @@
+"""PetalLinear: a drop-in ``nn.Linear`` with PETALface's quality-weighted two-branch LoRA.
+
+    y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
+
+``weight``/``bias`` are frozen; ``lora_A`` (branches × r × in) and ``lora_B`` (branches × out × r)
+are trained; branch 0 (``branch_lr``) is weighted by (1 − α), branch 1 (``branch_hr``) by α.
+``branches=1`` is plain LoRA (y = x Wᵀ + b + s·D(x Aᵀ Bᵀ)), the paper's feature-layer adapter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from petal_fast.ops import petal_linear
+
+from .context import current_alpha
+
+
+class PetalLinear(nn.Module):
+    BRANCH_LR, BRANCH_HR = 0, 1
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 8, scale: float = 1.0,
+                 dropout: float = 0.0, bias: bool = True, branches: int = 2,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 weight: nn.Parameter | None = None, bias_param: nn.Parameter | None = None) -> None:
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if branches not in (1, 2):
+            raise ValueError(f"branches must be 1 or 2, got {branches!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scale, self.dropout, self.branches = rank, float(scale), float(dropout), branches
+        factory = {"device": device, "dtype": dtype}
+        if weight is None:
+            weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias_param is None and bias:
+            bias_param = nn.Parameter(torch.empty(out_features, **factory))
+            bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+            nn.init.uniform_(bias_param, -bound, bound)
+        if bias_param is not None:
+            bias_param.requires_grad_(False)
+        self.bias = bias_param
+        pdev, pdt = weight.device, (dtype or weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(branches, rank, in_features, device=pdev, dtype=pdt))
+        self.lora_B = nn.Parameter(torch.zeros(branches, out_features, rank, device=pdev, dtype=pdt))
+        self.reset_adapters()
+        self._merged_alpha: float | None = None
+        self._is_merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, dropout: float = 0.0,
+                    branches: int = 2) -> "PetalLinear":
+        """Wrap an existing ``nn.Linear``: its weight and bias Parameters are reused (no copy) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, rank=rank, scale=scale, dropout=dropout,
+                   bias=linear.bias is not None, branches=branches, weight=linear.weight,
+                   bias_param=linear.bias)
+
+    def reset_adapters(self) -> None:
+        """A ~ Kaiming-uniform (as PEFT and the released code), B = 0: the layer starts as the base layer."""
+        with torch.no_grad():
+            for b in range(self.branches):
+                nn.init.kaiming_uniform_(self.lora_A[b], a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        if self._is_merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        if self.branches == 2 and alpha is None:
+            alpha = current_alpha()
+        p = self.dropout if self.training else 0.0
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+        return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                            alpha if self.branches == 2 else None, self.scale, p, seed)
+
+    # -- fixed-quality deployment -------------------------------------------------------------
+    def delta_weight(self, alpha: float | None = None) -> torch.Tensor:
+        """ΔW = s·Σ_k c_k B_k A_k with c = [(1−α), α] (two branches) or [1] (one)."""
+        coefs = [1.0] if self.branches == 1 else [1.0 - float(alpha), float(alpha)]
+        a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
+        return self.scale * sum(c * (b[k] @ a[k]) for k, c in enumerate(coefs))
+
+    @torch.no_grad()
+    def merge_(self, alpha: float | None = None) -> "PetalLinear":
+        """Fold both branches at a fixed α into W (dropout off); ``unmerge_`` restores W."""
+        if self._is_merged:
+            raise RuntimeError("PetalLinear is already merged; call unmerge_() first")
+        if self.branches == 2 and (alpha is None or not 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"merge_ needs a fixed alpha in [0, 1] for a two-branch layer, got {alpha!r}")
+        self.weight.add_(self.delta_weight(alpha).to(self.weight.dtype))
+        # ΔW is recomputed at unmerge_ from the (unchanged) adapters: no out×in copy is kept.
+        self._merged_alpha, self._is_merged = alpha, True
+        return self
+
+    @torch.no_grad()
+    def unmerge_(self) -> "PetalLinear":
+        if not self._is_merged:
+            raise RuntimeError("PetalLinear is not merged")
+        self.weight.sub_(self.delta_weight(self._merged_alpha).to(self.weight.dtype))
+        self._merged_alpha, self._is_merged = None, False
+        return self
+
+    @property
+    def merged(self) -> bool:
+        return self._is_merged
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale}, dropout={self.dropout}, branches={self.branches}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,126 @@
+"""The fused PetalLinear op: one ``autograd.Function``, dispatched by backend (DESIGN §1.1, §3).
+
+    y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
+
+Computed in the split-fused form: U = x A_catᵀ (M × 2r), scaled per row by c = [s(1−α), sα],
+then ``y = b + x Wᵀ + (c ⊙ U) B_catᵀ`` with the expand in the base GEMM's accumulator.
+Backward (W, b frozen, α an input): dU = dY·B_cat, dT = c ⊙ dU, dB = dYᵀ(c ⊙ U), dA = dTᵀx,
+dX = dY·W + dT·A_cat. Saved for backward: x, U (M × 2r), the branch weights c (per image) and
+the dropout seed — never an M×out tensor; dropout masks are regenerated from the seed.
+"""
+from __future__ import annotations
+
+import torch
+
+from petal_fast import _ext
+from petal_fast.backend import resolve
+from petal_fast.reference import petal_linear as reference_petal_linear
+
+from . import _petal_linear_torch as torch_impl
+
+OP = "petal_linear"
+
+
+def _impl(backend: str):
+    if backend == "torch":
+        return torch_impl.forward, torch_impl.backward
+    if backend == "cpp":
+        return _ext.op("petal_linear_fwd"), _ext.op("petal_linear_bwd")
+    from petal_fast.kernels import petal_linear as triton_impl  # only imported when asked for
+    return triton_impl.forward, triton_impl.backward
+
+
+class PetalLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, p, seed, backend):
+        branches, r, k = lora_A.shape
+        a_cat = lora_A.reshape(branches * r, k)
+        b_cat = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
+        fwd, _ = _impl(backend)
+        y, u = fwd(x, weight, bias, a_cat, b_cat, coef, float(p), int(seed))
+        ctx.save_for_backward(x, weight, a_cat, b_cat, coef, u)
+        ctx.p, ctx.seed, ctx.backend, ctx.shapes = p, seed, backend, lora_A.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a_cat, b_cat, coef, u = ctx.saved_tensors
+        _, bwd = _impl(ctx.backend)
+        need_x = ctx.needs_input_grad[0]
+        dx, da, db = bwd(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, float(ctx.p), int(ctx.seed), need_x)
+        branches, r, k = ctx.shapes
+        d_a = da.view(branches, r, k) if ctx.needs_input_grad[3] else None
+        d_b = db.view(-1, branches, r).permute(1, 0, 2) if ctx.needs_input_grad[4] else None
+        return dx, None, None, d_a, d_b, None, None, None, None
+
+
+def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float) -> None:
+    """Raise ValueError/TypeError naming the argument for every malformed input."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    out_f, in_f = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x: last dimension must be in_features={in_f}, got shape {tuple(x.shape)}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != in_f or lora_A.shape[1] < 1:
+        raise ValueError(f"lora_A must be (branches, rank>=1, {in_f}), got {tuple(lora_A.shape)}")
+    branches, rank = lora_A.shape[:2]
+    if tuple(lora_B.shape) != (branches, out_f, rank):
+        raise ValueError(f"lora_B must be {(branches, out_f, rank)}, got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if branches == 2:
+        if alpha is None:
+            raise ValueError("alpha is required for a two-branch PetalLinear: pass alpha=... or wrap the "
+                             "call in `with petal_fast.quality(alpha):`")
+        if not isinstance(alpha, torch.Tensor):
+            raise TypeError(f"alpha must be a tensor, got {type(alpha).__name__}")
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a floating-point tensor, got {alpha.dtype}")
+        if alpha.device != x.device:
+            raise ValueError(f"alpha is on {alpha.device} but x is on {x.device}")
+        if alpha.dim() != 1 or alpha.numel() == 0:
+            raise ValueError(f"alpha must be 1-D with one value per image, got shape {tuple(alpha.shape)}")
+        rows = x.numel() // in_f
+        if rows % alpha.numel():
+            raise ValueError(f"alpha has {alpha.numel()} values but x has {rows} rows: the number of rows "
+                             "must be a multiple of the number of images (rows_per_image = rows / len(alpha))")
+        if not torch.isfinite(alpha).all():
+            raise ValueError("alpha contains non-finite values")
+    elif branches != 1:
+        raise ValueError(f"branches must be 1 or 2, got {branches}")
+
+
+def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
+                        dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """(images, branches) per-image weights: [s(1−α), sα] for two branches, [[s]] for one."""
+    if branches == 1:
+        return torch.full((1, 1), float(scale), dtype=dtype, device=device)
+    a = alpha.to(dtype)
+    return torch.stack((scale * (1.0 - a), scale * a), dim=1).contiguous()
+
+
+def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, alpha: torch.Tensor | None = None, scale: float = 1.0,
+                 dropout: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Fused PetalLinear forward; differentiable in x, lora_A, lora_B (W, b frozen, α an input).
+
+    x: (..., in); weight: (out, in); lora_A: (branches, r, in); lora_B: (branches, out, r);
+    alpha: (images,) for two branches (rows_per_image = rows / images), ignored for one.
+    """
+    check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout)
+    backend = resolve(x.device, OP)
+    if backend == "reference":
+        return reference_petal_linear(x, weight, bias, lora_A, lora_B, alpha, scale, dropout, seed)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the one explicit copy of a non-contiguous input
+    branches = lora_A.shape[0]
+    coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    coef = branch_coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device)
+    dtype = x.dtype
+    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+    y = PetalLinearFunction.apply(x2, w, b, lora_A.to(dtype), lora_B.to(dtype), coef, float(dropout),
+                                  int(seed), backend)
+    return y.view(*lead, weight.shape[0])
