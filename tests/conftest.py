@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the interpreter on CPU tensors. The flag must be set
+# before any kernel module is imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
