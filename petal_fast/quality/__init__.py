@@ -1,1 +1,30 @@
-"""petal_fast.quality"""
+"""petal_fast.quality — image quality on the device and the quality → α mapping (DESIGN §1.2).
+
+    from petal_fast.quality import brisque, calibrate, QualityToAlpha
+    scores = brisque(images)                    # (B, C, H, W) in [0, 1] or uint8 → (B,), lower = better
+    q2a = calibrate("brisque", train_images)    # τ = median score of the training data
+    alpha = q2a(images)                         # clamp(0.5 + k·(τ − score), 0, 1)
+
+``petal_fast.quality(alpha)`` is also the context manager that hands α to PetalLinear layers
+(``petal_fast.nn.context.quality``); importing this package would shadow that attribute of
+``petal_fast``, so the package module itself stays callable and forwards the call.
+"""
+import sys
+import types
+
+from .alpha import (MODES, BrisqueQuality, CallableQuality, FeatureNormQuality, QualitySource, QualityToAlpha,
+                    ResolutionQuality, alpha_from_quality, calibrate, make_source)
+from .brisque import brisque, brisque_features, check_images
+
+__all__ = ["MODES", "BrisqueQuality", "CallableQuality", "FeatureNormQuality", "QualitySource", "QualityToAlpha",
+           "ResolutionQuality", "alpha_from_quality", "brisque", "brisque_features", "calibrate", "check_images",
+           "make_source"]
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, alpha):
+        from petal_fast.nn.context import quality
+        return quality(alpha)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,111 @@
+"""Batched BRISQUE (Mittal et al. 2012) on the device, equal to the ``brisque`` PyPI package.
+
+    score = SVR(scale([f(Y), f(resize_half(Y))])),   lower = better quality (typically 0 … 100)
+
+Per image: luminance Y; the fused stage (local Gaussian mean/variance → MSCN map → its four
+neighbour products → five moment sums of each map: C++ on CPU, Triton on CUDA); AGGD fits from the
+sums (``ggd``); the same at OpenCV's half-size bicubic resize (``resize``); the trained RBF ε-SVR
+from the installed ``brisque`` distribution (``svr``). Everything after the luminance is float64:
+BRISQUE's local variance ``E[Y²] − μ²`` loses most of its digits in flat regions in float32.
+
+Input contract: ``(B, C, H, W)``, C = 1 (gray) or 3 (RGB), H, W ≥ 16, uint8 (0 … 255) or float in
+[0, 1]. Float tensors outside [0, 1] are rejected — the released PETALface code fed [−1, 1]
+images to its IQA; convert with ``(x + 1) / 2`` first.
+"""
+from __future__ import annotations
+
+import torch
+
+from petal_fast import _ext
+from petal_fast.backend import resolve
+
+from . import ggd, resize, svr
+
+OP = "brisque_moments"
+MIN_SIZE = 16
+LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Raise TypeError/ValueError naming ``images`` for anything outside the input contract."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be uint8 (0..255) or floating point in [0, 1], got {images.dtype}")
+    if images.dim() != 4:
+        hint = " (add the batch dimension: images[None])" if images.dim() == 3 else ""
+        raise ValueError(f"images must be batched (B, C, H, W), got shape {tuple(images.shape)}{hint}")
+    b, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images must have C = 1 (grayscale) or 3 (RGB) channels in dim 1, got C = {c} "
+                         f"(shape {tuple(images.shape)}; channels-last images need .permute(0, 3, 1, 2))")
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise ValueError(f"images must be at least {MIN_SIZE}×{MIN_SIZE} pixels, got {h}×{w}")
+    if images.is_floating_point() and b > 0:
+        lo, hi = torch.aminmax(images)
+        lo, hi = float(lo), float(hi)
+        if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+            raise ValueError(
+                f"images: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. "
+                "Images normalised to [-1, 1] (as the released PETALface code feeds its IQA): pass (x + 1) / 2; "
+                "images in [0, 255]: pass x / 255 or x.to(torch.uint8); mean/std-normalised images: undo the "
+                "normalisation (x * std + mean) first.")
+
+
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H, W) float64 luminance in [0, 1] (skimage ``rgb2gray`` weights)."""
+    x = images.to(torch.float64)
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    if x.shape[1] == 1:
+        return x[:, 0].contiguous()
+    w = torch.tensor(LUMA, dtype=torch.float64, device=x.device)
+    return torch.einsum("bchw,c->bhw", x, w).contiguous()
+
+
+def mscn_moments(gray: torch.Tensor, backend: str) -> torch.Tensor:
+    """The fused stage: (B, H, W) float64 → (B, 5 maps, 5 sums), maps = MSCN, horizontal,
+    vertical, main and secondary diagonal products; sums = Σ|x|, Σ_{x<0} x², n_{x<0}, Σ_{x≥0} x², n_{x≥0}."""
+    if backend == "cpp":
+        return _ext.op("brisque_moments")(gray)
+    if backend == "triton":
+        from petal_fast.kernels import brisque as triton_brisque  # only imported when asked for
+        return triton_brisque.mscn_moments(gray)
+    from petal_fast.reference.brisque import mscn_moments as torch_moments
+    return torch_moments(gray)
+
+
+def _features(gray: torch.Tensor, backend: str) -> torch.Tensor:
+    half = resize.resize_half(gray).contiguous()
+    return torch.cat([ggd.scale_features(mscn_moments(gray, backend)),
+                      ggd.scale_features(mscn_moments(half, backend))], dim=1)
+
+
+def _backend(images: torch.Tensor) -> str:
+    return resolve(images.device, OP, supported=("reference", "torch", "cpp", "triton"))
+
+
+@torch.no_grad()
+def brisque_features(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, 36) float64 BRISQUE features, in the package's order."""
+    check_images(images)
+    backend = _backend(images)
+    if backend == "reference":
+        from petal_fast.reference import brisque as ref
+        return ref.brisque_features(images)
+    return _features(luminance(images), backend)
+
+
+@torch.no_grad()
+def brisque(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) uint8 or float in [0, 1] → (B,) float64 BRISQUE scores (lower = better), on
+    ``images.device``; equal to ``brisque.BRISQUE().score`` of each image. Not differentiable."""
+    check_images(images)
+    backend = _backend(images)
+    model = svr.load_model(str(images.device))
+    if images.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64, device=images.device)
+    if backend == "reference":
+        from petal_fast.reference import brisque as ref
+        return ref.brisque(images, model)
+    return svr.predict(_features(luminance(images), backend), model)
