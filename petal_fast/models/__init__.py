@@ -1,1 +1,13 @@
-"""petal_fast.models"""
+"""Face backbones (PETALface's Swin, arcface_torch's ViT), the PETALface model, checkpoints, factory."""
+from .checkpoint import (CheckpointError, LoadReport, from_released, full_state_dict, load_petalface_checkpoint,
+                         safe_load, save_checkpoint, to_released, trainable_state_dict, unwrap_state_dict)
+from .factory import MODES, build_model
+from .petalface import FaceModel, ParameterReport, PetalFace, build_backbone
+from .presets import SWIN_PRESETS, VIT_PRESETS, face_swin, face_vit
+from .swin import FaceSwin
+from .vit import FaceViT
+
+__all__ = ["CheckpointError", "FaceModel", "FaceSwin", "FaceViT", "LoadReport", "MODES", "ParameterReport",
+           "PetalFace", "SWIN_PRESETS", "VIT_PRESETS", "build_backbone", "build_model", "face_swin", "face_vit",
+           "from_released", "full_state_dict", "load_petalface_checkpoint", "safe_load", "save_checkpoint",
+           "to_released", "trainable_state_dict", "unwrap_state_dict"]

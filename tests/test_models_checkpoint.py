@@ -1,0 +1,112 @@
+"""Checkpoints: released layout, pretrained backbones, adapter-only files, untrusted input."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from petal_fast.models import (CheckpointError, PetalFace, face_swin, load_petalface_checkpoint, save_checkpoint,
+                               to_released, trainable_state_dict)
+from test_models import released_layout
+from test_models_petalface import randomize_adapters, tiny
+
+
+def test_to_released_of_paper_preset_is_the_released_layout():
+    with torch.device("meta"):
+        model = PetalFace("petalface", quality=None)
+    out = to_released(model)
+    assert {k: tuple(v.shape) for k, v in out.items()} == released_layout()
+
+
+@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict", "plain"])
+def test_released_layout_round_trip(tmp_path, wrap):
+    src = tiny().eval()
+    sd = to_released(src)
+    assert any(k.endswith("attn.qkv.trainable_lora_down2.weight") for k in sd)
+    assert "feature_layer.2.trainable_lora_up.weight" in sd and "feature_layer.2.trainable_lora_up2.weight" not in sd
+    if wrap == "module_prefix":
+        sd = {"module." + k: v for k, v in sd.items()}
+    if wrap != "plain":
+        sd = {"state_dict": sd, "epoch": 3}
+    path = tmp_path / "released.pt"
+    torch.save(sd, path)
+    dst = tiny().eval()
+    report = load_petalface_checkpoint(dst, path)
+    assert report.kind == "full" and not (report.missing or report.unexpected or report.mismatched)
+    x, alpha = torch.randn(2, 3, 40, 40), torch.rand(2)
+    assert torch.equal(dst(x, alpha=alpha), src(x, alpha=alpha))
+    # released branch order: down/up is weighted by (1 − α) → branch 0
+    layer = "layers.0.blocks.1.attn.qkv"
+    assert torch.equal(dst.backbone.get_submodule(layer).lora_A[0], to_released(src)[f"{layer}.trainable_lora_down.weight"])
+
+
+def test_pretrained_backbone_without_adapters():
+    backbone = face_swin("tiny").eval()
+    model = tiny().eval()
+    report = load_petalface_checkpoint(model, {"model": backbone.state_dict()})
+    assert report.kind == "backbone" and not report.missing
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B.data.zero_()
+    x = torch.randn(2, 3, 40, 40)
+    torch.testing.assert_close(model(x, alpha=torch.rand(2)), backbone(x))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_adapter_only_round_trip(tmp_path, suffix):
+    src = tiny().eval()
+    path = tmp_path / f"adapters{suffix}"
+    save_checkpoint(src, path, trainable_only=True)
+    dst = tiny().eval()
+    dst.backbone.load_state_dict({k: v for k, v in src.backbone.state_dict().items() if "lora" not in k}, strict=False)
+    report = load_petalface_checkpoint(dst, path)
+    assert report.kind == "adapters" and set(report.loaded) == set(trainable_state_dict(src))
+    x, alpha = torch.randn(2, 3, 40, 40), torch.rand(2)
+    assert torch.equal(dst(x, alpha=alpha), src(x, alpha=alpha))
+
+
+def test_bad_checkpoints_list_the_offending_keys():
+    model = tiny()
+    good = to_released(tiny())
+    missing = {k: v for k, v in good.items() if k != "layers.1.blocks.0.norm1.weight"}
+    with pytest.raises(CheckpointError, match=re.escape("backbone.layers.1.blocks.0.norm1.weight")):
+        load_petalface_checkpoint(model, missing)
+    extra = {**good, "layers.9.blocks.0.norm1.weight": torch.ones(3)}
+    with pytest.raises(CheckpointError, match=r"unexpected 1: layers\.9\.blocks\.0\.norm1\.weight"):
+        load_petalface_checkpoint(model, extra)
+    wrong_rank = to_released(PetalFace("tiny", quality=None, rank=4))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.blocks\.0\.attn\.qkv\.lora_A: model \(2, 8, 32\) vs checkpoint \(2, 4, 32\)"):
+        load_petalface_checkpoint(model, wrong_rank)
+    half = {k: v for k, v in good.items() if not k.endswith("qkv.trainable_lora_up2.weight")}
+    with pytest.raises(CheckpointError, match="trainable_lora_up2"):
+        load_petalface_checkpoint(model, half)
+    with pytest.raises(CheckpointError, match="no state dict"):
+        load_petalface_checkpoint(model, {"epoch": 3, "config": {"lr": 0.1}})
+    # non-strict: loads what fits and reports the rest
+    before = model.backbone.layers[1].blocks[0].norm1.weight.clone()
+    with pytest.warns(RuntimeWarning, match="missing 1"):
+        report = load_petalface_checkpoint(model, missing, strict=False)
+    assert report.missing == ["backbone.layers.1.blocks.0.norm1.weight"]
+    assert torch.equal(model.backbone.layers[1].blocks[0].norm1.weight, before)
+
+
+class Payload:  # any class: unpickling it would need arbitrary code
+    pass
+
+
+def test_refuses_files_that_need_arbitrary_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": face_swin("tiny").state_dict(), "obj": Payload()}, path)
+    with pytest.raises(CheckpointError, match="arbitrary pickled"):
+        load_petalface_checkpoint(tiny(), path)
+
+
+def test_randomize_helper_changes_outputs():
+    """Guard for the round-trip tests above: randomised adapters really change the embedding."""
+    a = tiny().eval()
+    b = PetalFace("tiny", quality=None, dropout=0.0).eval()
+    b.load_state_dict(a.state_dict())
+    randomize_adapters(b)
+    x, alpha = torch.randn(2, 3, 40, 40), torch.rand(2)
+    assert not torch.allclose(a(x, alpha=alpha), b(x, alpha=alpha))

@@ -1,0 +1,166 @@
+"""PetalFace: parameter report, fused vs reference equivalence, α plumbing, inference, factory."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import petal_fast
+from petal_fast.models import PetalFace, build_model, face_swin
+from petal_fast.nn import PetalLinear
+from conftest import rel_err
+
+
+def randomize_adapters(model: torch.nn.Module) -> None:
+    """Non-zero B (B = 0 at init would hide every adapter path) and non-trivial BN statistics."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PetalLinear):
+                m.lora_B.normal_(0, 0.05)
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def tiny(**kw) -> PetalFace:
+    kw.setdefault("quality", None)
+    model = PetalFace("tiny", dropout=0.0, **kw)
+    randomize_adapters(model)
+    return model
+
+
+def test_parameter_report_paper_preset():
+    with torch.device("meta"):
+        model = PetalFace("petalface", quality=None)
+    report = model.parameter_report()
+    assert report.adapters == {"petal": 1_130_496, "lora": 311_296}
+    assert report.trainable == 1_441_792 and report.frozen == 213_666_768 and report.total == 215_108_560
+    assert round(100 * report.share, 3) == 0.670
+    assert "0.670%" in str(report)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "vit_tiny"])
+def test_fused_matches_reference(backbone):
+    """Same model, fused backend (auto) in fp32 vs the reference layers in fp64: embeddings and
+    every adapter gradient."""
+    model = PetalFace(backbone, quality=None, dropout=0.0)
+    randomize_adapters(model)
+    for m in model.modules():  # train mode (BatchNorm batch statistics) without random dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    size = model.backbone.img_size
+    images, alpha = torch.randn(3, 3, size, size), torch.rand(3)
+    target = torch.randn(3, model.embedding_size)
+
+    def run(m, dtype):
+        m.zero_grad()
+        emb = m(images.to(dtype), alpha=alpha.to(dtype))
+        (emb * target.to(dtype)).sum().backward()
+        return emb, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    ref_model = copy.deepcopy(model).double()
+    emb, grads = run(model, torch.float32)
+    with petal_fast.use_backend("reference"):
+        ref_emb, ref_grads = run(ref_model, torch.float64)
+    assert rel_err(emb, ref_emb) < 1e-4
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_alpha_reaches_both_branches():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 40, 40)
+    e0, e1 = model(x, alpha=torch.zeros(2)), model(x, alpha=torch.ones(2))
+    assert not torch.allclose(e0, e1)
+    # α per image: image 0 at α=0 and image 1 at α=1 in one batch equals the two separate runs
+    mixed = model(x, alpha=torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(mixed[0], e0[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], e1[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="quality=None"):
+        model(x)
+
+
+def test_quality_callable_and_constant():
+    seen = []
+
+    def measure(images):
+        seen.append(images.shape[0])
+        return torch.full((images.shape[0],), 0.25)
+
+    model = tiny(quality=measure).eval()
+    x = torch.randn(2, 3, 40, 40)
+    torch.testing.assert_close(model(x), model(x, alpha=torch.full((2,), 0.25)))
+    const = tiny(quality=0.25).eval()
+    const.load_state_dict(model.state_dict())
+    torch.testing.assert_close(const(x), model(x))
+    with pytest.raises(ValueError, match="shape"):
+        tiny(quality=lambda im: torch.zeros(1))(x)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tiny(quality=1.5)
+    with pytest.raises(TypeError, match="quality must be"):
+        tiny(quality=object())
+
+
+def test_brisque_quality_calibrated_and_saved():
+    model = PetalFace("tiny", dropout=0.0).eval()  # default: BRISQUE, oriented
+    x = torch.rand(4, 3, 40, 40) * 2 - 1
+    model.calibrate_quality(x, progress=False)
+    alpha = model.alpha(x)
+    assert alpha.shape == (4,) and ((alpha >= 0) & (alpha <= 1)).all()
+    assert bool(model.quality_to_alpha.calibrated)
+    assert "quality_to_alpha.tau" in petal_fast.models.trainable_state_dict(model)
+
+
+def test_embed_flip_and_inference_mode():
+    model = tiny(quality=lambda im: torch.linspace(0, 1, im.shape[0])).eval()
+    x = torch.randn(3, 3, 40, 40)
+    with torch.inference_mode():
+        e = model.embed(x)
+        e_noflip = model.embed(x, flip=False, normalize=False)
+    assert e.shape == (3, 128)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    # the flipped half gets its own α: α of the 6-image batch is linspace(0, 1, 6)
+    a = torch.linspace(0, 1, 6)
+    with torch.no_grad():
+        manual = model(x, alpha=a[:3]) + model(x.flip(-1), alpha=a[3:])
+        torch.testing.assert_close(e, torch.nn.functional.normalize(manual, dim=-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e_noflip, model(x, alpha=a[:3] * 0 + torch.linspace(0, 1, 3)))
+
+
+def test_factory_modes():
+    pre = build_model("pretrain", "tiny")
+    assert all(p.requires_grad for p in pre.parameters())
+    sd = {k: v for k, v in pre.backbone.state_dict().items()}
+    ft = build_model("full_ft", "tiny", pretrained=sd)
+    assert all(p.requires_grad for p in ft.parameters())
+    torch.testing.assert_close(ft.backbone.state_dict()["norm.weight"], sd["norm.weight"])
+    lora = build_model("lora", "tiny", pretrained=sd)
+    layers = [m for m in lora.modules() if isinstance(m, PetalLinear)]
+    assert layers and all(m.branches == 1 for m in layers) and lora.quality_to_alpha is None
+    lora.eval()
+    x = torch.randn(2, 3, 40, 40)
+    ft.eval()
+    torch.testing.assert_close(lora(x), ft(x))  # B = 0: the adapted model starts as the backbone
+    petal = build_model("petalface", "tiny", quality=0.5, rank=4)
+    assert {m.branches for m in petal.modules() if isinstance(m, PetalLinear)} == {1, 2}
+    with pytest.raises(ValueError, match="mode must be"):
+        build_model("adapters", "tiny")
+    with pytest.raises(ValueError, match="pretrained"):
+        build_model("full_ft", "tiny")
+    with pytest.raises(ValueError, match="lora"):
+        build_model("lora", "tiny", quality="brisque")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model("pretrain", "resnet50")
+
+
+def test_backbone_module_and_paper_compat():
+    swin = face_swin("tiny", paper_compat=True)
+    model = PetalFace(swin, quality=None)
+    assert model.backbone is swin and all(b.paper_compat for s in swin.layers for b in s.blocks)
+    assert PetalFace("tiny", quality=None, paper_compat=True).backbone.paper_compat
+    with pytest.raises(TypeError, match="embedding_size"):
+        PetalFace(torch.nn.Linear(3, 3), quality=None)
