@@ -3,8 +3,10 @@
 Every data set is map-style: ``ds[i]`` → (H×W×3 uint8 RGB image, integer label).
 """
 from .degrade import Degrade, DegradedFaces, DegradeParams, degrade, gaussian_blur
+from .image_folder import ImageFolderFaces
 from .loader import collate_faces, make_loader, to_tensor
+from .recordio import RecordIO, RecordIOError, write_recordio
 from .synthetic import SyntheticFaces
 
-__all__ = ["Degrade", "DegradeParams", "DegradedFaces", "SyntheticFaces", "collate_faces", "degrade",
-           "gaussian_blur", "make_loader", "to_tensor"]
+__all__ = ["Degrade", "DegradeParams", "DegradedFaces", "ImageFolderFaces", "RecordIO", "RecordIOError",
+           "SyntheticFaces", "collate_faces", "degrade", "gaussian_blur", "make_loader", "to_tensor", "write_recordio"]
