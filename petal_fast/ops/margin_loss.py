@@ -1,0 +1,175 @@
+"""Fused margin-softmax loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor.
+
+DESIGN §1.3. With ẑ-free notation z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
+logit (``petal_fast.reference.margin.target_logit``), the loss is split as
+
+    lse_i  = log( exp t_i + Σ_{j≠y_i} exp z_ij ),     zsum_i = t_i + Σ_{j≠y_i} z_ij
+    loss_i = lse_i − (1 − ε)·t_i − (ε/C)·zsum_i       (ε: label smoothing)
+
+The two sums over j ≠ y_i are the fused core (``MarginStatsFunction``: online log-sum-exp over
+class tiles forward, tiles recomputed backward, on the torch / cpp / triton backends). The target
+path is B-long torch: cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ from the gathered rows W[y], the margin function
+with the chosen gradient convention (``exact`` or ``straight_through``), and the final combination,
+all differentiated by autograd. Everything accumulates in fp32 (fp64 for fp64 inputs).
+
+Partial FC (``sample_rate < 1``): each call keeps every positive class plus a uniform sample of the
+negatives, ⌈sample_rate·C⌉ classes in all; the loss is the softmax over the kept classes and dW is
+nonzero only on their rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from petal_fast import _ext
+from petal_fast.backend import resolve
+from petal_fast.reference import margin as ref
+
+from . import _margin_loss_torch as torch_impl
+
+OP = "margin_loss"
+NORM_EPS = ref.NORM_EPS
+
+
+def _impl(backend: str):
+    if backend == "torch":
+        return torch_impl.forward, torch_impl.backward
+    if backend == "cpp":
+        return _ext.op("margin_loss_fwd"), _ext.op("margin_loss_bwd")
+    from petal_fast.kernels import margin_loss as triton_impl  # only imported when asked for
+    return triton_impl.forward, triton_impl.backward
+
+
+class MarginStatsFunction(torch.autograd.Function):
+    """(lse_i, zsum_i) over the non-target classes j ≠ labels_i of s·cos(e_i, w_j).
+
+    ``labels`` outside [0, C) exclude nothing (used by the class-sharded head for rows whose
+    target lives on another rank)."""
+
+    @staticmethod
+    def forward(ctx, e, w, labels, scale, backend):
+        fwd, _ = _impl(backend)
+        lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS)
+        ctx.save_for_backward(e, w, labels, lse)
+        ctx.scale, ctx.backend = float(scale), backend
+        ctx.mark_non_differentiable(labels)
+        return lse, zsum
+
+    @staticmethod
+    def backward(ctx, g_lse, g_zsum):
+        e, w, labels, lse = ctx.saved_tensors
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.contiguous()
+        g_zsum = torch.zeros_like(lse) if g_zsum is None else g_zsum.contiguous()
+        _, bwd = _impl(ctx.backend)
+        de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, ctx.scale, NORM_EPS, ctx.needs_input_grad[0],
+                     ctx.needs_input_grad[1])
+        return de, dw, None, None, None
+
+
+def nontarget_stats(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused core on contiguous inputs; ``labels`` int64, possibly outside [0, C)."""
+    return MarginStatsFunction.apply(e.contiguous(), w.contiguous(), labels.long().contiguous(), scale, backend)
+
+
+def target_cosine(e: torch.Tensor, w_target: torch.Tensor) -> torch.Tensor:
+    """cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ in fp32/fp64 from the B gathered class rows."""
+    acc = torch_impl.acc_dtype(e.dtype)
+    en = F.normalize(e.to(acc), dim=1, eps=NORM_EPS)
+    wn = F.normalize(w_target.to(acc), dim=1, eps=NORM_EPS)
+    return (en * wn).sum(1)
+
+
+def combine(lse_nt: torch.Tensor, zsum_nt: torch.Tensor, t: torch.Tensor, num_classes: int,
+            label_smoothing: float) -> torch.Tensor:
+    """Per-row loss from the non-target statistics and the target logit."""
+    lse = torch.logaddexp(lse_nt, t)
+    return ref.smoothed_ce(lse, t, zsum_nt + t, num_classes, label_smoothing)
+
+
+def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
+                 sample_rate: float = 1.0, grad: str = "exact", num_classes: int | None = None) -> None:
+    """ValueError/TypeError naming the argument for every malformed input. ``num_classes`` bounds
+    the labels when ``weight`` is a shard of a larger class set."""
+    if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must be a floating-point tensor, got {getattr(embeddings, 'dtype', type(embeddings))}")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if embeddings.dim() != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
+        raise ValueError(f"embeddings must be (batch, embedding_dim) with batch >= 1, got {tuple(embeddings.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must be (num_classes, embedding_dim), got {tuple(weight.shape)}")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"embedding_dim mismatch: embeddings have D={embeddings.shape[1]} but weight has "
+                         f"D={weight.shape[1]}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must be 1-D with one label per embedding (batch={embeddings.shape[0]}), "
+                         f"got shape {tuple(labels.shape)}")
+    if embeddings.device != weight.device or labels.device != embeddings.device:
+        raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
+                         f"({labels.device}) must be on one device")
+    classes = weight.shape[0] if num_classes is None else num_classes
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"labels must be in [0, num_classes={classes}), got values in [{lo}, {hi}]")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings contain non-finite values (NaN or inf)")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if grad not in ref.GRADS:
+        raise ValueError(f"grad must be one of {ref.GRADS}, got {grad!r}")
+
+
+def partial_fc_sample(labels: torch.Tensor, num_classes: int, sample_rate: float,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept class ids sorted, labels re-indexed into them): all positives plus random negatives,
+    max(#positives, ⌈sample_rate·C⌉) classes in all (Partial FC)."""
+    positives = labels.unique()
+    keep = max(positives.numel(), math.ceil(sample_rate * num_classes))
+    score = torch.rand(num_classes, generator=generator, device=labels.device)
+    score[positives] = 2.0  # positives always kept
+    index = score.topk(keep, sorted=False).indices.sort().values
+    return index, torch.searchsorted(index, labels)
+
+
+def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                        loss: str = "cosface", margins: tuple[float, ...] | None = None, scale: float = 64.0,
+                        grad: str = "exact", label_smoothing: float = 0.0, reduction: str = "mean",
+                        norm_mean: torch.Tensor | float = 20.0, norm_std: torch.Tensor | float = 100.0,
+                        h: float = ref.ADAFACE_H, sample_rate: float = 1.0,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Margin softmax cross entropy of embeddings (B×D) against class centres ``weight`` (C×D).
+
+    ``loss``: cosface | arcface | combined (``margins=(m1, m2, m3)``) | adaface (``margins=(m,)``,
+    with the already-updated moving averages ``norm_mean`` μ and ``norm_std`` σ). ``grad``: exact |
+    straight_through. Differentiable in embeddings and weight. fp16/bf16 inputs are accumulated in
+    fp32 and give an fp32 loss.
+    """
+    check_inputs(embeddings, weight, labels, scale, label_smoothing, sample_rate, grad)
+    margins = ref.resolve_margins(loss, margins)
+    ref.reduce(embeddings.new_zeros(1), reduction)  # validates ``reduction`` before any work
+    labels = labels.long()
+    if sample_rate < 1.0:
+        index, labels = partial_fc_sample(labels, weight.shape[0], sample_rate, generator)
+        weight = weight.index_select(0, index)
+    backend = resolve(embeddings.device, OP)
+    if backend == "reference":
+        return ref.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
+                                       reduction, norm_mean, norm_std, h)
+    cos_t = target_cosine(embeddings, weight.index_select(0, labels))
+    zhat = None
+    if loss == "adaface":
+        zhat = ref.adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)
+    t = ref.target_logit(cos_t, loss, margins, scale, grad, zhat)
+    lse_nt, zsum_nt = nontarget_stats(embeddings, weight, labels, scale, backend)
+    return ref.reduce(combine(lse_nt, zsum_nt, t, weight.shape[0], label_smoothing), reduction)
