@@ -87,8 +87,12 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if rows % alpha.numel():
             raise ValueError(f"alpha has {alpha.numel()} values but x has {rows} rows: the number of rows "
                              "must be a multiple of the number of images (rows_per_image = rows / len(alpha))")
-        if not torch.isfinite(alpha).all():
-            raise ValueError("alpha contains non-finite values")
+        finite = torch.isfinite(alpha).all()
+        if alpha.device.type == "cpu":
+            if not finite:
+                raise ValueError("alpha contains non-finite values")
+        else:  # a host check would synchronise the GPU at every layer: assert on the device instead
+            torch._assert_async(finite, "petal_linear: alpha contains non-finite values")
     elif branches != 1:
         raise ValueError(f"branches must be 1 or 2, got {branches}")
 

@@ -1,0 +1,200 @@
+"""PetalLinear (issue 2): every CPU backend against the float64 reference, gradients, dropout, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import petal_fast
+from petal_fast import PetalLinear, use_backend
+from petal_fast.ops import petal_linear
+from petal_fast.reference import dropout_mask, petal_linear as ref_petal_linear
+from tests.conftest import TOL, rel_err
+
+CPU_BACKENDS = ["torch", "cpp"]
+
+
+def make_inputs(lead, k, n, rank, images, branches=2, dtype=torch.float32, bias=True):
+    x = torch.randn(*lead, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) / k**0.5
+    b = torch.randn(n, dtype=dtype) if bias else None
+    a = torch.randn(branches, rank, k, dtype=dtype) / k**0.5
+    bb = torch.randn(branches, n, rank, dtype=dtype)
+    alpha = torch.rand(images, dtype=dtype) if branches == 2 else None
+    return x, w, b, a, bb, alpha
+
+
+def check_against_reference(backend, x, w, b, a, bb, alpha, scale, p, seed, dtype):
+    """Forward and the gradients of x, lora_A, lora_B of ``backend`` vs the float64 reference."""
+    d64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    xr, ar, br = (d64(t).requires_grad_() for t in (x, a, bb))
+    ref = ref_petal_linear(xr, d64(w), d64(b), ar, br, d64(alpha), scale, p, seed)
+    dy = torch.randn_like(ref)
+    ref.backward(dy)
+    xs, as_, bs = (t.detach().to(dtype).requires_grad_() for t in (x, a, bb))
+    with use_backend(backend):
+        out = petal_linear(xs, w.to(dtype), None if b is None else b.to(dtype), as_, bs,
+                           None if alpha is None else alpha.to(dtype), scale, p, seed)
+    out.backward(dy.to(dtype))
+    tol = TOL[dtype]
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < tol, "forward"
+    assert rel_err(xs.grad, xr.grad) < tol, "dx"
+    assert rel_err(as_.grad, ar.grad) < tol, "dA"
+    assert rel_err(bs.grad, br.grad) < tol, "dB"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lead,images", [((1,), 1), ((37,), 1), ((3, 7), 3), ((2, 3, 5), 2), ((130,), 13)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_shapes_and_dropout(backend, lead, images, p):
+    x, w, b, a, bb, alpha = make_inputs(lead, 24, 19, 4, images)
+    check_against_reference(backend, x, w, b, a, bb, alpha, 0.7, p, 1234, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rank", [1, 4, 8, 16, 64])
+def test_ranks(backend, rank):
+    x, w, b, a, bb, alpha = make_inputs((4, 9), 40, 33, rank, 4)
+    check_against_reference(backend, x, w, b, a, bb, alpha, 1.3, 0.0, 0, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("alpha_value", [0.0, 1.0])
+def test_alpha_extremes_select_one_branch(backend, alpha_value):
+    x, w, b, a, bb, _ = make_inputs((2, 5), 16, 12, 3, 2)
+    alpha = torch.full((2,), alpha_value)
+    check_against_reference(backend, x, w, b, a, bb, alpha, 1.0, 0.0, 0, torch.float32)
+    # α = 0 → only branch_lr contributes; α = 1 → only branch_hr
+    other = a.clone()
+    other[int(1 - alpha_value)] += 1.0  # perturb the branch that must be silent
+    with use_backend(backend):
+        y1 = petal_linear(x, w, b, a, bb, alpha, 1.0)
+        y2 = petal_linear(x, w, b, other, bb, alpha, 1.0)
+    torch.testing.assert_close(y1, y2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_one_branch_and_no_bias(backend, p):
+    x, w, b, a, bb, alpha = make_inputs((11,), 20, 14, 5, 1, branches=1, bias=False)
+    check_against_reference(backend, x, w, b, a, bb, alpha, 2.0, p, 77, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(backend, dtype):
+    x, w, b, a, bb, alpha = make_inputs((6, 10), 32, 24, 8, 6)
+    check_against_reference(backend, x, w, b, a, bb, alpha, 0.5, 0.1, 5, dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_gradcheck_float64(backend, p):
+    x, w, b, a, bb, alpha = (None if t is None else t.double() for t in make_inputs((2, 3), 7, 5, 2, 2))
+    x.requires_grad_(), a.requires_grad_(), bb.requires_grad_()
+
+    def f(x, a, bb):
+        with use_backend(backend):
+            return petal_linear(x, w, b, a, bb, alpha, 0.9, p, 42)
+    assert torch.autograd.gradcheck(f, (x, a, bb))
+
+
+def test_large_rows_blocked_cpp():
+    """Many row blocks and images spanning block edges (the C++ path blocks rows)."""
+    x, w, b, a, bb, alpha = make_inputs((7, 211), 48, 40, 8, 7)
+    for p in (0.0, 0.15):
+        check_against_reference("cpp", x, w, b, a, bb, alpha, 1.0, p, 9, torch.float32)
+
+
+def test_non_contiguous_input():
+    x, w, b, a, bb, alpha = make_inputs((9, 2), 16, 8, 2, 1)
+    xt = x.new_empty(2, 9, 16).copy_(x.transpose(0, 1)).transpose(0, 1)
+    assert not xt.is_contiguous()
+    for backend in CPU_BACKENDS:
+        with use_backend(backend):
+            torch.testing.assert_close(petal_linear(xt, w, b, a, bb, alpha), petal_linear(x, w, b, a, bb, alpha))
+
+
+# --- dropout masks ----------------------------------------------------------------------------
+def test_dropout_mask_properties():
+    m = dropout_mask(7, 0, 300, 200, 0.3)
+    keep = (m > 0).double().mean().item()
+    assert abs(keep - 0.7) < 0.01
+    assert torch.allclose(m[m > 0], torch.tensor(1 / 0.7))
+    assert not torch.equal(m, dropout_mask(8, 0, 300, 200, 0.3)), "seed must change the mask"
+    assert not torch.equal(m, dropout_mask(7, 1, 300, 200, 0.3)), "branches must be independent"
+    torch.testing.assert_close(m[100:150], dropout_mask(7, 0, 50, 200, 0.3, row_offset=100))
+    assert torch.equal(dropout_mask(7, 0, 4, 4, 0.0), torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_exact_masks(backend):
+    """With p > 0 the output is exactly base + Σ c_k · (mask_k ⊙ P_k) with the published masks."""
+    x, w, b, a, bb, alpha = (t.double() for t in make_inputs((4, 6), 12, 10, 3, 4))
+    p, seed = 0.4, 2024
+    with use_backend(backend):
+        y = petal_linear(x, w, b, a, bb, alpha, 1.0, p, seed)
+    x2 = x.reshape(-1, 12)
+    al = alpha.repeat_interleave(6)[:, None]
+    expect = x2 @ w.T + b
+    for k, c in enumerate((1 - al, al)):
+        expect = expect + c * dropout_mask(seed, k, 24, 10, p, dtype=torch.float64) * ((x2 @ a[k].T) @ bb[k].T)
+    torch.testing.assert_close(y.reshape(-1, 10), expect, rtol=1e-12, atol=1e-12)
+
+
+# --- bad input --------------------------------------------------------------------------------
+def test_bad_inputs():
+    x, w, b, a, bb, alpha = make_inputs((4, 5), 8, 6, 2, 4)
+    call = lambda **kw: petal_linear(**{**dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, alpha=alpha), **kw})  # noqa: E731
+    with pytest.raises(ValueError, match="x: last dimension"):
+        call(x=torch.randn(4, 5, 9))
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        call(x=torch.ones(4, 5, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="multiple of the number of images"):
+        call(alpha=torch.rand(3))
+    with pytest.raises(ValueError, match="non-finite"):
+        call(alpha=torch.tensor([0.5, float("nan"), 0.1, 0.2]))
+    with pytest.raises(TypeError, match="alpha must be a floating-point"):
+        call(alpha=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="alpha is on"):
+        call(alpha=torch.rand(4, device="meta"))
+    with pytest.raises(ValueError, match="alpha must be 1-D"):
+        call(alpha=torch.rand(2, 2))
+    with pytest.raises(ValueError, match="alpha is required"):
+        call(alpha=None)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        call(lora_A=torch.randn(2, 0, 8))
+    with pytest.raises(ValueError, match="lora_B must be"):
+        call(lora_B=torch.randn(2, 6, 3))
+    with pytest.raises(ValueError, match="dropout"):
+        petal_linear(x, w, b, a, bb, alpha, 1.0, 1.0)
+    with pytest.raises(ValueError, match="rank must be"):
+        PetalLinear(8, 6, rank=0)
+    with pytest.raises(ValueError, match="branches must be"):
+        PetalLinear(8, 6, branches=3)
+
+
+def test_backend_switch(monkeypatch):
+    x, w, b, a, bb, alpha = make_inputs((3,), 8, 6, 2, 1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with use_backend("cuda-magic"):
+            pass
+    monkeypatch.setenv("PETAL_FAST_BACKEND", "reference")
+    assert petal_fast.requested_backend() == "reference"
+    with use_backend("cpp"):
+        assert petal_fast.requested_backend() == "cpp"
+    monkeypatch.setenv("PETAL_FAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        petal_linear(x, w, b, a, bb, alpha)
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    from petal_fast import _ext, backend
+    monkeypatch.setattr(_ext, "has_op", lambda name: False)
+    monkeypatch.setattr(backend, "_warned", set())
+    x, w, b, a, bb, alpha = make_inputs((5,), 8, 6, 2, 1)
+    with pytest.warns(RuntimeWarning, match="torch fallback"):
+        y = petal_linear(x, w, b, a, bb, alpha)
+    torch.testing.assert_close(y, ref_petal_linear(x, w, b, a, bb, alpha, 1.0))
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="C\\+\\+ extension is not available"):
+        petal_linear(x, w, b, a, bb, alpha)

@@ -1,0 +1,208 @@
+"""PetalLinear as a module: init, from_linear, the quality context, injection, adapters, merge."""
+from __future__ import annotations
+
+import copy
+import io
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import petal_fast
+from petal_fast import PetalLinear, adapter_state_dict, inject_petal, load_adapter_state_dict, quality
+from petal_fast.reference import petal_linear as ref_petal_linear
+from tests.conftest import rel_err
+
+
+def randomise_adapters(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PetalLinear):
+                m.lora_A.normal_(0, 0.3)
+                m.lora_B.normal_(0, 0.3)
+
+
+def test_init_equals_base_and_params_frozen():
+    layer = PetalLinear(12, 7, rank=3)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (2, 3, 12) and layer.lora_B.shape == (2, 7, 3)
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert torch.count_nonzero(layer.lora_A) > 0 and torch.count_nonzero(layer.lora_B) == 0
+    x = torch.randn(4, 5, 12)
+    torch.testing.assert_close(layer(x, alpha=torch.rand(4)), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_from_linear_reuses_weight():
+    lin = nn.Linear(10, 6)
+    layer = PetalLinear.from_linear(lin, rank=2, branches=1)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()
+    assert not lin.weight.requires_grad
+    with pytest.raises(TypeError, match="nn.Linear"):
+        PetalLinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_quality_context_and_explicit_alpha():
+    layer = PetalLinear(8, 5, rank=2)
+    randomise_adapters(layer)
+    model = nn.Sequential(nn.Identity(), layer)
+    x, a1, a2 = torch.randn(3, 4, 8), torch.rand(3), torch.rand(3)
+    expect1 = ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, a1, 1.0)
+    expect2 = ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, a2, 1.0)
+    with quality(a1):
+        torch.testing.assert_close(model(x), expect1)
+        with quality(a2):  # innermost wins
+            torch.testing.assert_close(model(x), expect2)
+        torch.testing.assert_close(layer(x, alpha=a2), expect2)  # explicit beats the context
+    with pytest.raises(ValueError, match="petal_fast.quality"):
+        model(x)
+    with pytest.raises(TypeError, match="alpha must be a tensor"):
+        with quality([0.5]):
+            pass
+
+
+def test_training_dropout_uses_fresh_seeds_and_eval_is_deterministic():
+    layer = PetalLinear(16, 16, rank=4, dropout=0.5)
+    randomise_adapters(layer)
+    x, a = torch.randn(6, 16), torch.rand(6)
+    layer.train()
+    assert not torch.equal(layer(x, alpha=a), layer(x, alpha=a))
+    layer.eval()
+    torch.testing.assert_close(layer(x, alpha=a), ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A,
+                                                                    layer.lora_B, a, 1.0))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(8, 24)
+        self.attn.proj = nn.Linear(8, 8)
+        self.mlp = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.attn.qkv(x).chunk(3, -1)
+        return self.mlp(self.attn.proj(torch.softmax(q @ k.transpose(-1, -2), -1) @ v))
+
+
+@pytest.mark.parametrize("targets", ["attn.qkv", ["qkv", "mlp"], re.compile(r"attn\.(qkv|proj)$"),
+                                     lambda name, m: m.out_features == 24])
+def test_inject_targets_and_report(targets):
+    model = nn.Sequential(TinyBlock(), TinyBlock())
+    report = inject_petal(model, targets, rank=2)
+    assert report.replaced and all(isinstance(model.get_submodule(n), PetalLinear) for n in report.replaced)
+    expected_trainable = sum(model.get_submodule(n).lora_A.numel() + model.get_submodule(n).lora_B.numel()
+                             for n in report.replaced)
+    assert report.trainable == expected_trainable
+    assert report.total == sum(p.numel() for p in model.parameters())
+    assert 0 < report.share < 1 and "trainable" in str(report)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        inject_petal(nn.Sequential(nn.ReLU()), "qkv")
+
+
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    return transformers.ViTModel(cfg).eval()
+
+
+class RefLoRA(nn.Module):
+    """Hand-written stand-in: the original Linear plus the reference formula with given adapters."""
+
+    def __init__(self, linear, lora_A, lora_B, scale):
+        super().__init__()
+        self.linear, self.lora_A, self.lora_B, self.scale = linear, lora_A, lora_B, scale
+
+    def forward(self, x):
+        return ref_petal_linear(x, self.linear.weight, self.linear.bias, self.lora_A, self.lora_B,
+                                petal_fast.nn.current_alpha(), self.scale)
+
+
+def test_inject_into_transformers_vit():
+    """A real third-party backbone: B = 0 leaves it unchanged; random adapters match the reference."""
+    model = _hf_vit()
+    original = copy.deepcopy(model)
+    pixels, alpha = torch.rand(3, 3, 16, 16), torch.rand(3)
+    base_out = original(pixel_values=pixels).last_hidden_state
+    report = inject_petal(model, ["q_proj", "k_proj", "v_proj"], rank=4, scale=0.5)
+    assert len(report.replaced) == 6
+    with quality(alpha):
+        torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, base_out)
+    randomise_adapters(model)
+    for name in report.replaced:
+        layer = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(original.get_submodule(parent), child,
+                RefLoRA(original.get_submodule(name), layer.lora_A, layer.lora_B, layer.scale))
+    with quality(alpha):
+        got = model(pixel_values=pixels).last_hidden_state
+        expect = original(pixel_values=pixels).last_hidden_state
+    assert rel_err(got, expect) < 1e-5 and rel_err(got, base_out) > 1e-3
+    # only adapters train
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.{k}" for n in report.replaced for k in ("lora_A", "lora_B")}
+
+
+def test_adapter_state_dict_round_trip():
+    model = nn.Sequential(TinyBlock(), TinyBlock())
+    inject_petal(model, "qkv", rank=3)
+    randomise_adapters(model)
+    sd = adapter_state_dict(model)
+    assert set(sd) == {f"{i}.attn.qkv.{k}" for i in (0, 1) for k in ("lora_A", "lora_B")}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = nn.Sequential(TinyBlock(), TinyBlock())
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    inject_petal(fresh, "qkv", rank=3)
+    loaded = load_adapter_state_dict(fresh, torch.load(buf, weights_only=True))
+    assert sorted(loaded) == sorted(sd)
+    x, a = torch.randn(2, 5, 8), torch.rand(2)
+    with quality(a):
+        torch.testing.assert_close(fresh(x), model(x))
+    with pytest.raises(KeyError, match="missing"):
+        load_adapter_state_dict(fresh, {k: v for k, v in sd.items() if "0." not in k[:2]})
+    with pytest.raises(KeyError, match="unexpected"):
+        load_adapter_state_dict(fresh, {**sd, "2.attn.qkv.lora_A": sd["0.attn.qkv.lora_A"]})
+    bad = dict(sd)
+    bad["0.attn.qkv.lora_A"] = torch.zeros(2, 2, 8)
+    with pytest.raises(ValueError, match="0.attn.qkv.lora_A"):
+        load_adapter_state_dict(fresh, bad)
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_merge_and_unmerge(branches):
+    layer = PetalLinear(20, 12, rank=4, scale=0.8, branches=branches)
+    randomise_adapters(layer)
+    w0 = layer.weight.detach().clone()
+    x, a = torch.randn(5, 20), 0.3
+    alpha = torch.full((5,), a)
+    before = layer(x, alpha=alpha) if branches == 2 else layer(x)
+    layer.merge_(a if branches == 2 else None)
+    assert layer.merged
+    torch.testing.assert_close(layer(x, alpha=alpha), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge_(a)
+    layer.unmerge_()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    assert not layer.merged
+    if branches == 2:
+        with pytest.raises(ValueError, match="fixed alpha"):
+            layer.merge_(None)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge_()
+
+
+def test_module_bfloat16_on_cpu():
+    layer = PetalLinear(32, 16, rank=4, dtype=torch.bfloat16)
+    randomise_adapters(layer)
+    x, a = torch.randn(3, 4, 32, dtype=torch.bfloat16, requires_grad=True), torch.rand(3)
+    y = layer(x, alpha=a)
+    ref = ref_petal_linear(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                           layer.lora_B.double(), a.double(), 1.0)
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2
+    y.sum().backward()
+    assert layer.lora_A.grad.dtype == torch.bfloat16 and torch.isfinite(layer.lora_A.grad).all()
