@@ -273,6 +273,12 @@ class SyntheticFaces:
             starts = tqdm(starts, desc="synthetic faces", unit="chunk")
         return np.concatenate([self.render(range(s, min(s + self.chunk, len(self)))) for s in starts])
 
+    def load(self, progress: bool = False) -> "SyntheticFaces":
+        """Render every image once and keep the array in memory (random access without re-rendering)."""
+        if self._array is None:
+            self._array = self.materialize(progress)
+        return self
+
     def _load_or_build_cache(self, cache_dir: str) -> np.ndarray:
         key = f"{self.num_identities}-{self.images_per_identity}-{self.size}-{self.seed}-{self.identity_offset}-{self.variation}"
         path = os.path.join(cache_dir, f"synthetic_faces_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
