@@ -19,7 +19,7 @@ import torch
 
 NU_LO, NU_HI = 1e-3, 1e3
 _TABLE = 4096
-_NEWTON = 4
+_NEWTON = 2
 
 
 def log_phi(nu: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,201 @@
+// BRISQUE's fused stage on the CPU (petal_fast/quality/brisque.py), float64:
+//   μ = w ∗ Y,  σ = sqrt|μ² − w ∗ Y²|,  m = (Y − μ) / (σ + 1/255)     (w: 7×7 Gaussian, σ_w = 7/6,
+//   'same' zero-padded), then for m and its neighbour products (horizontal m[y,x]m[y,x+1],
+//   vertical m[y,x]m[y+1,x], main diagonal m[y,x]m[y+1,x+1], secondary m[y+1,x]m[y,x+1]) the five
+//   sums the AGGD fit needs: Σ|x|, Σ_{x<0} x², n_{x<0}, Σ_{x≥0} x², n_{x≥0}  →  (B, 5 maps, 5 sums).
+// The input is the raw batch (uint8/float, gray or RGB): luminance, and the second scale (OpenCV's
+// half-size bicubic resize), are computed per image in the same task, in thread-local buffers.
+// One image per task (at::parallel_for): the Gaussian is separable, so a horizontal pass fills two
+// H×W buffers (w_x ∗ Y, w_x ∗ Y²) that stay in cache, and one sweep down the rows finishes the
+// vertical pass, forms the MSCN row, multiplies it with the previous row and accumulates — the
+// MSCN map and the products are never stored.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace petal_fast {
+namespace {
+
+using at::Tensor;
+
+constexpr int kTaps = 7, kHalf = 3, kMaps = 5, kSums = 5;
+constexpr double kC = 1.0 / 255.0;
+
+// Branch-free: the sign of an MSCN value or product is a coin flip, a branch would mispredict half the time.
+struct Sums {
+  double abs = 0, sq_neg = 0, sq_pos = 0;
+  int64_t n_neg = 0;
+  void add(double v) {
+    const bool neg = v < 0;
+    const double sq = v * v;
+    abs += std::fabs(v);
+    sq_neg += neg ? sq : 0.0;
+    sq_pos += neg ? 0.0 : sq;
+    n_neg += neg;
+  }
+};
+
+std::array<double, kTaps> gaussian_taps() {
+  std::array<double, kTaps> g{};
+  const double sigma = 7.0 / 6.0;
+  double total = 0;
+  for (int k = 0; k < kTaps; ++k) {
+    const double d = k - kHalf;
+    g[k] = std::exp(-d * d / (2 * sigma * sigma));
+    total += g[k];
+  }
+  for (auto& v : g) v /= total;  // the 2-D window is the outer product: normalised 1-D taps
+  return g;
+}
+
+void image_moments(const double* img, int64_t H, int64_t W, const std::array<double, kTaps>& g,
+                   std::vector<double>& hm, std::vector<double>& hs, std::vector<double>& pad,
+                   std::vector<double>& rows, double* out) {
+  // horizontal pass: hm = w_x ∗ Y, hs = w_x ∗ Y² (zero padding); loops over x innermost so they vectorise
+  pad.assign(2 * (W + 2 * kHalf), 0.0);
+  double* pv = pad.data();
+  double* pq = pad.data() + W + 2 * kHalf;
+  for (int64_t y = 0; y < H; ++y) {
+    const double* src = img + y * W;
+    for (int64_t x = 0; x < W; ++x) {
+      pv[x + kHalf] = src[x];
+      pq[x + kHalf] = src[x] * src[x];
+    }
+    double* m = hm.data() + y * W;
+    double* s = hs.data() + y * W;
+    for (int64_t x = 0; x < W; ++x) m[x] = s[x] = 0.0;
+    for (int k = 0; k < kTaps; ++k)
+      for (int64_t x = 0; x < W; ++x) {
+        m[x] += g[k] * pv[x + k];
+        s[x] += g[k] * pq[x + k];
+      }
+  }
+  // vertical pass row by row → MSCN row; products with the previous row
+  std::array<Sums, kMaps> acc{};
+  const int64_t counts[kMaps] = {H * W, H * (W - 1), (H - 1) * W, (H - 1) * (W - 1), (H - 1) * (W - 1)};
+  double* prev = rows.data();
+  double* cur = rows.data() + W;
+  std::vector<double> mu(W), s2(W);
+  for (int64_t y = 0; y < H; ++y) {
+    std::fill(mu.begin(), mu.end(), 0.0);
+    std::fill(s2.begin(), s2.end(), 0.0);
+    for (int j = 0; j < kTaps; ++j) {
+      const int64_t r = y + j - kHalf;
+      if (r < 0 || r >= H) continue;
+      const double* m = hm.data() + r * W;
+      const double* s = hs.data() + r * W;
+      for (int64_t x = 0; x < W; ++x) {
+        mu[x] += g[j] * m[x];
+        s2[x] += g[j] * s[x];
+      }
+    }
+    const double* src = img + y * W;
+    for (int64_t x = 0; x < W; ++x)
+      cur[x] = (src[x] - mu[x]) / (std::sqrt(std::fabs(mu[x] * mu[x] - s2[x])) + kC);
+    for (int64_t x = 0; x < W; ++x) acc[0].add(cur[x]);
+    for (int64_t x = 0; x + 1 < W; ++x) acc[1].add(cur[x] * cur[x + 1]);
+    if (y > 0) {
+      for (int64_t x = 0; x < W; ++x) acc[2].add(prev[x] * cur[x]);
+      for (int64_t x = 0; x + 1 < W; ++x) {
+        acc[3].add(prev[x] * cur[x + 1]);
+        acc[4].add(cur[x] * prev[x + 1]);
+      }
+    }
+    std::swap(prev, cur);
+  }
+  for (int i = 0; i < kMaps; ++i) {
+    double* o = out + i * kSums;
+    o[0] = acc[i].abs;
+    o[1] = acc[i].sq_neg;
+    o[2] = static_cast<double>(acc[i].n_neg);
+    o[3] = acc[i].sq_pos;
+    o[4] = static_cast<double>(counts[i] - acc[i].n_neg);
+  }
+}
+
+// OpenCV resize(fx = fy = 1/2, INTER_CUBIC): out[j] = Σ_t c_t · in[clamp(2j − 1 + t)], c = (−3, 19, 19, −3)/32,
+// rows then columns; output size round-half-even(n / 2) (petal_fast/quality/resize.py).
+void resize_half(const double* src, int64_t H, int64_t W, int64_t h, int64_t w, std::vector<double>& tmp,
+                 double* dst) {
+  constexpr double c[4] = {-3.0 / 32.0, 19.0 / 32.0, 19.0 / 32.0, -3.0 / 32.0};
+  auto clamp = [](int64_t i, int64_t n) { return i < 0 ? int64_t{0} : (i >= n ? n - 1 : i); };
+  tmp.resize(H * w);
+  for (int64_t y = 0; y < H; ++y)
+    for (int64_t j = 0; j < w; ++j) {
+      double a = 0;
+      for (int t = 0; t < 4; ++t) a += src[y * W + clamp(2 * j - 1 + t, W)] * c[t];
+      tmp[y * w + j] = a;
+    }
+  for (int64_t i = 0; i < h; ++i) {
+    double* o = dst + i * w;
+    for (int64_t j = 0; j < w; ++j) o[j] = 0;
+    for (int t = 0; t < 4; ++t) {
+      const double* r = tmp.data() + clamp(2 * i - 1 + t, H) * w;
+      for (int64_t j = 0; j < w; ++j) o[j] += r[j] * c[t];
+    }
+  }
+}
+
+// Luminance Y = 0.2125 R + 0.7154 G + 0.0721 B in [0, 1] (uint8 divided by 255), as float64.
+template <typename T>
+void luminance(const T* src, int64_t C, int64_t HW, double* dst) {
+  const double scale = std::is_same<T, uint8_t>::value ? 1.0 / 255.0 : 1.0;
+  if (C == 1) {
+    for (int64_t p = 0; p < HW; ++p) dst[p] = static_cast<double>(src[p]) * scale;
+    return;
+  }
+  for (int64_t p = 0; p < HW; ++p)
+    dst[p] = 0.2125 * (static_cast<double>(src[p]) * scale) + 0.7154 * (static_cast<double>(src[HW + p]) * scale) +
+             0.0721 * (static_cast<double>(src[2 * HW + p]) * scale);
+}
+
+int64_t half_size(int64_t n) { return static_cast<int64_t>(std::nearbyint(n * 0.5)); }  // cvRound: half to even
+
+// images (B, C ∈ {1, 3}, H, W) uint8 / float32 / float64 → (B, scales, 5 maps, 5 sums), scale 2 = half size.
+Tensor brisque_moments(const Tensor& images, int64_t scales) {
+  TORCH_CHECK(images.device().is_cpu(), "brisque_moments: images must be a CPU tensor");
+  TORCH_CHECK(images.dim() == 4 && (images.size(1) == 1 || images.size(1) == 3),
+              "brisque_moments: images must be (B, 1 or 3, H, W)");
+  TORCH_CHECK(images.size(2) >= 4 && images.size(3) >= 4, "brisque_moments: H and W must be >= 4");
+  TORCH_CHECK(scales == 1 || scales == 2, "brisque_moments: scales must be 1 or 2");
+  const auto dtype = images.scalar_type();
+  TORCH_CHECK(dtype == at::kByte || dtype == at::kFloat || dtype == at::kDouble,
+              "brisque_moments: images must be uint8, float32 or float64");
+  const Tensor x = images.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t h = half_size(H), w = half_size(W);
+  Tensor out = at::empty({B, scales, kMaps, kSums}, x.options().dtype(at::kDouble));
+  double* dst = out.data_ptr<double>();
+  const auto g = gaussian_taps();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::vector<double> gray(H * W), half(h * w), hm(H * W), hs(H * W), pad, rows(2 * W), tmp;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t off = b * C * H * W;
+      if (dtype == at::kByte) luminance(x.data_ptr<uint8_t>() + off, C, H * W, gray.data());
+      else if (dtype == at::kFloat) luminance(x.data_ptr<float>() + off, C, H * W, gray.data());
+      else luminance(x.data_ptr<double>() + off, C, H * W, gray.data());
+      double* o = dst + b * scales * kMaps * kSums;
+      image_moments(gray.data(), H, W, g, hm, hs, pad, rows, o);
+      if (scales == 2) {
+        resize_half(gray.data(), H, W, h, w, tmp, half.data());
+        image_moments(half.data(), h, w, g, hm, hs, pad, rows, o + kMaps * kSums);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(petal_fast, m) {
+  m.def("brisque_moments(Tensor images, int scales) -> Tensor");
+  m.impl("brisque_moments", c10::DispatchKey::CPU, TORCH_FN(brisque_moments));
+}
+
+}  // namespace petal_fast
