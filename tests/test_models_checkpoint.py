@@ -19,6 +19,18 @@ def test_to_released_of_paper_preset_is_the_released_layout():
     assert {k: tuple(v.shape) for k, v in out.items()} == released_layout()
 
 
+def test_released_layout_loads_into_paper_preset():
+    """Every key and shape of the released file maps onto the paper preset (meta device: no memory)."""
+    sd = {k: torch.empty(shape, device="meta", dtype=torch.int64 if k.endswith(("_index", "num_batches_tracked"))
+                         else torch.float32)
+          for k, shape in released_layout().items()}
+    with torch.device("meta"):
+        model = PetalFace("petalface", quality=None)
+    report = load_petalface_checkpoint(model, {"state_dict": {"module." + k: v for k, v in sd.items()}})
+    assert report.kind == "full" and not (report.missing or report.unexpected or report.mismatched)
+    assert len(report.loaded) == len(model.backbone.state_dict())
+
+
 @pytest.mark.parametrize("wrap", ["module_prefix", "state_dict", "plain"])
 def test_released_layout_round_trip(tmp_path, wrap):
     src = tiny().eval()

@@ -42,21 +42,25 @@ def test_parameter_report_paper_preset():
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backbone", ["tiny", "vit_tiny"])
-def test_fused_matches_reference(backbone):
-    """Same model, fused backend (auto) in fp32 vs the reference layers in fp64: embeddings and
-    every adapter gradient."""
-    model = PetalFace(backbone, quality=None, dropout=0.0)
+def test_fused_matches_reference(backbone, device):
+    """Same model, fused backend (auto: C++ on CPU, Triton on CUDA) in fp32 vs the reference layers
+    in fp64, in train mode with dropout (same seed → same masks): embeddings and every adapter
+    gradient."""
+    model = PetalFace(backbone, quality=None, dropout=0.1).to(device)
     randomize_adapters(model)
-    for m in model.modules():  # train mode (BatchNorm batch statistics) without random dropout
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
     size = model.backbone.img_size
-    images, alpha = torch.randn(3, 3, size, size), torch.rand(3)
-    target = torch.randn(3, model.embedding_size)
+    images, alpha = torch.randn(3, 3, size, size, device=device), torch.rand(3, device=device)
+    target = torch.randn(3, model.embedding_size, device=device)
 
     def run(m, dtype):
         m.zero_grad()
+        torch.manual_seed(seed)
         emb = m(images.to(dtype), alpha=alpha.to(dtype))
         (emb * target.to(dtype)).sum().backward()
         return emb, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
@@ -66,6 +70,8 @@ def test_fused_matches_reference(backbone):
     with petal_fast.use_backend("reference"):
         ref_emb, ref_grads = run(ref_model, torch.float64)
     assert rel_err(emb, ref_emb) < 1e-4
+    torch.manual_seed(seed + 1)  # dropout is live: another seed gives another embedding
+    assert rel_err(model(images, alpha=alpha), emb) > 1e-3
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
     for name in grads:
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
@@ -164,3 +170,28 @@ def test_backbone_module_and_paper_compat():
     assert PetalFace("tiny", quality=None, paper_compat=True).backbone.paper_compat
     with pytest.raises(TypeError, match="embedding_size"):
         PetalFace(torch.nn.Linear(3, 3), quality=None)
+
+
+def test_training_step_updates_only_adapters_and_head():
+    model = build_model("petalface", "tiny", num_classes=7, quality=lambda im: torch.rand(im.shape[0]),
+                        dropout=0.1, loss="arcface")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert "head.weight" in trainable and all(".lora_" in n for n in trainable if n != "head.weight")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x, y = torch.randn(6, 3, 40, 40), torch.randint(0, 7, (6,))
+    losses = []
+    for _ in range(8):
+        loss = model(x, y)
+        loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("petalface", "tiny", num_classes=1)
+    with pytest.raises(ValueError, match="no margin head"):
+        build_model("pretrain", "tiny")(x, y)
