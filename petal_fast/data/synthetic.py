@@ -7,19 +7,21 @@ expression (smile, open mouth, eye openness, brow raise), lighting, background a
 from ``default_rng([seed, identity_id, image_index, 1])``. Identity ids are ``identity_offset + i``, so
 two sets built with the same seed and non-overlapping id ranges hold disjoint identities.
 
-Rendering is vectorised over a batch of images in torch: every part is an anti-aliased soft ellipse
-(coverage ``clamp(0.5 − signed_distance / pixel, 0, 1)``) alpha-composited in painter's order. Pixels
-depend only on (seed, identity id, image index), never on the batch they were rendered in.
+Every part is a polygon in face coordinates, mapped to the image by the pose (roll, scale, shift)
+and drawn with Pillow in painter's order at 2× resolution, then box-reduced (anti-aliasing): about
+half a millisecond per 112×112 face. Texture, lighting and noise are applied with numpy. Pixels
+depend only on (seed, identity id, image index), never on the order or batch they are rendered in.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 from collections import OrderedDict
 
 import numpy as np
-import torch
+from PIL import Image, ImageDraw
 
 _SKIN = np.array([[0.98, 0.85, 0.75], [0.92, 0.74, 0.60], [0.80, 0.60, 0.45], [0.62, 0.43, 0.30],
                   [0.45, 0.30, 0.20], [0.95, 0.80, 0.68]], dtype=np.float32)
@@ -77,124 +79,166 @@ def image_params(seed: int, identity_id: int, image_index: int, variation: float
     return q
 
 
-def _stack(dicts: list[dict], key: str) -> torch.Tensor:
-    """(B,1,1) for scalars, (B,3,1,1) for RGB triples."""
-    vals = np.asarray([d[key] for d in dicts], dtype=np.float32)
-    t = torch.from_numpy(vals)
-    return t.view(-1, 3, 1, 1) if t.dim() == 2 else t.view(-1, 1, 1)
+_N_PTS = 28
+_ANG = np.linspace(0.0, 2.0 * np.pi, _N_PTS, endpoint=False)
+_COS, _SIN = np.cos(_ANG), np.sin(_ANG)
 
 
-def _ellipse(X, Y, cx, cy, ax, ay, px: float) -> torch.Tensor:
-    """Anti-aliased coverage of an axis-aligned ellipse; signed distance ≈ (ρ − 1)·min(ax, ay)."""
-    rho = torch.sqrt(((X - cx) / ax) ** 2 + ((Y - cy) / ay) ** 2)
-    return ((1.0 - rho) * torch.minimum(ax, ay) / px + 0.5).clamp_(0.0, 1.0)
+def _ell(cx, cy, ax, ay) -> np.ndarray:
+    """Polygon (n, 2) of an axis-aligned ellipse in face coordinates (y down)."""
+    return np.stack([cx + ax * _COS, cy + ay * _SIN], 1)
 
 
-def _paint(img: torch.Tensor, cover: torch.Tensor, color: torch.Tensor) -> None:
-    """img ← img + cover·(color − img), in place; cover (B,H,W), color (B,3,1,1)."""
-    img.add_(cover.unsqueeze(1) * (color - img))
+def _clip(poly: np.ndarray, y: float, keep_below: bool) -> np.ndarray:
+    """Sutherland–Hodgman clip of a polygon by the horizontal line at ``y``."""
+    inside = (poly[:, 1] >= y) if keep_below else (poly[:, 1] <= y)
+    out = []
+    for j in range(len(poly)):
+        p, q, pin, qin = poly[j], poly[(j + 1) % len(poly)], inside[j], inside[(j + 1) % len(poly)]
+        if pin:
+            out.append(p)
+        if pin != qin:
+            t = (y - p[1]) / (q[1] - p[1])
+            out.append(p + t * (q - p))
+    return np.array(out).reshape(-1, 2)
+
+
+def _rgba(color, alpha: float = 1.0) -> tuple:
+    c = np.clip(np.asarray(color, np.float64) * 255.0 + 0.5, 0, 255).astype(int)
+    return (int(c[0]), int(c[1]), int(c[2]), int(round(255 * alpha)))
+
+
+class _Canvas:
+    """Draws face-coordinate polygons on a supersampled RGB image and on a 1× texture mask."""
+
+    def __init__(self, background: np.ndarray, q: dict, size: int, ss: int):
+        self.size, self.ss = size, ss
+        self.img = Image.fromarray(background).resize((size * ss, size * ss), Image.Resampling.NEAREST)
+        self.draw = ImageDraw.Draw(self.img, "RGBA")
+        self.mask = Image.new("L", (size, size), 0)
+        self.mdraw = ImageDraw.Draw(self.mask)
+        c, s, k = math.cos(q["roll"]), math.sin(q["roll"]), q["scale"]
+        # face → image coordinates: P = t + scale·R(−roll)·X, the inverse of the face frame's rotation
+        self.A, self.k = k * np.array([[c, -s], [s, c]]), k
+        self.t = np.array([q["tx"], q["ty"]])
+
+    def _px(self, poly: np.ndarray, scale: int, face: bool = True) -> list:
+        p = poly @ self.A.T + self.t if face else poly
+        return ((p + 1.0) * (0.5 * self.size * scale)).ravel().tolist()
+
+    def poly(self, poly: np.ndarray, color, alpha: float = 1.0, mask: int | None = 0, face: bool = True) -> None:
+        if len(poly) < 3:
+            return
+        self.draw.polygon(self._px(poly, self.ss, face), fill=_rgba(color, alpha))
+        if mask is not None:
+            self.mdraw.polygon(self._px(poly, 1, face), fill=mask)
+
+    def line(self, pts: np.ndarray, color, width: float) -> None:
+        w = max(1, int(round(width * 0.5 * self.size * self.ss * self.k)))
+        self.draw.line(self._px(pts, self.ss), fill=_rgba(color), width=w, joint="curve")
+        self.mdraw.line(self._px(pts, 1), fill=0, width=max(1, w // self.ss))
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [−1, 1] (x right, y down)."""
+    lin = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+    return tuple(np.meshgrid(lin, lin))
+
+
+def render_face(p: dict, q: dict, size: int, ss: int = 2) -> np.ndarray:
+    """Render one face from identity parameters ``p`` and image parameters ``q`` → size×size×3 uint8.
+
+    Polygons are drawn at ``ss``× resolution and box-reduced (anti-aliasing); the identity's fine skin
+    texture, the lighting and the sensor noise are applied at the output resolution.
+    """
+    X0, Y0 = _grid(size)
+    t = (math.cos(q["bg_dir"]) * X0 + math.sin(q["bg_dir"]) * Y0 + 1.0) * 0.5
+    bg = np.asarray(q["bg0"], np.float32) + (np.asarray(q["bg1"], np.float32) - np.asarray(q["bg0"], np.float32)) * np.clip(t, 0, 1)[..., None]
+    cv = _Canvas((np.clip(bg, 0, 1) * 255 + 0.5).astype(np.uint8), q, size, ss)
+
+    yaw, pitch = q["yaw"], q["pitch"]
+    squeeze = 1.0 - 0.3 * abs(yaw)           # a turned head looks narrower
+    fx, fy = yaw * 0.22, pitch * 0.25         # inner features slide towards the turn
+    fw, fh, fcy = p["face_w"] * squeeze, p["face_h"], p["face_cy"]
+    skin, hair = p["skin"], p["hair"]
+
+    if p["hair_style"] == 1:  # long hair falls behind the face and neck
+        cv.poly(_ell(fx * 0.3, fcy + 0.15, fw * 1.35, fh * 1.15), hair)
+    neck_w = min(0.22, fw)
+    cv.poly(np.array([[-neck_w, fcy], [neck_w, fcy], [neck_w, 1.6], [-neck_w, 1.6]]), skin * 0.85)
+    for side in (-1.0, 1.0):
+        cv.poly(_ell(side * fw * 0.98 + fx * 0.4, fcy - 0.05, p["ear"] * 0.7, p["ear"] * 1.4), skin * 0.92)
+    # Face: the chin parameter widens or narrows the lower half.
+    face = np.stack([fx * 0.3 + fw * (1.0 + p["chin"] * np.maximum(_SIN, 0.0)) * _COS, fcy + fh * _SIN], 1)
+    cv.poly(face, skin, mask=255)
+    if p["hair_style"] != 2:  # hair cap above the hairline
+        cap = _ell(fx * 0.3, fcy - 0.04, fw * p["hair_vol"], fh * p["hair_vol"])
+        cv.poly(_clip(cap, p["hairline"] + fy * 0.5, keep_below=False), hair)
+
+    for side in (-1.0, 1.0):
+        ex, ey = side * p["eye_dx"] * squeeze + fx, p["eye_y"] + fy
+        near = 1.0 + side * yaw * 0.35        # the eye nearer the camera looks larger
+        ew, eh = p["eye_w"] * near, p["eye_h"] * max(q["eye_open"], 0.1)
+        brow = _ell(ex, ey - p["brow_gap"] - q["brow_raise"], ew * p["brow_len"], p["brow_t"])
+        brow[:, 1] += side * p["brow_tilt"] * (brow[:, 0] - ex) * 0.5
+        cv.poly(brow, hair * 0.7)
+        cv.poly(_ell(ex, ey, ew, eh), (0.96, 0.96, 0.96))
+        ir = p["eye_h"] * 0.85
+        cv.poly(_ell(ex + yaw * 0.03, ey, ir, min(ir, eh)), p["iris"])
+        cv.poly(_ell(ex + yaw * 0.03, ey, ir * 0.47, min(ir * 0.47, eh)), (0.03, 0.03, 0.03))
+        if p["glasses"] == 1:
+            ring = _ell(ex, ey, ew * 1.55, ew * 1.25)
+            cv.line(np.vstack([ring, ring[:1]]), p["frame"], 0.018)
+        elif p["glasses"] == 2:
+            cv.poly(_ell(ex, ey, ew * 1.55, ew * 1.25), p["frame"] * 0.3)
+    if p["glasses"]:
+        inner = p["eye_dx"] * squeeze - p["eye_w"] * 1.5
+        cv.line(np.array([[fx - inner, p["eye_y"] + fy - 0.01], [fx + inner, p["eye_y"] + fy - 0.01]]), p["frame"] * 0.6, 0.015)
+
+    # Nose: a shaded ridge and a darker tip.
+    nx, ny = fx * 1.15, p["eye_y"] + fy + p["nose_len"] * 0.5 + 0.04
+    cv.poly(_ell(nx + 0.02, ny, p["nose_w"] * 0.5, p["nose_len"] * 0.5), skin * 0.7, alpha=0.35, mask=None)
+    cv.poly(_ell(nx, ny + p["nose_len"] * 0.45, p["nose_w"], p["nose_w"] * 0.5), skin * 0.65, alpha=0.6, mask=None)
+
+    mx, my = fx * 1.05, p["mouth_y"] + fy
+    if p["beard"]:
+        cv.poly(_clip(face, my - p["mouth_h"] * 2.0, keep_below=True), hair, alpha=0.85)
+    # Mouth: curved by the smile (y ← y − 2·smile·(x − mx)²), opened by the expression.
+    lips = _ell(mx, my, p["mouth_w"] * (1.0 + 0.15 * q["smile"]), p["mouth_h"] * (1.0 + q["mouth_open"]))
+    lips[:, 1] -= q["smile"] * 2.0 * (lips[:, 0] - mx) ** 2
+    cv.poly(lips, p["lip"])
+    if q["mouth_open"] > 0.05:
+        inner = _ell(mx, my, p["mouth_w"] * 0.8, p["mouth_h"] * q["mouth_open"] * 0.8)
+        inner[:, 1] -= q["smile"] * 2.0 * (inner[:, 0] - mx) ** 2
+        cv.poly(inner, (0.1, 0.1, 0.1))
+    if p["mole"]:
+        cv.poly(_ell(p["mole_x"] * fw + fx, p["mole_y"] + fy, 0.022, 0.022), skin * 0.35)
+    if q["occ"]:  # an opaque rectangle (hand, object, mask) in image coordinates
+        x0, x1 = q["occ_cx"] - q["occ_w"], q["occ_cx"] + q["occ_w"]
+        y0, y1 = q["occ_cy"] - q["occ_h"], q["occ_cy"] + q["occ_h"]
+        cv.poly(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), q["occ_col"], face=False)
+
+    img = np.asarray(cv.img.reduce(ss), dtype=np.float32) * (1.0 / 255.0)
+    # Fine identity texture (freckle-like pattern) on bare skin: the detail low resolution destroys.
+    Xs, Ys = X0 - q["tx"], Y0 - q["ty"]
+    c, s = math.cos(q["roll"]), math.sin(q["roll"])
+    Xf, Yf = (c * Xs + s * Ys) / q["scale"], (-s * Xs + c * Ys) / q["scale"]
+    tex = np.sin(p["tex_f1"] * Xf + p["tex_p1"]) * np.sin(p["tex_f2"] * Yf + p["tex_p2"])
+    skin_mask = np.asarray(cv.mask, dtype=np.float32) * (p["tex_amp"] / 255.0)
+    # ... times the lighting (brightness, directional gradient) in one factor, then tint and noise.
+    gain = (1.0 - tex * skin_mask) * (q["bright"] * (1.0 + q["light_x"] * X0 + q["light_y"] * Y0))
+    img *= gain[..., None] * np.asarray(q["tint"], np.float32)
+    if q["noise"] > 0:
+        img += np.random.default_rng(q["noise_seed"]).standard_normal(img.shape, dtype=np.float32) * q["noise"]
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def render_faces(ids: list[dict], ims: list[dict], size: int) -> np.ndarray:
-    """Render a batch: one identity dict and one image dict per image → (B,size,size,3) uint8."""
-    B = len(ids)
-    px = 2.0 / size
-    lin = (torch.arange(size, dtype=torch.float32) + 0.5) * px - 1.0
-    Y0, X0 = torch.meshgrid(lin, lin, indexing="ij")
-    X0, Y0 = X0.unsqueeze(0), Y0.unsqueeze(0)
-    I = {k: _stack(ids, k) for k in ids[0] if k not in ("hair_style", "glasses")}
-    Q = {k: _stack(ims, k) for k in ims[0] if k != "noise_seed"}
-    style = torch.tensor([d["hair_style"] for d in ids]).view(-1, 1, 1)
-    glasses = torch.tensor([d["glasses"] for d in ids]).view(-1, 1, 1)
-
-    # Background: a linear gradient between two colours along a random direction.
-    t = (torch.cos(Q["bg_dir"]) * X0 + torch.sin(Q["bg_dir"]) * Y0 + 1.0) * 0.5
-    img = Q["bg0"] + (Q["bg1"] - Q["bg0"]) * t.unsqueeze(1).clamp(0, 1)
-
-    # Face coordinates: shift, roll, scale (the face frame moves; the background does not).
-    c, s = torch.cos(Q["roll"]), torch.sin(Q["roll"])
-    Xs, Ys = X0 - Q["tx"], Y0 - Q["ty"]
-    X = (c * Xs + s * Ys) / Q["scale"]
-    Y = (-s * Xs + c * Ys) / Q["scale"]
-    yaw, pitch = Q["yaw"], Q["pitch"]
-    squeeze = 1.0 - 0.3 * yaw.abs()            # a turned head looks narrower
-    fx = yaw * 0.22                            # inner features slide towards the turn
-    fy = pitch * 0.25
-    fw = I["face_w"] * squeeze
-    fcy = I["face_cy"]
-
-    long_hair = (style == 1).float()
-    has_hair = (style != 2).float()
-    # Long hair falls behind the face and neck.
-    _paint(img, long_hair * _ellipse(X, Y, fx * 0.3, fcy + 0.15, fw * 1.35, I["face_h"] * 1.15, px), I["hair"])
-    _paint(img, ((0.22 - X.abs()) / px).clamp(0, 1) * ((Y - fcy) / px).clamp(0, 1) * (X.abs() < fw).float(), I["skin"] * 0.85)
-    for side in (-1.0, 1.0):
-        ear_x = side * fw * 0.98 + fx * 0.4
-        _paint(img, _ellipse(X, Y, ear_x, fcy - 0.05, I["ear"] * 0.7, I["ear"] * 1.4, px), I["skin"] * 0.92)
-    # Face: the chin parameter widens or narrows the lower half.
-    fw_y = fw * (1.0 + I["chin"] * (Y - fcy).clamp(min=0) / I["face_h"])
-    _paint(img, _ellipse(X, Y, fx * 0.3, fcy, fw_y, I["face_h"], px), I["skin"])
-    face_mask = _ellipse(X, Y, fx * 0.3, fcy, fw_y, I["face_h"], px)
-    # Hair cap above the hairline.
-    cap = _ellipse(X, Y, fx * 0.3, fcy - 0.04, fw * I["hair_vol"], I["face_h"] * I["hair_vol"], px)
-    cap = cap * ((I["hairline"] + fy * 0.5 + 0.04 * X.abs() - Y) / px).clamp(0, 1)
-    _paint(img, has_hair * cap, I["hair"])
-    # Fine identity texture (freckle-like pattern): the detail that low resolution destroys.
-    tex = torch.sin(I["tex_f1"] * X + I["tex_p1"]) * torch.sin(I["tex_f2"] * Y + I["tex_p2"])
-    img.mul_(1.0 - (I["tex_amp"] * tex * face_mask * (1.0 - cap)).unsqueeze(1))
-
-    for side in (-1.0, 1.0):
-        ex = side * I["eye_dx"] * squeeze + fx
-        ey = I["eye_y"] + fy
-        near = 1.0 + side * yaw * 0.35      # the eye nearer the camera looks larger
-        ew, eh = I["eye_w"] * near, I["eye_h"] * Q["eye_open"].clamp(min=0.1)
-        # Brow: a thin tilted ellipse above the eye.
-        by = ey - I["brow_gap"] - Q["brow_raise"] + side * I["brow_tilt"] * (X - ex) * 0.5
-        brow = _ellipse(X, Y - by + ey, ex, ey, ew * I["brow_len"], I["brow_t"], px)
-        _paint(img, brow, I["hair"] * 0.7)
-        sclera = _ellipse(X, Y, ex, ey, ew, eh, px)
-        _paint(img, sclera, torch.full_like(I["skin"], 0.96))
-        iris = _ellipse(X, Y, ex + yaw * 0.03, ey, I["eye_h"] * 0.85, I["eye_h"] * 0.85, px) * sclera
-        _paint(img, iris, I["iris"])
-        _paint(img, _ellipse(X, Y, ex + yaw * 0.03, ey, I["eye_h"] * 0.4, I["eye_h"] * 0.4, px) * sclera, torch.full_like(I["skin"], 0.03))
-        # Glasses: a ring (clear frames) or a filled dark lens (sunglasses).
-        r_out = _ellipse(X, Y, ex, ey, ew * 1.55, ew * 1.25, px)
-        r_in = _ellipse(X, Y, ex, ey, ew * 1.55 - 0.018, ew * 1.25 - 0.018, px)
-        _paint(img, (glasses == 1).float() * (r_out - r_in).clamp(0, 1), I["frame"])
-        _paint(img, (glasses == 2).float() * r_out, I["frame"] * 0.3)
-    bridge = _ellipse(X, Y, fx, I["eye_y"] + fy - 0.01, (I["eye_dx"] * squeeze - I["eye_w"] * 1.4).clamp(min=0.01), torch.full_like(fx, 0.012), px)
-    _paint(img, (glasses > 0).float() * bridge, I["frame"] * 0.6)
-
-    # Nose: a shaded ridge and a darker tip.
-    nx, ny = fx * 1.15, I["eye_y"] + fy + I["nose_len"] * 0.5 + 0.04
-    _paint(img, 0.35 * _ellipse(X, Y, nx + 0.02, ny, I["nose_w"] * 0.5, I["nose_len"] * 0.5, px), I["skin"] * 0.7)
-    _paint(img, 0.6 * _ellipse(X, Y, nx, ny + I["nose_len"] * 0.45, I["nose_w"], I["nose_w"] * 0.5, px), I["skin"] * 0.65)
-
-    # Mouth: curved by the smile, opened by the expression.
-    mx, my = fx * 1.05, I["mouth_y"] + fy
-    Ym = Y + Q["smile"] * 2.0 * (X - mx) ** 2
-    _paint(img, _ellipse(X, Ym, mx, my, I["mouth_w"] * (1.0 + 0.15 * Q["smile"]), I["mouth_h"] * (1.0 + Q["mouth_open"]), px), I["lip"])
-    # Sub-pixel ellipses smear along their long axis under the distance approximation: draw the open
-    # mouth only when it is at least a pixel high.
-    inner_h = I["mouth_h"] * Q["mouth_open"] * 0.8
-    _paint(img, (inner_h > 0.5 * px).float() * _ellipse(X, Ym, mx, my, I["mouth_w"] * 0.8, inner_h.clamp(min=0.5 * px), px), torch.full_like(I["lip"], 0.1))
-
-    # Beard and mole.
-    beard = face_mask * ((Y - (my - I["mouth_h"] * 2.0)) / px).clamp(0, 1) * (1.0 - _ellipse(X, Ym, mx, my, I["mouth_w"] * 1.1, I["mouth_h"] * 1.6 * (1.0 + Q["mouth_open"]), px))
-    _paint(img, 0.85 * I["beard"] * beard, I["hair"])
-    _paint(img, I["mole"] * _ellipse(X, Y, I["mole_x"] * fw + fx, I["mole_y"] + fy, torch.full_like(fx, 0.022), torch.full_like(fx, 0.022), px), I["skin"] * 0.35)
-
-    # Occlusion: an opaque rectangle (hand, object, mask), in image coordinates.
-    rect = ((Q["occ_w"] - (X0 - Q["occ_cx"]).abs()) / px).clamp(0, 1) * ((Q["occ_h"] - (Y0 - Q["occ_cy"]).abs()) / px).clamp(0, 1)
-    _paint(img, Q["occ"] * rect, Q["occ_col"])
-
-    # Lighting: brightness, a directional gradient and a colour tint.
-    light = (Q["bright"] * (1.0 + Q["light_x"] * X0 + Q["light_y"] * Y0)).unsqueeze(1)
-    img.mul_(light * Q["tint"])
-    noise = torch.cat([torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(d["noise_seed"])) for d in ims])
-    img.add_(noise * Q["noise"].unsqueeze(1))
-    out = (img.clamp_(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
-    return out.permute(0, 2, 3, 1).contiguous().numpy()
+    """Render one image per (identity dict, image dict) pair → (B, size, size, 3) uint8."""
+    if not ids:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([render_face(p, q, size) for p, q in zip(ids, ims)])
 
 
 class SyntheticFaces:
@@ -252,16 +296,7 @@ class SyntheticFaces:
         ids = [identity_params(self.seed, self.identity_offset + i // self.images_per_identity) for i in idx]
         ims = [image_params(self.seed, self.identity_offset + i // self.images_per_identity,
                             i % self.images_per_identity, self.variation) for i in idx]
-        if not idx:
-            return np.zeros((0, self.size, self.size, 3), np.uint8)
-        # Sub-batches of 16 keep the working set in cache, and one intra-op thread: on a busy 2-core
-        # machine torch's thread pool made these small element-wise ops 10-30x slower.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return np.concatenate([render_faces(ids[s:s + 16], ims[s:s + 16], self.size) for s in range(0, len(idx), 16)])
-        finally:
-            torch.set_num_threads(threads)
+        return render_faces(ids, ims, self.size)
 
     def materialize(self, progress: bool = False) -> np.ndarray:
         """All images as one (N, size, size, 3) uint8 array."""
