@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from petal_fast.models import FaceSwin, face_swin, face_vit
-from petal_fast.models.swin import SwinBlock, shifted_window_mask, window_partition, window_reverse
+from petal_fast.models.swin import PatchMerging, SwinBlock, shifted_window_mask, window_partition, window_reverse
 
 LAYOUT = Path(__file__).parent / "data" / "petalface_swin_state_dict.txt"
 
@@ -44,6 +44,16 @@ def test_window_partition_round_trip(size):
     assert torch.equal(window_reverse(w, 5, *size), x)
     # image-major: the first nW windows are all from image 0
     assert torch.equal(w[: w.shape[0] // 3].flatten(), window_partition(x[:1], 5).flatten())
+
+
+def test_patch_merging_order_is_swins():
+    """Released checkpoints depend on Swin's concat order [x(0,0), x(1,0), x(0,1), x(1,1)]."""
+    merge = PatchMerging((6, 10), 5)
+    x = torch.randn(2, 60, 5)
+    g = x.view(2, 6, 10, 5)
+    cat = torch.cat([g[:, 0::2, 0::2], g[:, 1::2, 0::2], g[:, 0::2, 1::2], g[:, 1::2, 1::2]], dim=-1)
+    expected = merge.reduction(merge.norm(cat.reshape(2, -1, 20)))
+    assert torch.equal(merge(x), expected)
 
 
 def _regions(h: int, w: int, window: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:

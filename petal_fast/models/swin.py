@@ -85,8 +85,8 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B·nW, N, C); mask: (nW, N, N) or None."""
         bw, n, c = x.shape
-        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # unbind on the qkv axis: its backward stacks the three gradients straight into qkv's layout
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(bw, n, 3, self.num_heads, -1).unbind(2))
         bias = self.position_bias().unsqueeze(0)  # 1, heads, N, N
         if mask is not None:
             bias = bias + mask.unsqueeze(1)  # nW, heads, N, N
@@ -151,9 +151,10 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.resolution
         b, _, c = x.shape
-        x = x.view(b, h, w, c)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+        # Swin's order [x(0,0), x(1,0), x(0,1), x(1,1)] (row, column offsets) as one permuted copy
+        # instead of four strided slices and a cat (and four zero-filled slice gradients backward).
+        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, -1, 4 * c)
+        return self.reduction(self.norm(x))
 
 
 class SwinStage(nn.Module):
