@@ -140,6 +140,8 @@ def test_embed_flip_and_inference_mode():
 def test_factory_modes():
     pre = build_model("pretrain", "tiny")
     assert all(p.requires_grad for p in pre.parameters())
+    report = pre.parameter_report()
+    assert report.frozen == 0 and report.other_trainable == report.total == sum(p.numel() for p in pre.parameters())
     sd = {k: v for k, v in pre.backbone.state_dict().items()}
     ft = build_model("full_ft", "tiny", pretrained=sd)
     assert all(p.requires_grad for p in ft.parameters())

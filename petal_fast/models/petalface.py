@@ -107,6 +107,30 @@ class FaceModel(nn.Module):
             emb = emb[:b] + emb[b:]
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def parameter_report(self) -> "ParameterReport":
+        """Frozen / adapter / other trainable parameters of the backbone, and the head's size."""
+        two, one, adapter_ids = 0, 0, set()
+        for _, m in self.backbone.named_modules():
+            if isinstance(m, PetalLinear):
+                n = m.lora_A.numel() + m.lora_B.numel()
+                adapter_ids.update({id(m.lora_A), id(m.lora_B)})
+                if m.branches == 2:
+                    two += n
+                else:
+                    one += n
+        frozen = other = 0
+        for p in self.backbone.parameters():
+            if id(p) in adapter_ids:
+                continue
+            if p.requires_grad:
+                other += p.numel()
+            else:
+                frozen += p.numel()
+        # Two-branch layers are the quality-weighted targets; single-branch ones the (feature) LoRA.
+        adapters = {"petal": two, "lora": one}
+        head = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
+        return ParameterReport(frozen=frozen, adapters=adapters, other_trainable=other, head=head)
+
 
 @dataclass
 class ParameterReport:
@@ -250,26 +274,3 @@ class PetalFace(FaceModel):
             alpha = self.alpha(images)
         with quality_context(alpha):
             return self.backbone(images)
-
-    def parameter_report(self) -> ParameterReport:
-        two, one, adapter_ids = 0, 0, set()
-        for _, m in self.backbone.named_modules():
-            if isinstance(m, PetalLinear):
-                n = m.lora_A.numel() + m.lora_B.numel()
-                adapter_ids.update({id(m.lora_A), id(m.lora_B)})
-                if m.branches == 2:
-                    two += n
-                else:
-                    one += n
-        frozen = other = 0
-        for p in self.backbone.parameters():
-            if id(p) in adapter_ids:
-                continue
-            if p.requires_grad:
-                other += p.numel()
-            else:
-                frozen += p.numel()
-        # Two-branch layers are the quality-weighted targets; single-branch ones the (feature) LoRA.
-        adapters = {"petal": two, "lora": one}
-        head = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
-        return ParameterReport(frozen=frozen, adapters=adapters, other_trainable=other, head=head)
