@@ -124,6 +124,9 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     coef = branch_coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device)
     dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):  # the Function is opaque to autocast: cast as F.linear would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x2 = x2.to(dtype)
     w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
     y = PetalLinearFunction.apply(x2, w, b, lora_A.to(dtype), lora_B.to(dtype), coef, float(dropout),
                                   int(seed), backend)

@@ -1,0 +1,63 @@
+"""``petal-fast`` console commands: train, demo, eval, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _eval(argv: Sequence[str]) -> int:
+    from petal_fast.eval import add_eval_arguments, run_eval
+    from petal_fast.train import image_size_of, load_trained, prepare_images
+    import torch
+
+    ap = argparse.ArgumentParser(prog="petal-fast eval", description="Evaluate a trained model (verification "
+                                 "on .bin pairs, identification on RecordIO / ImageFolder / synthetic sets).")
+    ap.add_argument("--checkpoint", required=True, help="run directory of `petal-fast train` or its model.pt")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_eval_arguments(ap)
+    args = ap.parse_args(argv)
+    model = load_trained(args.checkpoint, args.device)
+    size = image_size_of(model)
+
+    @torch.inference_mode()
+    def embed(x01: torch.Tensor) -> torch.Tensor:
+        return model.embedding(prepare_images(x01.clone(), size, torch.device(args.device))).float().cpu()
+
+    run_eval(embed, args)
+    return 0
+
+
+def _bench(argv: Sequence[str]) -> int:
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError:
+        print("petal-fast bench runs from a source checkout (the benchmarks/ folder): "
+              "cd into the repository and run `python -m benchmarks`", file=sys.stderr)
+        return 2
+    return bench_main(list(argv)) or 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": "train a model (see configs/)", "demo": "the paper's comparison on synthetic faces",
+                "eval": "evaluate a trained model", "bench": "run the benchmarks (source checkout)"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: petal-fast {train,demo,eval,bench} [options]\n")
+        for name, text in commands.items():
+            print(f"  {name:6s} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from petal_fast.train import main as train_main
+        return train_main(rest)
+    if cmd == "demo":
+        from petal_fast.demo import main as demo_main
+        return demo_main(rest)
+    if cmd == "eval":
+        return _eval(rest)
+    return _bench(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
