@@ -31,6 +31,7 @@ def test_synthetic_deterministic_and_batch_independent():
     assert np.array_equal(full, b.materialize())
     assert np.array_equal(a[7][0], full[7]) and a[7][1] == 1
     assert np.array_equal(a.render([5]), full[5:6])  # pixels do not depend on the batch
+    assert np.array_equal(SyntheticFaces(3, 4, 48, seed=seed, chunk=5).materialize(num_workers=2), full)
     assert not np.array_equal(full, SyntheticFaces(3, 4, 48, seed=seed + 1).materialize())
 
 

@@ -221,10 +221,10 @@ def render_face(p: dict, q: dict, size: int, ss: int = 2) -> np.ndarray:
 
     img = np.asarray(cv.img.reduce(ss), dtype=np.float32) * (1.0 / 255.0)
     # Fine identity texture (freckle-like pattern) on bare skin: the detail low resolution destroys.
-    Xs, Ys = X0 - q["tx"], Y0 - q["ty"]
-    c, s = math.cos(q["roll"]), math.sin(q["roll"])
-    Xf, Yf = (c * Xs + s * Ys) / q["scale"], (-s * Xs + c * Ys) / q["scale"]
-    tex = np.sin(p["tex_f1"] * Xf + p["tex_p1"]) * np.sin(p["tex_f2"] * Yf + p["tex_p2"])
+    # It follows the face's shift and scale but not its roll, which keeps it separable (an outer product).
+    lin = X0[0]
+    tex = (np.sin(p["tex_f2"] * (lin - q["ty"]) / q["scale"] + p["tex_p2"])[:, None]
+           * np.sin(p["tex_f1"] * (lin - q["tx"]) / q["scale"] + p["tex_p1"])[None, :])
     skin_mask = np.asarray(cv.mask, dtype=np.float32) * (p["tex_amp"] / 255.0)
     # ... times the lighting (brightness, directional gradient) in one factor, then tint and noise.
     gain = (1.0 - tex * skin_mask) * (q["bright"] * (1.0 + q["light_x"] * X0 + q["light_y"] * Y0))
@@ -274,6 +274,11 @@ class SyntheticFaces:
         if cache_dir is not None:
             self._array = self._load_or_build_cache(cache_dir)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_chunks"] = OrderedDict()  # the render cache is not worth shipping to other processes
+        return state
+
     def __len__(self) -> int:
         return self.num_identities * self.images_per_identity
 
@@ -298,20 +303,29 @@ class SyntheticFaces:
                             i % self.images_per_identity, self.variation) for i in idx]
         return render_faces(ids, ims, self.size)
 
-    def materialize(self, progress: bool = False) -> np.ndarray:
-        """All images as one (N, size, size, 3) uint8 array."""
+    def materialize(self, progress: bool = False, num_workers: int = 0) -> np.ndarray:
+        """All images as one (N, size, size, 3) uint8 array; ``num_workers`` > 0 renders chunks in
+        that many processes (the result is identical)."""
         if self._array is not None:
             return np.asarray(self._array)
-        starts = range(0, len(self), self.chunk)
+        chunks = [range(s, min(s + self.chunk, len(self))) for s in range(0, len(self), self.chunk)]
+        if num_workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(num_workers) as pool:
+                parts = pool.map(self.render, chunks)
+                if progress:
+                    from tqdm import tqdm
+                    parts = tqdm(parts, total=len(chunks), desc="synthetic faces", unit="chunk")
+                return np.concatenate(list(parts))
         if progress:
             from tqdm import tqdm
-            starts = tqdm(starts, desc="synthetic faces", unit="chunk")
-        return np.concatenate([self.render(range(s, min(s + self.chunk, len(self)))) for s in starts])
+            chunks = tqdm(chunks, desc="synthetic faces", unit="chunk")
+        return np.concatenate([self.render(c) for c in chunks])
 
-    def load(self, progress: bool = False) -> "SyntheticFaces":
+    def load(self, progress: bool = False, num_workers: int = 0) -> "SyntheticFaces":
         """Render every image once and keep the array in memory (random access without re-rendering)."""
         if self._array is None:
-            self._array = self.materialize(progress)
+            self._array = self.materialize(progress, num_workers)
         return self
 
     def _load_or_build_cache(self, cache_dir: str) -> np.ndarray:
