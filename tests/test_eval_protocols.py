@@ -29,7 +29,7 @@ def _imgs(n: int, size: int = 12) -> np.ndarray:
     return (torch.rand(n, size, size, 3) * 255).to(torch.uint8).numpy()
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_load_bin_formats(tmp_path, protocol):
     imgs = _imgs(6)
     # protocol 2 from Python 3 stores bytes through _codecs.encode; numpy bools via numpy's reconstruct.

@@ -6,7 +6,7 @@ packs hold uint8 numpy arrays of the encoded bytes), ``issame_list`` P booleans 
 array). Pair p is images 2p and 2p+1.
 
 Pickles can run code, so the file is read by an unpickler that resolves only the globals this format
-needs: numpy's array and scalar reconstruction (object dtype refused) and ``_codecs.encode`` with
+needs: numpy's array and scalar reconstruction, protocols 2–5 (object dtype refused), and ``_codecs.encode`` with
 latin-1 (how protocol-2 pickles written by Python 3 store ``bytes``). Anything else is refused.
 """
 from __future__ import annotations
@@ -37,6 +37,11 @@ def _latin1_encode(text, encoding="latin1", *rest):
     return codecs.encode(text, "latin1")
 
 
+def _frombuffer(buf, dtype, shape, order):
+    """numpy's protocol-5 array reconstruction (``pickle`` protocol 5 is Python 3.14's default)."""
+    return np.frombuffer(buf, dtype=_safe_dtype(dtype)).reshape(shape, order=order)
+
+
 def _numpy_global(name: str):
     try:
         from numpy._core import multiarray  # numpy >= 2
@@ -52,6 +57,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
     ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
     ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): lambda: _frombuffer,
     ("_codecs", "encode"): lambda: _latin1_encode,
 }
 
