@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from petal_fast.backend import resolve
-from petal_fast.ops.margin_loss import OP, check_inputs, combine, nontarget_stats, target_cosine
+from petal_fast.ops.margin_loss import OP, check_inputs, combine, fused_core
 from petal_fast.reference import margin as ref
 
 
@@ -111,8 +111,8 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         dist.all_gather_into_tensor(labels_all, labels.long().contiguous(), group=self.group)
         local = labels_all - self.start
         owned = (local >= 0) & (local < self.weight.shape[0])
-        w_t = self.weight.index_select(0, local.clamp(0, self.weight.shape[0] - 1))
-        cos_t = _AllReduceSum.apply(target_cosine(e_all, w_t) * owned, self.group)
+        lse_r, zsum_r, cos_r = fused_core(e_all, self.weight, torch.where(owned, local, -1), self.scale, backend)
+        cos_t = _AllReduceSum.apply(cos_r, self.group)  # each row's target cosine, from its owner
         zhat = mean = std = None
         if self.loss == "adaface":
             norms = e_all.detach().to(cos_t.dtype).norm(dim=1)
@@ -121,7 +121,6 @@ class ShardedMarginSoftmaxLoss(nn.Module):
                 mean, std = ref.adaface_update(norms, mean, std, self.momentum)
             zhat = ref.adaface_zhat(norms, mean, std, self.h)
         t = ref.target_logit(cos_t, self.loss, self.margins, self.scale, self.grad, zhat)
-        lse_r, zsum_r = nontarget_stats(e_all, self.weight, torch.where(owned, local, -1), self.scale, backend)
         row_max = lse_r.detach().clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
         row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)

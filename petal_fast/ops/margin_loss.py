@@ -6,11 +6,11 @@ logit (``petal_fast.reference.margin.target_logit``), the loss is split as
     lse_i  = log( exp t_i + Σ_{j≠y_i} exp z_ij ),     zsum_i = t_i + Σ_{j≠y_i} z_ij
     loss_i = lse_i − (1 − ε)·t_i − (ε/C)·zsum_i       (ε: label smoothing)
 
-The two sums over j ≠ y_i are the fused core (``MarginStatsFunction``: online log-sum-exp over
-class tiles forward, tiles recomputed backward, on the torch / cpp / triton backends). The target
-path is B-long torch: cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ from the gathered rows W[y], the margin function
-with the chosen gradient convention (``exact`` or ``straight_through``), and the final combination,
-all differentiated by autograd. Everything accumulates in fp32 (fp64 for fp64 inputs).
+The two sums over j ≠ y_i and the target cosine cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ are the fused core
+(``MarginCoreFunction``: online log-sum-exp over class tiles forward, tiles recomputed backward,
+on the torch / cpp / triton backends; the target rows' gradient is added into dW in place). The
+rest is B-long torch differentiated by autograd: the margin function with the chosen gradient
+convention (``exact`` or ``straight_through``) and the final combination. Everything accumulates in fp32 (fp64 for fp64 inputs).
 
 Partial FC (``sample_rate < 1``): each call keeps every positive class plus a uniform sample of the
 negatives, ⌈sample_rate·C⌉ classes in all; the loss is the softmax over the kept classes and dW is
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from petal_fast import _ext
 from petal_fast.backend import resolve
@@ -42,44 +41,55 @@ def _impl(backend: str):
     return triton_impl.forward, triton_impl.backward
 
 
-class MarginStatsFunction(torch.autograd.Function):
-    """(lse_i, zsum_i) over the non-target classes j ≠ labels_i of s·cos(e_i, w_j).
+class MarginCoreFunction(torch.autograd.Function):
+    """Per row: (lse_i, zsum_i) over the non-target classes j ≠ labels_i of s·cos(e_i, w_j), and
+    the target cosine cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩.
 
-    ``labels`` outside [0, C) exclude nothing (used by the class-sharded head for rows whose
-    target lives on another rank)."""
+    ``labels`` outside [0, C) exclude nothing and give cos θ_iy = 0 (the class-sharded head's rows
+    whose target lives on another rank). The target path's dW is added into the rows of the
+    fused dW in place (never a second C×D gradient)."""
 
     @staticmethod
     def forward(ctx, e, w, labels, scale, backend):
         fwd, _ = _impl(backend)
         lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS)
-        ctx.save_for_backward(e, w, labels, lse)
+        owned = (labels >= 0) & (labels < w.shape[0])
+        rows = labels.clamp(0, w.shape[0] - 1)
+        acc = torch_impl.acc_dtype(e.dtype)
+        e_acc, w_t = e.to(acc), w.index_select(0, rows).to(acc)
+        cos_t = ((e_acc * torch_impl.inv_norm(e_acc, NORM_EPS).unsqueeze(1)) *
+                 (w_t * torch_impl.inv_norm(w_t, NORM_EPS).unsqueeze(1))).sum(1) * owned
+        ctx.save_for_backward(e, w, labels, lse, owned, rows)
         ctx.scale, ctx.backend = float(scale), backend
         ctx.mark_non_differentiable(labels)
-        return lse, zsum
+        return lse, zsum, cos_t
 
     @staticmethod
-    def backward(ctx, g_lse, g_zsum):
-        e, w, labels, lse = ctx.saved_tensors
+    def backward(ctx, g_lse, g_zsum, g_cos):
+        e, w, labels, lse, owned, rows = ctx.saved_tensors
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.contiguous()
         g_zsum = torch.zeros_like(lse) if g_zsum is None else g_zsum.contiguous()
+        need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         _, bwd = _impl(ctx.backend)
-        de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, ctx.scale, NORM_EPS, ctx.needs_input_grad[0],
-                     ctx.needs_input_grad[1])
+        de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, ctx.scale, NORM_EPS, need_e, need_w)
+        if g_cos is not None:  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
+            acc = torch_impl.acc_dtype(e.dtype)
+            g = (g_cos.to(acc) * owned).unsqueeze(1)
+            e_acc, w_t = e.to(acc), w.index_select(0, rows).to(acc)
+            re, rw = torch_impl.inv_norm(e_acc, NORM_EPS), torch_impl.inv_norm(w_t, NORM_EPS)
+            if need_e:
+                de_t = torch_impl.normalise_grad(g * w_t * rw.unsqueeze(1), e_acc, re, NORM_EPS)
+                de = (de.to(acc) + de_t).to(e.dtype)
+            if need_w:
+                dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
+                dw = dw.index_add_(0, rows, dw_t.to(dw.dtype))
         return de, dw, None, None, None
 
 
-def nontarget_stats(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused core on contiguous inputs; ``labels`` int64, possibly outside [0, C)."""
-    return MarginStatsFunction.apply(e.contiguous(), w.contiguous(), labels.long().contiguous(), scale, backend)
-
-
-def target_cosine(e: torch.Tensor, w_target: torch.Tensor) -> torch.Tensor:
-    """cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ in fp32/fp64 from the B gathered class rows."""
-    acc = torch_impl.acc_dtype(e.dtype)
-    en = F.normalize(e.to(acc), dim=1, eps=NORM_EPS)
-    wn = F.normalize(w_target.to(acc), dim=1, eps=NORM_EPS)
-    return (en * wn).sum(1)
+def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs."""
+    return MarginCoreFunction.apply(e.contiguous(), w.contiguous(), labels.long().contiguous(), scale, backend)
 
 
 def combine(lse_nt: torch.Tensor, zsum_nt: torch.Tensor, t: torch.Tensor, num_classes: int,
@@ -166,10 +176,9 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     if backend == "reference":
         return ref.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
                                        reduction, norm_mean, norm_std, h)
-    cos_t = target_cosine(embeddings, weight.index_select(0, labels))
+    lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend)
     zhat = None
     if loss == "adaface":
         zhat = ref.adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)
     t = ref.target_logit(cos_t, loss, margins, scale, grad, zhat)
-    lse_nt, zsum_nt = nontarget_stats(embeddings, weight, labels, scale, backend)
     return ref.reduce(combine(lse_nt, zsum_nt, t, weight.shape[0], label_smoothing), reduction)
