@@ -25,6 +25,7 @@ using at::Tensor;
 
 constexpr int kTaps = 7, kHalf = 3, kMaps = 5, kSums = 5;
 constexpr double kC = 1.0 / 255.0;
+constexpr double kFlat = 1e-10;  // |Y − μ| below this only in (numerically) constant windows
 
 // Branch-free: the sign of an MSCN value or product is a coin flip, a branch would mispredict half the time.
 struct Sums {
@@ -53,7 +54,44 @@ std::array<double, kTaps> gaussian_taps() {
   return g;
 }
 
+// The package's 2-D window: exp(−(x² + y²)/(2σ²)) / (2πσ²), divided by its NumPy sum (pairwise: 8 lanes).
+std::array<double, kTaps * kTaps> gaussian_window() {
+  std::array<double, kTaps * kTaps> w{};
+  const double sigma = 7.0 / 6.0, norm = 1.0 / (2 * M_PI * (sigma * sigma));
+  for (int j = 0; j < kTaps; ++j)
+    for (int k = 0; k < kTaps; ++k) {
+      const double y = j - kHalf, x = k - kHalf;
+      w[j * kTaps + k] = norm * std::exp(-(x * x + y * y) / (2 * (sigma * sigma)));
+    }
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int n = kTaps * kTaps, n8 = n - n % 8;
+  for (int i = 0; i < n8; ++i) lane[i % 8] += w[i];
+  double total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (int i = n8; i < n; ++i) total += w[i];
+  for (auto& v : w) v /= total;
+  return w;
+}
+
+// Y − μ at (y, x) with μ summed directly over the 7×7 window, row by row as scipy's convolve2d does.
+// Used only where the separable Y − μ is ~0: in an exactly constant window the true value is 0 and
+// its sign is rounding noise, and the package's counts of negative/non-negative MSCN values (hence
+// σ_l, σ_r) follow the direct sum's noise far more closely than the separable one's.
+double centred_direct(const double* img, int64_t H, int64_t W, int64_t y, int64_t x,
+                      const std::array<double, kTaps * kTaps>& w2) {
+  double mu = 0;
+  for (int j = 0; j < kTaps; ++j) {
+    const int64_t r = y + j - kHalf;
+    for (int k = 0; k < kTaps; ++k) {
+      const int64_t c = x + k - kHalf;
+      const double v = (r < 0 || r >= H || c < 0 || c >= W) ? 0.0 : img[r * W + c];
+      mu += w2[j * kTaps + k] * v;
+    }
+  }
+  return img[y * W + x] - mu;
+}
+
 void image_moments(const double* img, int64_t H, int64_t W, const std::array<double, kTaps>& g,
+                   const std::array<double, kTaps * kTaps>& w2,
                    std::vector<double>& hm, std::vector<double>& hs, std::vector<double>& pad,
                    std::vector<double>& rows, double* out) {
   // horizontal pass: hm = w_x ∗ Y, hs = w_x ∗ Y² (zero padding); loops over x innermost so they vectorise
@@ -95,8 +133,11 @@ void image_moments(const double* img, int64_t H, int64_t W, const std::array<dou
       }
     }
     const double* src = img + y * W;
-    for (int64_t x = 0; x < W; ++x)
-      cur[x] = (src[x] - mu[x]) / (std::sqrt(std::fabs(mu[x] * mu[x] - s2[x])) + kC);
+    for (int64_t x = 0; x < W; ++x) {
+      double d = src[x] - mu[x];
+      if (std::fabs(d) <= kFlat) d = centred_direct(img, H, W, y, x, w2);
+      cur[x] = d / (std::sqrt(std::fabs(mu[x] * mu[x] - s2[x])) + kC);
+    }
     for (int64_t x = 0; x < W; ++x) acc[0].add(cur[x]);
     for (int64_t x = 0; x + 1 < W; ++x) acc[1].add(cur[x] * cur[x + 1]);
     if (y > 0) {
@@ -172,6 +213,7 @@ Tensor brisque_moments(const Tensor& images, int64_t scales) {
   Tensor out = at::empty({B, scales, kMaps, kSums}, x.options().dtype(at::kDouble));
   double* dst = out.data_ptr<double>();
   const auto g = gaussian_taps();
+  const auto w2 = gaussian_window();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::vector<double> gray(H * W), half(h * w), hm(H * W), hs(H * W), pad, rows(2 * W), tmp;
@@ -181,10 +223,10 @@ Tensor brisque_moments(const Tensor& images, int64_t scales) {
       else if (dtype == at::kFloat) luminance(x.data_ptr<float>() + off, C, H * W, gray.data());
       else luminance(x.data_ptr<double>() + off, C, H * W, gray.data());
       double* o = dst + b * scales * kMaps * kSums;
-      image_moments(gray.data(), H, W, g, hm, hs, pad, rows, o);
+      image_moments(gray.data(), H, W, g, w2, hm, hs, pad, rows, o);
       if (scales == 2) {
         resize_half(gray.data(), H, W, h, w, tmp, half.data());
-        image_moments(half.data(), h, w, g, hm, hs, pad, rows, o + kMaps * kSums);
+        image_moments(half.data(), h, w, g, w2, hm, hs, pad, rows, o + kMaps * kSums);
       }
     }
   });
