@@ -18,7 +18,6 @@ import functools
 import hashlib
 import math
 import os
-from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -249,8 +248,9 @@ class SyntheticFaces:
     ``[identity_offset, identity_offset + num_identities)`` share no identity.
 
     ``variation`` in [0, 1] scales the per-image nuisance (0: every image of an identity identical).
-    Images are rendered in chunks of ``chunk`` and the last few chunks are kept in memory;
-    ``cache_dir`` stores the whole set once as a ``.npy`` file (memory-mapped afterwards).
+    Without a cache each item is rendered on access (≈2.5 ms of CPU at 112 px, fine for DataLoader
+    workers); ``load()`` keeps the whole set in memory and ``cache_dir`` stores it once as a ``.npy``
+    file (memory-mapped afterwards). ``chunk`` is the unit of work of ``materialize``.
     """
 
     def __init__(self, num_identities: int, images_per_identity: int, size: int = 112, seed: int = 0,
@@ -269,15 +269,9 @@ class SyntheticFaces:
         self.size, self.seed, self.identity_offset = size, int(seed), identity_offset
         self.variation, self.chunk = float(variation), int(chunk)
         self.num_classes = num_identities
-        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._array: np.ndarray | None = None
         if cache_dir is not None:
             self._array = self._load_or_build_cache(cache_dir)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_chunks"] = OrderedDict()  # the render cache is not worth shipping to other processes
-        return state
 
     def __len__(self) -> int:
         return self.num_identities * self.images_per_identity
@@ -353,10 +347,4 @@ class SyntheticFaces:
         label = int(i) // self.images_per_identity
         if self._array is not None:
             return np.array(self._array[i]), label
-        c = int(i) // self.chunk
-        if c not in self._chunks:
-            lo = c * self.chunk
-            self._chunks[c] = self.render(range(lo, min(lo + self.chunk, n)))
-            if len(self._chunks) > 4:
-                self._chunks.popitem(last=False)
-        return self._chunks[c][int(i) - c * self.chunk].copy(), label
+        return self.render([int(i)])[0], label
