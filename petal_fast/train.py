@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -243,6 +244,7 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off"))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        set_train_mode(self.model, cfg)
 
     # -- pieces ---------------------------------------------------------------------------------
     def _shard_head(self) -> None:
@@ -316,6 +318,9 @@ class Trainer:
         if head is not None and (labels.min() < 0 or labels.max() >= head.num_classes):
             raise ValueError(f"label out of range [0, {head.num_classes}): got {labels.min().item()}…"
                              f"{labels.max().item()}; no update was made")
+        # BatchNorm statistics a skipped step must not keep (a NaN batch would poison them)
+        stats = {n: b.detach().clone() for n, b in self.model.named_buffers()
+                 if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss = module(images, labels)
         if self.scaler is not None:
@@ -337,15 +342,24 @@ class Trainer:
                 self.optimizer.step()
         else:
             self.skipped += 1
+            buffers = dict(self.model.named_buffers())
+            with torch.no_grad():
+                for n, b in stats.items():
+                    buffers[n].copy_(b)
         if self.scaler is not None:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step calls the scheduler before the optimizer: intended
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         self.step += 1
         return float(loss.detach()), applied
 
-    def fit(self) -> TrainResult:
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to the configured end (or only until global step ``stop_after``, as if interrupted:
+        the schedule still spans the whole run, so a later resume continues it exactly)."""
         cfg = self.cfg
+        end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         self.output.mkdir(parents=True, exist_ok=True)
         start_epoch, start_in_epoch = self.resume()
         if self.step == 0:
@@ -362,7 +376,7 @@ class Trainer:
             for epoch in range(start_epoch, math.ceil(self.total_steps / self.steps_per_epoch)):
                 first = start_in_epoch if epoch == start_epoch else 0
                 for i, (images, labels, *_rest) in enumerate(self.loader(epoch, first), start=first):
-                    if self.step >= self.total_steps:
+                    if self.step >= end:
                         break
                     images = prepare_images(images, self.image_size, self.device)
                     loss, applied = self.train_step(images, labels.to(self.device))
@@ -383,7 +397,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{result.images / max(1e-9, time.perf_counter() - t0):.0f}",
                                     skipped=self.skipped)
-                if self.step >= self.total_steps:
+                if self.step >= end:
                     break
         finally:
             bar.close()
@@ -394,7 +408,7 @@ class Trainer:
         result.seconds = time.perf_counter() - t0
         result.steps, result.skipped = self.step, self.skipped
         result.final_loss = result.losses[-1] if result.losses else float("nan")
-        if self.rank == 0:
+        if self.rank == 0 and self.step >= self.total_steps:
             from petal_fast.models import save_checkpoint
             save_checkpoint(self.model, self.output / "model.pt",
                             trainable_only=cfg.mode in ("lora", "petalface"), metadata={"config": cfg.to_dict()})

@@ -1,0 +1,211 @@
+"""The training script (issue 8): exact resume, DDP equivalence, crash safety, non-finite skips, errors."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from petal_fast import checkpointing
+from petal_fast.config import DataConfig, TrainConfig, load_config
+from petal_fast.models import trainable_state_dict
+from petal_fast.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    data = DataConfig(num_identities=6, images_per_identity=4, degrade=True, resolution=(8, 16))
+    base = dict(mode="petalface", backbone="tiny", batch_size=8, epochs=2, lr=1e-3, dropout=0.2, seed=3,
+                output=str(tmp_path / "run"), progress=False, calibrate_batches=1, data=data, save_every=1)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return trainable_state_dict(trainer.model)
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    for k in sa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[k][name], sb[k][name]), (k, name)
+    assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
+
+
+def test_exact_resume(tmp_path):
+    """N steps == N/2 steps, a fresh process-like restart, N/2 more (adapters, optimizer, schedule)."""
+    full = Trainer(tiny_cfg(tmp_path, output=str(tmp_path / "full")))
+    full.fit()
+    assert full.step == 6
+    first = Trainer(tiny_cfg(tmp_path, output=str(tmp_path / "split")))
+    first.fit(stop_after=4)  # crosses the epoch boundary at 3
+    assert first.step == 4
+    torch.manual_seed(12345)  # a restarted process has other RNG state: resume must restore it
+    second = Trainer(tiny_cfg(tmp_path, output=str(tmp_path / "split")))
+    second.fit()
+    assert second.step == 6
+    assert_same_state(full, second)
+    assert (tmp_path / "full" / "model.pt").exists() and (tmp_path / "full" / "log.jsonl").exists()
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["skipped"] == 0
+
+
+def test_non_finite_loss_skips_step(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path, dropout=0.0))
+    head = trainer.model.head
+    original = head.forward
+    head.forward = lambda e, y, **kw: original(e, y, **kw) * float("nan")
+    images = torch.rand(8, 3, 40, 40) * 2 - 1
+    labels = torch.arange(8) % 6
+    before = {k: v.clone() for k, v in weights(trainer).items()}
+    loss, applied = trainer.train_step(images, labels)
+    assert not applied and trainer.skipped == 1 and trainer.step == 1
+    for k, v in weights(trainer).items():
+        assert torch.equal(v, before[k]), k
+    head.forward = original
+    _, applied = trainer.train_step(images, labels)
+    assert applied and any(not torch.equal(v, before[k]) for k, v in weights(trainer).items())
+
+
+def test_label_out_of_range_is_an_error_before_any_update(tmp_path):
+    trainer = Trainer(tiny_cfg(tmp_path))
+    before = {k: v.clone() for k, v in weights(trainer).items()}
+    with pytest.raises(ValueError, match="label out of range"):
+        trainer.train_step(torch.rand(8, 3, 40, 40), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]))
+    assert trainer.step == 0
+    for k, v in weights(trainer).items():
+        assert torch.equal(v, before[k])
+    from petal_fast.models import build_model
+    small_head = build_model("lora", backbone="tiny", num_classes=3)
+    with pytest.raises(ValueError, match="margin head has 3 classes"):
+        Trainer(tiny_cfg(tmp_path, mode="lora"), model=small_head)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {root!r})
+    from petal_fast import checkpointing
+    from tests.test_train import tiny_cfg
+    from petal_fast.train import Trainer
+    from pathlib import Path
+    calls = {{"n": 0}}
+    real_save = torch.save
+    def dying_save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:       # third checkpoint: write half of it, then die without cleanup
+            f.write(b"\\x00" * 1000)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *a, **kw)
+    checkpointing.torch.save = dying_save
+    Trainer(tiny_cfg(Path({tmp!r}))).fit()
+""")
+
+
+def test_killed_during_checkpoint_write_resumes_from_last_complete(tmp_path):
+    script = KILL_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    state = checkpointing.load(tmp_path / "run" / checkpointing.LAST)  # the previous, complete checkpoint
+    assert state["step"] == 2
+    resumed = Trainer(tiny_cfg(tmp_path))
+    result = resumed.fit()
+    assert resumed.step == 6 and result.steps == 6
+    assert checkpointing.load(tmp_path / "run" / checkpointing.LAST)["step"] == 6
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.test_train import tiny_cfg
+    from petal_fast.train import Trainer
+    from petal_fast.models import trainable_state_dict
+    t = Trainer(tiny_cfg(Path({tmp!r}), mode="lora", dropout=0.0, batch_size={batch}, output={out!r}))
+    t.fit()
+    if t.rank == 0:
+        torch.save(trainable_state_dict(t.model), {out!r} + "/weights.pt")
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_equals_single_process(tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        script = DDP_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path), batch=4, out=str(tmp_path / "ddp"))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    single = Trainer(tiny_cfg(tmp_path, mode="lora", dropout=0.0, batch_size=8, output=str(tmp_path / "one")))
+    single.fit()
+    ddp = torch.load(tmp_path / "ddp" / "weights.pt", weights_only=True)
+    ref = weights(single)
+    assert ddp.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(ddp[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_config_files_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('mode = "lora"\nbatch_size = 4\n[data]\nnum_identities = 7\nresolution = [10, 20]\n')
+    cfg = load_config(path, ["lr=1e-3", "data.images_per_identity=3", "targets=['attn.qkv','attn.proj']"])
+    assert cfg.mode == "lora" and cfg.batch_size == 4 and cfg.lr == 1e-3
+    assert cfg.data.num_identities == 7 and cfg.data.images_per_identity == 3 and cfg.data.resolution == (10, 20)
+    assert cfg.targets == ("attn.qkv", "attn.proj")
+    assert cfg.margin_args() == ("cosface", None)
+    assert load_config(None, ["loss=arcface", "margin=0.5"]).margin_args() == ("combined", (1.0, 0.5, 0.0))
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(None, ["learning_rate=1"])
+    with pytest.raises(ValueError, match="mode must be"):
+        load_config(None, ["mode=distill"])
+    with pytest.raises(ValueError, match="pretrained"):
+        load_config(None, ["mode=full_ft"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_cli_train_and_eval_round_trip(tmp_path):
+    """`petal-fast train` on synthetic data, then the trained run reloads for inference."""
+    from petal_fast.cli import main
+    out = tmp_path / "cli"
+    assert main(["train", "mode=lora", "backbone=tiny", "batch_size=8", "epochs=1", "data.num_identities=4",
+                 "data.images_per_identity=4", f"output={out}", "progress=false"]) == 0
+    from petal_fast.train import load_trained
+    model = load_trained(out)
+    with torch.no_grad():
+        emb = model.embed(torch.rand(2, 3, 40, 40) * 2 - 1)
+    assert emb.shape == (2, model.embedding_size) and torch.isfinite(emb).all()
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    from petal_fast.demo import run_demo
+    results = run_demo("tiny", tmp_path / "demo", progress=False)
+    assert {"pretrained", "full_ft", "lora", "petalface"} <= set(results)
+    for m in ("full_ft", "lora", "petalface"):
+        assert 0 <= results[m]["lr_identification"]["rank"]["1"] <= 1
+        assert results[m]["images_per_second"] > 0
+    assert results["lora"]["trainable"] < results["full_ft"]["trainable"]
+    for name in ("results.json", "results.md", "lr_identification_cmc.png", "hr_verification_roc.png", "summary.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
