@@ -16,7 +16,7 @@ from PIL import Image
 from petal_fast.data import SyntheticFaces
 from petal_fast.eval import (UnsafePickleError, add_eval_arguments, embed_images, identification, load_bin,
                              make_pairs, markdown_table, run_eval, save_bin, split_gallery_probe, verification,
-                             verification_from_embeddings)
+                             verification_from_embeddings, verification_pairs)
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -181,9 +181,11 @@ def test_markdown_report_marks_unbacked_points():
 def test_run_eval_end_to_end(tmp_path):
     # A .bin of synthetic pairs and an ImageFolder, evaluated by a pixel embedding; all outputs written.
     ds = SyntheticFaces(6, 4, 32, seed=3)
+    pair_images, issame = verification_pairs(ds, 20, seed=0)
     pairs = make_pairs(ds.labels, 20, seed=0)
     arr = ds.materialize()
-    save_bin(str(tmp_path / "syn.bin"), arr[pairs.reshape(-1)], ds.labels[pairs[:, 0]] == ds.labels[pairs[:, 1]])
+    assert np.array_equal(pair_images, arr[pairs.reshape(-1)]) and issame.sum() == 10
+    save_bin(str(tmp_path / "syn.bin"), pair_images, issame)
     root = tmp_path / "folder"
     for i, (im, lab) in enumerate(zip(arr, ds.labels)):
         (root / f"id{lab}").mkdir(parents=True, exist_ok=True)

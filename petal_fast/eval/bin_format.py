@@ -86,7 +86,8 @@ def _as_bytes(item, path: str, i: int) -> bytes:
     raise ValueError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
 
 
-def load_bin(path: str, image_size: int | tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_bin(path: str, image_size: int | tuple[int, int] | None = None,
+             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a verification ``.bin`` → (images (2P, H, W, 3) uint8 RGB, issame (P,) bool).
 
     ``image_size`` resizes every image (bilinear) to that square size or (H, W); without it all
@@ -112,7 +113,11 @@ def load_bin(path: str, image_size: int | tuple[int, int] | None = None) -> tupl
         raise ValueError(f"{path}: {len(issame)} pairs need {2 * len(issame)} images but the file holds {len(bins)}")
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     images = []
-    for i in range(2 * len(issame)):
+    indices = range(2 * len(issame))
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc=f"decoding {os.path.basename(path)}", unit="img")
+    for i in indices:
         data = _as_bytes(bins[i], path, i)
         try:
             with Image.open(io.BytesIO(data)) as im:

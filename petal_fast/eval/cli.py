@@ -109,7 +109,7 @@ def run_eval(embed_fn: EmbedFn, args: argparse.Namespace) -> dict[str, dict]:
         if spec.endswith(".bin"):
             if args.protocol == "identification":
                 raise ValueError(f"{spec}: a .bin pair file supports only verification")
-            images, issame = load_bin(spec, args.image_size)
+            images, issame = load_bin(spec, args.image_size, progress=True)
             name = os.path.splitext(os.path.basename(spec))[0] + suffix
             results[name] = verification(embed_fn, images, issame, **kw)
             continue
@@ -121,8 +121,7 @@ def run_eval(embed_fn: EmbedFn, args: argparse.Namespace) -> dict[str, dict]:
         if args.protocol in ("auto", "both", "verification"):
             pairs = make_pairs(labels, args.num_pairs, args.seed)
             view = _View(ds, keep[pairs.reshape(-1)], args.image_size)
-            issame = labels[pairs[:, 0]] == labels[pairs[:, 1]]
-            results[f"{name}/verification"] = verification(embed_fn, view, issame, **kw)
+            results[f"{name}/verification"] = verification(embed_fn, view, labels[pairs[:, 0]] == labels[pairs[:, 1]], **kw)
         if args.protocol in ("auto", "both", "identification"):
             g, p = split_gallery_probe(labels, args.gallery_per_identity, args.open_set_fraction, args.seed)
             results[f"{name}/identification"] = identification(

@@ -140,6 +140,18 @@ def make_pairs(labels, num_pairs: int, seed: int = 0) -> np.ndarray:
     return np.array(pairs, dtype=np.int64)
 
 
+def verification_pairs(dataset, num_pairs: int, seed: int = 0, transform=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sample balanced pairs from a labelled face data set → (images (2P, H, W, 3) uint8, issame (P,)),
+    laid out like a ``.bin`` (``save_bin`` writes them as one). ``transform`` (e.g. a fixed
+    :class:`~petal_fast.data.Degrade`) is applied to every image."""
+    labels = np.asarray(dataset.labels) if hasattr(dataset, "labels") else np.array([dataset[i][1] for i in range(len(dataset))])
+    pairs = make_pairs(labels, num_pairs, seed)
+    images = [dataset[int(i)][0] for i in pairs.reshape(-1)]
+    if transform is not None:
+        images = [transform(im) for im in images]
+    return np.stack(images), labels[pairs[:, 0]] == labels[pairs[:, 1]]
+
+
 def split_gallery_probe(labels, gallery_per_identity: int = 1, open_set_fraction: float = 0.0, seed: int = 0):
     """Split a labelled set TinyFace-style: per identity the first ``gallery_per_identity`` images
     (after a seeded shuffle) go to the gallery, the rest are probes. With ``open_set_fraction`` > 0
