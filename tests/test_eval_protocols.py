@@ -205,6 +205,10 @@ def test_run_eval_end_to_end(tmp_path):
     for png in ("roc.png", "cmc.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 100
+    # A caller that already defines --device keeps its own.
+    own = argparse.ArgumentParser()
+    own.add_argument("--device", default="cpu")
+    assert add_eval_arguments(own).parse_args(["--data", "x.bin"]).device == "cpu"
     bad = parser.parse_args(["--data", str(tmp_path / "missing_dir"), "--out", str(out)])
     with pytest.raises(FileNotFoundError, match="missing_dir"):
         run_eval(embed, bad)
