@@ -253,9 +253,9 @@ def calibrate(source: str | QualitySource | Callable[..., torch.Tensor] | Qualit
         if device is not None:
             images = images.to(device)
         values.append(module.quality(images, **context).cpu())
-    if not values:
+    q = torch.cat(values) if values else torch.empty(0, dtype=torch.float64)
+    if q.numel() == 0:
         raise ValueError("calibrate: data yielded no images")
-    q = torch.cat(values)
     if not bool(torch.isfinite(q).all()):
         raise ValueError(f"calibrate: {int((~torch.isfinite(q)).sum())} non-finite quality values")
     module.tau.fill_(torch.quantile(q, 0.5).item())
