@@ -5,6 +5,7 @@ Both providers are the same :class:`~petal_fast.models.PetalFace` with the same 
 - ``reference``   a deep copy run under ``petal_fast.use_backend("reference")``: the literal
                   PetalLinear / margin-loss / BRISQUE formulas and explicit softmax attention.
 ``train_step``: BRISQUE → α → forward → CosFace loss → backward → AdamW step on adapters + head.
+``quality_alpha``: the BRISQUE → α part of the step alone.
 ``inference``: ``embed(images, flip=True)`` (image and mirror, each with its own α) in eval mode
 under ``torch.inference_mode``. CPU: small presets in fp32; CUDA: the paper's Swin, batch 64, bf16
 (backbone and head cast to bf16; α and the quality measure stay fp32). Ratios are to ``reference``.
@@ -66,6 +67,11 @@ def inference_fn(model: PetalFace, images: torch.Tensor, backend: str | None):
     return infer
 
 
+def _with_backend(backend: str, fn, *args):
+    with use_backend(backend):
+        return fn(*args)
+
+
 def peak_memory(fn, device: torch.device) -> float:
     """Peak CUDA memory (MiB) above what was allocated before one call."""
     torch.cuda.synchronize(device)
@@ -100,6 +106,11 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
                 rows.append({**time_row, "provider": name, "metric": "peak_memory",
                              "median": f"{peak_memory(fn, device):.1f}", "q20": "", "q80": "", "unit": "MiB",
                              "ratio": ""})
+        alpha = {"petal_fast": lambda: model.alpha(images),
+                 "reference": lambda: _with_backend("reference", reference.alpha, images)}
+        samples = time_interleaved(alpha, device, warmup=1, repeat=repeat)
+        rows += summary_rows(SUITE, device, "quality_alpha", shape, str(dtype).replace("torch.", ""),
+                             "brisque->alpha", samples, "reference", "the quality part of train_step")
         model.eval(), reference.eval()
         infer = {"petal_fast": inference_fn(model, images, None),
                  "reference": inference_fn(reference, images, "reference")}
