@@ -5,6 +5,7 @@ appended to ``benchmarks/results/<suite>.csv`` (columns ``COLUMNS``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,7 +40,7 @@ def device_name(device: torch.device | str) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent,
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                                        stderr=subprocess.DEVNULL, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -98,17 +99,50 @@ def base_row(suite: str, device: torch.device | str) -> dict:
             "device": device_name(device), "torch": torch.__version__, "triton": triton_version(), "suite": suite}
 
 
+@contextlib.contextmanager
+def results_dir(path: Path | str) -> Iterator[Path]:
+    """Send every ``append_rows`` without an explicit path to ``path/<suite>.csv`` while active.
+
+    The per-op scripts call ``append_rows(SUITE, rows)``; the runner's ``--out`` redirects them here.
+    """
+    global RESULTS
+    previous, RESULTS = RESULTS, Path(path).resolve()
+    try:
+        yield RESULTS
+    finally:
+        RESULTS = previous
+
+
+def results_path(suite: str) -> Path:
+    """Where ``append_rows(suite, rows)`` writes now."""
+    return RESULTS / f"{suite}.csv"
+
+
+def check_results_file(path: Path) -> bool:
+    """True if ``path`` holds rows already; ValueError if it exists with a header other than ``COLUMNS``."""
+    if not (path.exists() and path.stat().st_size > 0):
+        return False
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    if header != COLUMNS:
+        raise ValueError(f"{path}: malformed results file (header {header!r} != expected {COLUMNS!r}); "
+                         "move it aside instead of letting it be overwritten")
+    return True
+
+
+def read_rows(path: Path) -> list[dict]:
+    """All rows of a results file (after ``check_results_file``); [] when it does not exist."""
+    if not check_results_file(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def append_rows(suite: str, rows: list[dict], path: Path | None = None) -> Path:
     """Append rows to ``results/<suite>.csv``; refuses (ValueError) a file whose header is not ``COLUMNS``."""
-    path = path or RESULTS / f"{suite}.csv"
+    path = path or results_path(suite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    exists = path.exists() and path.stat().st_size > 0
-    if exists:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header != COLUMNS:
-            raise ValueError(f"{path}: malformed results file (header {header!r} != expected {COLUMNS!r}); "
-                             "move it aside instead of letting it be overwritten")
+    exists = check_results_file(path)
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="raise")
         if not exists:

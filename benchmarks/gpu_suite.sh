@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One command on a CUDA host: the GPU test subset and every benchmark suite at full size on CUDA,
+# with CSVs, charts and a performance report written to OUTDIR, in under 10 minutes on one H100.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR
+#
+# Each stage runs under its own time limit (the budget printed first), so one slow stage cannot
+# push the whole run past 10 minutes; a stage that fails or runs out of time is reported at the
+# end and the others still run. Suites run one process each: a crash loses only that suite's rows.
+# Exit status: 0 when every stage passed, 1 otherwise, 2 on bad usage.
+# Smoke-testing the script itself without a GPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_suite.sh OUTDIR
+# (skips the GPU tests, runs the --quick cases on CPU).
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: bash benchmarks/gpu_suite.sh OUTDIR" >&2
+    exit 2
+fi
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}"
+DEVICE="${DEVICE:-cuda}"
+QUICK_FLAG=$([[ -n "${QUICK:-}" ]] && echo --quick || true)
+unset TRITON_INTERPRET  # real kernels on the GPU, never the interpreter
+
+if [[ $DEVICE == cuda ]] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: torch sees no CUDA device; this script measures the GPU path" >&2
+    exit 2
+fi
+
+# Stage budgets in seconds (sum 570 s, the rest for start-up): sized for one H100 from the
+# suites' full CUDA case lists (linear 32 cases x 6 providers, loss 8 shapes with memory,
+# quality batch 64 at 120x120, e2e the paper's Swin at batch 64) and do_bench's 50 ms per sample.
+STAGES=(gpu_tests linear loss quality e2e charts)
+declare -A BUDGET=([gpu_tests]=140 [linear]=150 [loss]=120 [quality]=50 [e2e]=80 [charts]=30)
+declare -A SPENT STATUS
+
+echo "petal_fast GPU suite -> $OUT"
+echo "time budget (s):"
+total=0
+for s in "${STAGES[@]}"; do printf '  %-10s %4d\n' "$s" "${BUDGET[$s]}"; total=$((total + BUDGET[$s])); done
+printf '  %-10s %4d\n' total "$total"
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/environment.txt" 2>&1
+
+stage() {  # stage NAME COMMAND...: run under the stage's time limit, log to OUT/NAME.log
+    local name=$1; shift
+    local t0=$SECONDS rc
+    echo
+    echo "== $name (budget ${BUDGET[$name]} s) =="
+    timeout --signal=TERM --kill-after=10 "${BUDGET[$name]}" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    SPENT[$name]=$((SECONDS - t0))
+    case $rc in
+        0) STATUS[$name]=ok ;;
+        124|137) STATUS[$name]="TIMED OUT (rows measured before the limit may be missing)" ;;
+        *) STATUS[$name]="FAILED (exit $rc, see $name.log)" ;;
+    esac
+}
+
+if [[ $DEVICE == cuda ]]; then
+    stage gpu_tests "$PY" -m pytest -m gpu -q --junitxml="$OUT/gpu_tests.xml" tests
+else
+    SPENT[gpu_tests]=0 STATUS[gpu_tests]="skipped (DEVICE=$DEVICE)"
+fi
+for suite in linear loss quality e2e; do
+    stage "$suite" "$PY" -m benchmarks --suite "$suite" --device "$DEVICE" $QUICK_FLAG --out "$OUT" --no-plots
+done
+stage charts bash -c '"$0" -m benchmarks.plots --results "$1" && "$0" -m benchmarks.report --results "$1" --output "$1/PERFORMANCE.md"' "$PY" "$OUT"
+
+echo
+echo "== summary: $OUT =="
+failed=0
+for s in "${STAGES[@]}"; do
+    printf '  %-10s %4d s of %4d s  %s\n' "$s" "${SPENT[$s]}" "${BUDGET[$s]}" "${STATUS[$s]}"
+    [[ ${STATUS[$s]} == ok || ${STATUS[$s]} == skipped* ]] || failed=1
+done
+echo "  total      $SECONDS s"
+exit $failed

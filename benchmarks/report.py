@@ -1,0 +1,173 @@
+"""The README's performance section, generated from the results: ``python -m benchmarks.report``.
+
+    python -m benchmarks.report [--results DIR] [--readme README.md | --output FILE | --stdout]
+
+Writes one table per suite per device (the device named on every table), says which figures
+were measured on which CPU/GPU and what has not been measured yet. In the README it rewrites
+only the lines between ``<!-- perf:start -->`` and ``<!-- perf:end -->``; without both markers
+(once each, in that order) it refuses and changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from benchmarks import common, plots, suites, tables
+
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def is_gpu(device: str) -> bool:
+    return not device.startswith("CPU")
+
+
+def _provenance(rows: list[dict]) -> str:
+    commits = sorted({r.get("commit", "") for r in rows} - {""})
+    dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
+    when = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]} to {dates[-1]}" if dates else "?")
+    return f"commit {', '.join(commits) or '?'}, {when}"
+
+
+def _pivot(rows: list[dict], metric: str) -> list[str]:
+    """Markdown table: one line per (shape, case, dtype, mode), one column per provider.
+
+    ``metric`` ``"time"``: cells ``median ms (ratio×)``; ``"memory"``: cells ``MiB (ratio×)``.
+    """
+    pick = (lambda r: r.get("metric") == "time") if metric == "time" else tables.is_memory
+    picked = [r for r in tables.latest(rows) if pick(r)]
+    if not picked:
+        return []
+    baselines = list(dict.fromkeys(r.get("baseline", "") for r in picked if r.get("baseline")))
+    providers = list(dict.fromkeys(r["provider"] for r in picked))
+    providers.sort(key=lambda p: p not in baselines)  # baseline column first
+    cells: dict[tuple, dict[str, str]] = {}
+    for r in picked:
+        key = (r["shape"], r.get("case", ""), r.get("dtype", ""), r.get("mode", ""))
+        value = tables.mib(r) if metric == "memory" else tables.num(r["median"])
+        ratio = tables.num(r.get("ratio", ""))
+        unit = "MiB" if metric == "memory" else r.get("unit", "")
+        text = f"{tables.fmt(value)} {unit}"
+        if ratio is not None and r["provider"] != r.get("baseline"):
+            text += f" ({ratio:.2f}×)"
+        cells.setdefault(key, {})[r["provider"]] = text
+    lines = ["| shape | case | dtype | mode | " + " | ".join(providers) + " |",
+             "|" + " --- |" * (4 + len(providers))]
+    for (shape, case, dtype, mode), row in cells.items():
+        lines.append(f"| {shape} | {case} | {dtype} | {mode} | " + " | ".join(row.get(p, "—") for p in providers)
+                     + " |")
+    return lines
+
+
+def _suite_section(name: str, device: str, rows: list[dict], results: Path, link_base: Path) -> list[str]:
+    suite = suites.of_results(name)
+    out = [f"#### {suites.title(name)} — {device}", "",
+           f"Measured on **{device}** ({_provenance(rows)}; torch "
+           f"{', '.join(sorted({r.get('torch', '') for r in rows} - {''})) or '?'}).", ""]
+    time_lines = _pivot(rows, "time")
+    if time_lines:
+        baselines = sorted({r.get("baseline", "") for r in rows if r.get("metric") == "time"} - {""})
+        out += [f"Time per call, median over repeats; in brackets the ratio to `{'`, `'.join(baselines)}` "
+                "from the same interleaved run (< 1 is faster).", "", *time_lines, ""]
+    mem_lines = _pivot(rows, "memory")
+    if mem_lines:
+        metrics = sorted({r.get("metric", "") for r in rows if tables.is_memory(r)})
+        out += [f"Peak memory (`{'`, `'.join(metrics)}`, MiB); in brackets the ratio to the baseline.", "",
+                *mem_lines, ""]
+    notes = sorted({r.get("notes", "") for r in rows} - {""})
+    if notes:
+        out += ["Notes: " + "; ".join(notes) + ".", ""]
+    if suite:
+        out += [f"Goal (DESIGN §6): {suite.goal}.", ""]
+    charts = [p for p in (results / f"{name}_{plots.slug(device)}_speedup.png",
+                          results / f"{name}_{plots.slug(device)}_memory.png") if p.exists()]
+    if charts:
+        out += ["Charts: " + ", ".join(f"[{p.name}]({Path(os.path.relpath(p, link_base)).as_posix()})"
+                                       for p in charts), ""]
+    return out
+
+
+def render(results: Path, link_base: Path) -> str:
+    """The section's markdown (without the markers) for every results file in ``results``."""
+    data = {name: rows for name, rows in tables.load_dir(results).items() if rows}
+    data = dict(sorted(data.items(), key=lambda kv: suites.order(kv[0])))
+    devices = {d for rows in data.values() for d in tables.by_device(rows)}
+    rel = Path(os.path.relpath(results, link_base)).as_posix()
+    source = "the `*.csv` files beside this file" if rel == "." else f"`{rel}/*.csv`"
+    out = ["### Measured performance", "",
+           f"_Generated by `python -m benchmarks.report` from {source}; do not edit by hand. Absolute times hold "
+           "only for the device named on each table; every ratio compares providers timed interleaved in one "
+           "process on that device (DESIGN §5). Reproduce with `python -m benchmarks` (all suites, full size, "
+           "on the device present), then `python -m benchmarks.plots` and `python -m benchmarks.report`._", ""]
+    if data:
+        out += ["| suite | device | kind | rows | measured |", "| --- | --- | --- | --- | --- |"]
+        for name, rows in data.items():
+            for device, dev_rows in tables.by_device(rows).items():
+                out.append(f"| {suites.title(name)} | {device} | {'GPU' if is_gpu(device) else 'CPU'} | "
+                           f"{len(tables.latest(dev_rows))} | {_provenance(dev_rows)} |")
+        out.append("")
+    missing = []
+    if not any(is_gpu(d) for d in devices):
+        missing.append("**No GPU results yet**: every GPU figure (Triton kernels, bf16, `do_bench`) is unmeasured. "
+                       "On a CUDA host, `bash benchmarks/gpu_suite.sh OUTDIR` runs the GPU tests and every suite.")
+    if not any(not is_gpu(d) for d in devices):
+        missing.append("No CPU results yet.")
+    for s in suites.SUITES.values():
+        if not any(n in data for n in s.csv_names):
+            missing.append(f"{s.title}: no results on any device (`python -m benchmarks --suite {s.key}`).")
+    if missing:
+        out += ["Not measured yet:", "", *(f"- {m}" for m in missing), ""]
+    for name, rows in data.items():
+        for device, dev_rows in sorted(tables.by_device(rows).items(), key=lambda kv: is_gpu(kv[0])):
+            out += _suite_section(name, device, dev_rows, results, link_base)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_region(text: str, section: str) -> str:
+    """``text`` with the lines between the markers replaced by ``section``; ValueError without them."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.strip() == START]
+    ends = [i for i, ln in enumerate(lines) if ln.strip() == END]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(f"needs exactly one line {START} followed by one line {END} "
+                         f"(found {len(starts)} start, {len(ends)} end)")
+    return "".join(lines[:starts[0] + 1]) + section + "".join(lines[ends[0]:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="folder of <suite>.csv files")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--readme", type=Path, default=REPO / "README.md",
+                       help="file whose perf:start/perf:end region is rewritten (default: the repo README.md)")
+    where.add_argument("--output", type=Path, help="write the section to this file instead (e.g. OUTDIR/PERFORMANCE.md)")
+    where.add_argument("--stdout", action="store_true", help="print the section, write nothing")
+    args = ap.parse_args(argv)
+    target = args.output or args.readme
+    try:
+        section = render(args.results.resolve(), Path.cwd() if args.stdout else target.resolve().parent)
+        if args.stdout:
+            sys.stdout.write(section)
+            return 0
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(section)
+        elif not args.readme.exists():
+            raise ValueError(f"{args.readme}: file not found")
+        else:
+            try:
+                text = replace_region(args.readme.read_text(), section)
+            except ValueError as e:
+                raise ValueError(f"{args.readme}: {e}; nothing written") from e
+            args.readme.write_text(text)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the performance section to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

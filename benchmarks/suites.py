@@ -1,0 +1,92 @@
+"""The benchmark suites the runner knows: CLI name → per-op script, title, CSV suite names.
+
+Each script exposes ``run(quick: bool = False, device: str | None = None) -> list[dict]`` and a
+``SUITE`` constant naming its results file ``<SUITE>.csv``.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class Suite:
+    key: str                     # name on the command line
+    module: str                  # the per-op script
+    title: str                   # heading in tables, charts and the README
+    csv_names: tuple[str, ...]   # SUITE values the script may use (results file stem)
+    goal: str                    # the DESIGN §6 target, quoted in the README section
+
+
+SUITES: dict[str, Suite] = {s.key: s for s in (
+    Suite("linear", "benchmarks.bench_petal_linear", "PetalLinear (quality-weighted two-branch LoRA)", ("linear",),
+          "fwd+bwd at p = 0: ≤ 1.05× frozen base on CPU fp32, ≤ 1.15× cuBLAS base on H100 bf16, and ≥ 2× (CPU) / "
+          "≥ 1.6× (H100) faster than the reference; fwd at p = 0: ≤ 1.05× (CPU) / ≤ 1.08× (H100) frozen base"),
+    Suite("loss", "benchmarks.bench_margin_loss", "Margin-softmax loss (fused online-LSE vs materialised)",
+          ("loss", "margin", "margin_loss"),
+          "fwd+bwd at C ≥ 100k: peak extra memory ≤ 5% of the materialised loss, time ≤ 1.0×"),
+    Suite("quality", "benchmarks.bench_brisque", "Batched BRISQUE quality", ("quality", "brisque"),
+          "64 images: ≥ 20× faster than the `brisque` package on CPU; ≤ 5% of a training step on H100"),
+    Suite("e2e", "benchmarks.bench_e2e", "PETALface end to end (training step, inference)", ("e2e",),
+          "training step ≥ 1.3× (CPU) / ≥ 1.5× (H100) faster than the reference model"),
+)}
+ALIASES = {"margin": "loss", "margin_loss": "loss", "brisque": "quality", "petal_linear": "linear"}
+
+
+class SuiteUnavailable(RuntimeError):
+    """A selected suite whose script is missing or lacks ``run(quick, device)``."""
+
+
+def parse_selection(text: str | None) -> list[Suite]:
+    """``"linear,loss"`` → suites in the order given; None or ``"all"`` → every suite."""
+    if not text or text == "all":
+        return list(SUITES.values())
+    out: list[Suite] = []
+    for name in (t.strip() for t in text.split(",")):
+        if not name:
+            continue
+        key = ALIASES.get(name, name)
+        if key not in SUITES:
+            raise ValueError(f"--suite: unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        if SUITES[key] not in out:
+            out.append(SUITES[key])
+    if not out:
+        raise ValueError("--suite: no suite named")
+    return out
+
+
+def load(suite: Suite) -> ModuleType:
+    """Import the suite's script and check it has ``run(quick, device)`` and ``SUITE``."""
+    try:
+        module = importlib.import_module(suite.module)
+    except ModuleNotFoundError as e:
+        if e.name == suite.module:
+            raise SuiteUnavailable(f"{suite.key}: {suite.module.replace('.', '/')}.py does not exist yet") from e
+        raise
+    run = getattr(module, "run", None)
+    params = inspect.signature(run).parameters if callable(run) else {}
+    if "quick" not in params or "device" not in params:
+        raise SuiteUnavailable(f"{suite.key}: {suite.module} has no run(quick, device)")
+    if not isinstance(getattr(module, "SUITE", None), str):
+        raise SuiteUnavailable(f"{suite.key}: {suite.module} has no SUITE name for its results file")
+    return module
+
+
+def of_results(csv_name: str) -> Suite | None:
+    """The suite that writes ``<csv_name>.csv``, if known."""
+    return next((s for s in SUITES.values() if csv_name in s.csv_names), None)
+
+
+def title(csv_name: str) -> str:
+    """The heading for a results file stem (falls back to the stem itself)."""
+    suite = of_results(csv_name)
+    return suite.title if suite else csv_name
+
+
+def order(csv_name: str) -> tuple[int, str]:
+    """Sort key: the suites in ``SUITES`` order, unknown results files after them by name."""
+    keys = list(SUITES)
+    suite = of_results(csv_name)
+    return (keys.index(suite.key) if suite else len(keys), csv_name)
