@@ -137,6 +137,8 @@ def test_loader_with_workers_matches_direct_indexing():
     assert not np.array_equal(ds[0][0], DegradedFaces(ds.dataset, ds.degrade, seed=4)[0][0])
     with pytest.raises(ValueError, match="uint8"):
         to_tensor(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="share a shape"):
+        to_tensor([np.zeros((4, 4, 3), np.uint8), np.zeros((5, 4, 3), np.uint8)])
 
 
 def _loo_nearest_centroid(F: np.ndarray, y: np.ndarray) -> float:

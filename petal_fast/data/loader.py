@@ -9,7 +9,12 @@ from torch.utils.data import DataLoader
 def to_tensor(images) -> torch.Tensor:
     """H×W×3 uint8 image, N×H×W×3 stack or list of images → float (B,3,H,W) in [0, 1]."""
     if isinstance(images, (list, tuple)):
-        images = np.stack([np.asarray(im) for im in images])
+        arrays = [np.asarray(im) for im in images]
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            raise ValueError(f"images in one batch must share a shape, got {shapes[:4]}; resize them "
+                             "(e.g. Degrade(out_size=...)) before batching")
+        images = np.stack(arrays)
     arr = torch.as_tensor(np.asarray(images))
     if arr.dtype != torch.uint8 or arr.shape[-1] != 3 or arr.dim() not in (3, 4):
         raise ValueError(f"images must be H×W×3 or N×H×W×3 uint8, got shape {tuple(arr.shape)} dtype {arr.dtype}")
