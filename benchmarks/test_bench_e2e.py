@@ -21,7 +21,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.mark.parametrize("provider", ("petal_fast", "reference"))
-@pytest.mark.parametrize("step", ("train_step", "inference"))
+@pytest.mark.parametrize("step", ("train_step", "quality_alpha", "inference"))
 def test_e2e(case, step, provider, time_provider, request):
     device = bench_device(request.config)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -32,6 +32,10 @@ def test_e2e(case, step, provider, time_provider, request):
     if step == "train_step":
         target.train()
         fn = bench.train_step_fn(target, images, labels, backend)
+    elif step == "quality_alpha":
+        target.train()
+        fn = (lambda: target.alpha(images)) if backend is None else (
+            lambda: bench._with_backend(backend, target.alpha, images))
     else:
         target.eval()
         fn = bench.inference_fn(target, images, backend)
