@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from petal_fast.models import (CheckpointError, PetalFace, face_swin, load_petalface_checkpoint, save_checkpoint,
-                               to_released, trainable_state_dict)
+from petal_fast.models import (CheckpointError, PetalFace, face_swin, face_vit, load_petalface_checkpoint,
+                               save_checkpoint, to_released, trainable_state_dict)
 from test_models import released_layout
 from test_models_petalface import randomize_adapters, tiny
 
@@ -50,18 +50,19 @@ def test_released_layout_round_trip(tmp_path, wrap):
     assert torch.equal(dst(x, alpha=alpha), src(x, alpha=alpha))
     # released branch order: down/up is weighted by (1 − α) → branch 0
     layer = "layers.0.blocks.1.attn.qkv"
-    assert torch.equal(dst.backbone.get_submodule(layer).lora_A[0], to_released(src)[f"{layer}.trainable_lora_down.weight"])
+    released = to_released(src)[f"{layer}.trainable_lora_down.weight"]
+    assert torch.equal(dst.backbone.get_submodule(layer).lora_A[0], released)
 
 
-def test_pretrained_backbone_without_adapters():
-    backbone = face_swin("tiny").eval()
-    model = tiny().eval()
+@pytest.mark.parametrize("name", ["tiny", "vit_tiny"])
+def test_pretrained_backbone_without_adapters(name):
+    """An arcface_torch-style backbone file (no adapter keys) starts PETALface: adapters keep B = 0."""
+    backbone = (face_swin("tiny") if name == "tiny" else face_vit("tiny")).eval()
+    model = PetalFace(name, quality=None).eval()
     report = load_petalface_checkpoint(model, {"model": backbone.state_dict()})
-    assert report.kind == "backbone" and not report.missing
-    for m in model.modules():
-        if hasattr(m, "lora_B"):
-            m.lora_B.data.zero_()
-    x = torch.randn(2, 3, 40, 40)
+    assert report.kind == "backbone" and not report.missing and not report.unexpected
+    size = backbone.img_size
+    x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(model(x, alpha=torch.rand(2)), backbone(x))
 
 
@@ -88,7 +89,8 @@ def test_bad_checkpoints_list_the_offending_keys():
     with pytest.raises(CheckpointError, match=r"unexpected 1: layers\.9\.blocks\.0\.norm1\.weight"):
         load_petalface_checkpoint(model, extra)
     wrong_rank = to_released(PetalFace("tiny", quality=None, rank=4))
-    with pytest.raises(CheckpointError, match=r"layers\.0\.blocks\.0\.attn\.qkv\.lora_A: model \(2, 8, 32\) vs checkpoint \(2, 4, 32\)"):
+    expected = "layers.0.blocks.0.attn.qkv.lora_A: model (2, 8, 32) vs checkpoint (2, 4, 32)"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
         load_petalface_checkpoint(model, wrong_rank)
     half = {k: v for k, v in good.items() if not k.endswith("qkv.trainable_lora_up2.weight")}
     with pytest.raises(CheckpointError, match="trainable_lora_up2"):

@@ -170,6 +170,8 @@ def test_backbone_module_and_paper_compat():
     model = PetalFace(swin, quality=None)
     assert model.backbone is swin and all(b.paper_compat for s in swin.layers for b in s.blocks)
     assert PetalFace("tiny", quality=None, paper_compat=True).backbone.paper_compat
+    with pytest.raises(ValueError, match="ViT"):
+        PetalFace("vit_tiny", quality=None, paper_compat=True)
     with pytest.raises(TypeError, match="embedding_size"):
         PetalFace(torch.nn.Linear(3, 3), quality=None)
 

@@ -102,7 +102,8 @@ def from_released(state_dict: StateDict) -> dict[str, torch.Tensor]:
         branches = 2 if any(b == 1 for _, b in p) else 1
         need = [(kind, b) for kind in ("down", "up") for b in range(branches)]
         if any(k not in p for k in need):
-            incomplete += [f"{layer}.trainable_lora_{kind}{'2' if b else ''}.weight" for kind, b in need if (kind, b) not in p]
+            incomplete += [f"{layer}.trainable_lora_{kind}{'2' if b else ''}.weight"
+                           for kind, b in need if (kind, b) not in p]
             continue
         out[f"{layer}.lora_A"] = torch.stack([p[("down", b)] for b in range(branches)])
         out[f"{layer}.lora_B"] = torch.stack([p[("up", b)] for b in range(branches)])

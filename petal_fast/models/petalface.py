@@ -11,6 +11,10 @@ or L2-normalised embedding (inference). Only the adapters and the head are train
 Parameter share: at the paper's size and rank 8 the adapters are 1,130,496 (qkv, two branches) +
 311,296 (feature LoRA) = 1,441,792 parameters, 0.670% of the 215,108,560 of the adapted backbone.
 The paper's abstract quotes 0.48%; the released configuration gives 0.670%.
+
+To reproduce the released checkpoints' embeddings exactly, build with ``paper_compat=True`` (the
+shifted-window mask is not applied, as in the release) and ``alpha_mode="paper"``; the defaults
+apply the mask and use the oriented, bounded quality → α mapping (DESIGN §1.2).
 """
 from __future__ import annotations
 
@@ -64,8 +68,9 @@ class FaceModel(nn.Module):
                  paper_compat: bool | None = None) -> None:
         super().__init__()
         if isinstance(backbone, str):
-            backbone = build_backbone(backbone, **({} if paper_compat is None or backbone.startswith("vit")
-                                                   else {"paper_compat": paper_compat}))
+            if paper_compat is not None and backbone.startswith("vit"):
+                raise ValueError("paper_compat concerns the face Swin's shifted windows; the ViT has none")
+            backbone = build_backbone(backbone, **({} if paper_compat is None else {"paper_compat": paper_compat}))
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a preset name or an nn.Module, got {type(backbone).__name__}")
         self.backbone = backbone
@@ -248,7 +253,8 @@ class PetalFace(FaceModel):
         if measure is None:
             raise ValueError("this PetalFace has no quality measure (quality=None): pass alpha= explicitly")
         with torch.no_grad():
-            alpha = measure(self.unit_images(images)) if isinstance(measure, QualityToAlpha) else measure(images.detach())
+            named = isinstance(measure, QualityToAlpha)
+            alpha = measure(self.unit_images(images)) if named else measure(images.detach())
         if not isinstance(alpha, torch.Tensor) or alpha.shape != (images.shape[0],):
             raise ValueError(f"the quality measure must return α of shape ({images.shape[0]},), got "
                              f"{getattr(alpha, 'shape', type(alpha).__name__)}")

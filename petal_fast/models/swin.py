@@ -101,7 +101,8 @@ class WindowAttention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), act(), nn.Linear(hidden, dim), nn.Dropout(drop)
+        self.fc1, self.act = nn.Linear(dim, hidden), act()
+        self.fc2, self.drop = nn.Linear(hidden, dim), nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -194,7 +195,8 @@ class FaceSwin(nn.Module):
                  feature_dropout: float = 0.25, bn_eps: float = 1e-5, paper_compat: bool = False) -> None:
         super().__init__()
         if len(depths) != len(num_heads) or not depths:
-            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must be non-empty and equal length")
+            raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must be non-empty and of "
+                             "equal length")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.img_size, self.paper_compat, self.embedding_size = img_size, paper_compat, embedding_size

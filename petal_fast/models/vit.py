@@ -38,7 +38,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.ReLU6(), nn.Linear(hidden, dim), nn.Dropout(drop)
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.ReLU6()
+        self.fc2, self.drop = nn.Linear(hidden, dim), nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -80,7 +81,8 @@ class FaceViT(nn.Module):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
-        self.img_size, self.embed_dim, self.mask_ratio, self.embedding_size = img_size, embed_dim, mask_ratio, embedding_size
+        self.img_size, self.embed_dim, self.embedding_size = img_size, embed_dim, embedding_size
+        self.mask_ratio = mask_ratio
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         self.num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
