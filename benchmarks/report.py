@@ -110,14 +110,19 @@ def render(results: Path, link_base: Path) -> str:
                            f"{len(tables.latest(dev_rows))} | {_provenance(dev_rows)} |")
         out.append("")
     missing = []
-    if not any(is_gpu(d) for d in devices):
+    any_gpu = any(is_gpu(d) for d in devices)
+    if not any_gpu:
         missing.append("**No GPU results yet**: every GPU figure (Triton kernels, bf16, `do_bench`) is unmeasured. "
                        "On a CUDA host, `bash benchmarks/gpu_suite.sh OUTDIR` runs the GPU tests and every suite.")
-    if not any(not is_gpu(d) for d in devices):
-        missing.append("No CPU results yet.")
     for s in suites.SUITES.values():
-        if not any(n in data for n in s.csv_names):
+        kinds = {is_gpu(r.get("device", "")) for n in s.csv_names for r in data.get(n, [])}
+        if not kinds:
             missing.append(f"{s.title}: no results on any device (`python -m benchmarks --suite {s.key}`).")
+            continue
+        if any_gpu and True not in kinds:
+            missing.append(f"{s.title}: no GPU results yet.")
+        if False not in kinds:
+            missing.append(f"{s.title}: no CPU results yet.")
     if missing:
         out += ["Not measured yet:", "", *(f"- {m}" for m in missing), ""]
     for name, rows in data.items():

@@ -111,8 +111,12 @@ def test_report_rewrites_only_its_region(tmp_path):
 
     common.append_rows("linear", [_row("NVIDIA Test GPU", "linear", "M=8 K=4 N=4", "base", 0.1, 1.0)],
                        path=results / "linear.csv")
-    assert "No GPU results yet" not in report.render(results, tmp_path)
-    assert "— NVIDIA Test GPU" in report.render(results, tmp_path)
+    common.append_rows("brisque", [_row(cpu, "brisque", "B=2 H=8 W=8 C=3", "package", 5.0, 1.0, baseline="package")],
+                       path=results / "brisque.csv")
+    section = report.render(results, tmp_path)
+    assert "No GPU results yet" not in section and "— NVIDIA Test GPU" in section and f"— {cpu}" in section
+    assert "Batched BRISQUE quality: no GPU results yet." in section
+    assert "PetalLinear (quality-weighted two-branch LoRA): no" not in section
 
     unmarked = tmp_path / "OTHER.md"
     unmarked.write_text("no markers here\n")
