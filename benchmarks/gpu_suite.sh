@@ -83,4 +83,6 @@ for s in "${STAGES[@]}"; do
     [[ ${STATUS[$s]} == ok || ${STATUS[$s]} == skipped* ]] || failed=1
 done
 echo "  total      $SECONDS s"
+echo "charts and tables: $OUT/*.png, $OUT/PERFORMANCE.md"
+echo "to publish in the repo: python -m benchmarks.merge $OUT && python -m benchmarks.plots && python -m benchmarks.report"
 exit $failed

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, plots, report, suites
+from benchmarks import common, merge, plots, report, suites
 from benchmarks.__main__ import main as runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,3 +128,20 @@ def test_benchmarks_not_in_the_normal_test_run():
     tomllib = pytest.importorskip("tomllib") if sys.version_info >= (3, 11) else pytest.importorskip("tomli")
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert config["testpaths"] == ["tests"]
+
+
+def test_merge_appends_new_rows_once_and_refuses_malformed(tmp_path):
+    src, into = tmp_path / "gpu_out", tmp_path / "results"
+    gpu = [_row("NVIDIA Test GPU", "linear", "M=8 K=4 N=4", p, m, m / 0.1) for p, m in (("base", 0.1), ("fused", 0.11))]
+    cpu = [_row("CPU Test x2 threads", "linear", "M=8 K=4 N=4", "base", 1.0, 1.0)]
+    common.append_rows("linear", gpu, path=src / "linear.csv")
+    common.append_rows("linear", cpu, path=into / "linear.csv")
+    assert merge.main([str(src), "--into", str(into)]) == 0
+    assert merge.merge(src, into) == {"linear": 0}  # a second merge adds nothing
+    rows = common.read_rows(into / "linear.csv")
+    assert [r["device"] for r in rows] == ["CPU Test x2 threads", "NVIDIA Test GPU", "NVIDIA Test GPU"]
+
+    (src / "margin_loss.csv").write_text("not,our,header\n")
+    before = (into / "linear.csv").read_text()
+    assert merge.main([str(src), "--into", str(into)]) == 2
+    assert (into / "linear.csv").read_text() == before and not (into / "margin_loss.csv").exists()
