@@ -16,9 +16,12 @@ def _eval(argv: Sequence[str]) -> int:
     ap.add_argument("--checkpoint", required=True, help="run directory of `petal-fast train` or its model.pt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_eval_arguments(ap)
+    ap.set_defaults(image_size=None)
     args = ap.parse_args(argv)
     model = load_trained(args.checkpoint, args.device)
     size = image_size_of(model)
+    if args.image_size is None:  # evaluate at the model's own input size unless asked otherwise
+        args.image_size = size
 
     @torch.inference_mode()
     def embed(x01: torch.Tensor) -> torch.Tensor:

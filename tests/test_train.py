@@ -197,6 +197,10 @@ def test_cli_train_and_eval_round_trip(tmp_path):
     with torch.no_grad():
         emb = model.embed(torch.rand(2, 3, 40, 40) * 2 - 1)
     assert emb.shape == (2, model.embedding_size) and torch.isfinite(emb).all()
+    assert main(["eval", "--checkpoint", str(out), "--data", "synthetic:ids=5,per_id=3,size=40,offset=500",
+                 "--num-pairs", "20", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert any(k.endswith("/identification") for k in report) and any(k.endswith("/verification") for k in report)
 
 
 def test_demo_tiny_end_to_end(tmp_path):
