@@ -13,8 +13,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -233,11 +236,124 @@ Tensor brisque_moments(const Tensor& images, int64_t scales) {
   return out;
 }
 
+// ---- the rest of BRISQUE per image, so a CPU batch is one parallel call (no small torch ops after it,
+// which cost more than the whole computation on a busy 2-core machine). Same formulas as
+// petal_fast/quality/ggd.py and svr.py; the shape ν is found by bisection in log ν instead of
+// table + Newton (same root, same bracket [1e-3, 1e3]).
+double log_phi(double nu) { return 2 * std::lgamma(2 / nu) - std::lgamma(1 / nu) - std::lgamma(3 / nu); }
+
+double solve_shape(double r_hat) {
+  if (!std::isfinite(r_hat) || r_hat <= 0) return std::numeric_limits<double>::quiet_NaN();
+  const double target = std::log(r_hat);
+  double a = std::log(1e-3), b = std::log(1e3);
+  for (int i = 0; i < 64; ++i) {
+    const double mid = 0.5 * (a + b);
+    if (log_phi(std::exp(mid)) < target) a = mid;
+    else b = mid;
+  }
+  return std::exp(0.5 * (a + b));
+}
+
+// (5 maps × 5 sums) → 18 features: MSCN [ν, (σ_l² + σ_r²)/2], each product [ν, η, σ_l², σ_r²].
+void aggd_features(const double* sums, double* f) {
+  for (int i = 0; i < kMaps; ++i) {
+    const double* m = sums + i * kSums;
+    const double n = m[2] + m[4];
+    const double r_hat = (m[0] / n) * (m[0] / n) / ((m[1] + m[3]) / n);
+    const double var_l = m[1] / m[2], var_r = m[3] / m[4];
+    const double sd_l = std::sqrt(var_l), sd_r = std::sqrt(var_r), g = sd_l / sd_r;
+    const double nu = solve_shape(r_hat * (g * g * g + 1) * (g + 1) / ((g * g + 1) * (g * g + 1)));
+    const double lg1 = std::lgamma(1 / nu), lg2 = std::lgamma(2 / nu), lg3 = std::lgamma(3 / nu);
+    if (i == 0) {
+      f[0] = nu;
+      f[1] = 0.5 * (var_l + var_r);
+    } else {
+      double* o = f + 2 + 4 * (i - 1);
+      o[0] = nu;
+      o[1] = (sd_r - sd_l) * std::exp(0.5 * (lg1 - lg3) + lg2 - lg1);
+      o[2] = var_l;
+      o[3] = var_r;
+    }
+  }
+}
+
+// RBF ε-SVR on min/max-scaled features: Σ_i c_i exp(−g ‖x − s_i‖²) − ρ.
+double svr_score(const double* feat, const double* f_min, const double* f_max, const double* support,
+                 const double* coef, int64_t n_sv, int64_t dim, double rho, double gamma) {
+  std::vector<double> x(dim);
+  for (int64_t d = 0; d < dim; ++d) x[d] = -1 + 2.0 / (f_max[d] - f_min[d]) * (feat[d] - f_min[d]);
+  double total = 0;
+  for (int64_t i = 0; i < n_sv; ++i) {
+    const double* sv = support + i * dim;
+    double d2 = 0;
+    for (int64_t d = 0; d < dim; ++d) d2 += (x[d] - sv[d]) * (x[d] - sv[d]);
+    total += coef[i] * std::exp(-gamma * d2);
+  }
+  return total - rho;
+}
+
+// [min, max] of one image's raw values, NaN if any value is NaN (for the caller's input-range check).
+template <typename T>
+void value_range(const T* src, int64_t n, double* out) {
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(src[i]);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+    nan |= v != v;
+  }
+  out[0] = nan ? std::numeric_limits<double>::quiet_NaN() : lo;
+  out[1] = nan ? std::numeric_limits<double>::quiet_NaN() : hi;
+}
+
+// images (B, C ∈ {1, 3}, H, W) → (scores (B,), features (B, 36), per-image [min, max] of the raw
+// values (B, 2)), everything per image in one task.
+std::tuple<Tensor, Tensor, Tensor> brisque_score(const Tensor& images, const Tensor& f_min, const Tensor& f_max,
+                                         const Tensor& support, const Tensor& coef, double rho, double gamma) {
+  const int64_t dim = 2 * 18;
+  TORCH_CHECK(f_min.scalar_type() == at::kDouble && f_max.scalar_type() == at::kDouble &&
+                  support.scalar_type() == at::kDouble && coef.scalar_type() == at::kDouble,
+              "brisque_score: the model tensors must be float64");
+  TORCH_CHECK(f_min.numel() == dim && f_max.numel() == dim && support.dim() == 2 && support.size(1) == dim &&
+                  coef.numel() == support.size(0),
+              "brisque_score: model must be f_min, f_max (36,), support (n, 36), coef (n,)");
+  const Tensor sums = brisque_moments(images, 2);  // (B, 2, 5, 5)
+  const int64_t B = sums.size(0);
+  Tensor feats = at::empty({B, dim}, sums.options());
+  Tensor scores = at::empty({B}, sums.options());
+  Tensor ranges = at::empty({B, 2}, sums.options());
+  const Tensor x = images.contiguous();
+  const int64_t per_image = x.numel() / std::max<int64_t>(B, 1);
+  double* pr = ranges.data_ptr<double>();
+  const Tensor lo = f_min.contiguous(), hi = f_max.contiguous(), sv = support.contiguous(), c = coef.contiguous();
+  const double* ps = sums.data_ptr<double>();
+  double* pf = feats.data_ptr<double>();
+  double* po = scores.data_ptr<double>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    for (int64_t b = b0; b < b1; ++b) {
+      aggd_features(ps + b * 2 * kMaps * kSums, pf + b * dim);
+      aggd_features(ps + b * 2 * kMaps * kSums + kMaps * kSums, pf + b * dim + 18);
+      po[b] = svr_score(pf + b * dim, lo.data_ptr<double>(), hi.data_ptr<double>(), sv.data_ptr<double>(),
+                        c.data_ptr<double>(), sv.size(0), dim, rho, gamma);
+      const auto dtype = x.scalar_type();
+      if (dtype == at::kByte) value_range(x.data_ptr<uint8_t>() + b * per_image, per_image, pr + 2 * b);
+      else if (dtype == at::kFloat) value_range(x.data_ptr<float>() + b * per_image, per_image, pr + 2 * b);
+      else value_range(x.data_ptr<double>() + b * per_image, per_image, pr + 2 * b);
+    }
+  });
+  return {scores, feats, ranges};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(petal_fast, m) {
   m.def("brisque_moments(Tensor images, int scales) -> Tensor");
   m.impl("brisque_moments", c10::DispatchKey::CPU, TORCH_FN(brisque_moments));
+  m.def("brisque_score(Tensor images, Tensor f_min, Tensor f_max, Tensor support, Tensor coef, float rho, "
+        "float gamma) -> (Tensor, Tensor, Tensor)");
+  m.impl("brisque_score", c10::DispatchKey::CPU, TORCH_FN(brisque_score));
 }
 
 }  // namespace petal_fast

@@ -21,13 +21,17 @@ from petal_fast.backend import resolve
 
 from . import ggd, resize, svr
 
-OP = "brisque_moments"
+OP = "brisque_score"
 MIN_SIZE = 16
 LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
 
 
-def check_images(images: torch.Tensor) -> None:
-    """Raise TypeError/ValueError naming ``images`` for anything outside the input contract."""
+def check_images(images: torch.Tensor, value_range: tuple[float, float] | None = None) -> None:
+    """Raise TypeError/ValueError naming ``images`` for anything outside the input contract.
+
+    ``value_range``: the (min, max) of the values if already known (the C++ path measures it in its
+    pass over the images); otherwise float images are scanned here.
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -42,8 +46,7 @@ def check_images(images: torch.Tensor) -> None:
     if h < MIN_SIZE or w < MIN_SIZE:
         raise ValueError(f"images must be at least {MIN_SIZE}×{MIN_SIZE} pixels, got {h}×{w}")
     if images.is_floating_point() and b > 0:
-        lo, hi = torch.aminmax(images)
-        lo, hi = float(lo), float(hi)
+        lo, hi = value_range if value_range is not None else map(float, torch.aminmax(images))
         if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
             raise ValueError(
                 f"images: float images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]. "
@@ -70,9 +73,7 @@ def moments(images: torch.Tensor, backend: str) -> torch.Tensor:
     main and secondary diagonal products. Sums: Σ|x|, Σ_{x<0} x², n_{x<0}, Σ_{x≥0} x², n_{x≥0}.
     """
     if backend == "cpp":  # luminance and resize inside, per image
-        if images.is_floating_point() and images.dtype not in (torch.float32, torch.float64):
-            images = images.float()
-        return _ext.op("brisque_moments")(images, 2)
+        return _ext.op("brisque_moments")(_cpu_input(images), 2)
     gray = luminance(images)
     half = resize.resize_half(gray).contiguous()
     if backend == "triton":
@@ -81,6 +82,23 @@ def moments(images: torch.Tensor, backend: str) -> torch.Tensor:
     else:
         from petal_fast.reference.brisque import mscn_moments as per_scale
     return torch.stack([per_scale(gray), per_scale(half)], dim=1)
+
+
+def _cpu_input(images: torch.Tensor) -> torch.Tensor:
+    if images.is_floating_point() and images.dtype not in (torch.float32, torch.float64):
+        return images.float()
+    return images
+
+
+def _cpp_score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, features) from one C++ call: moments, fits and SVR per image in one parallel task;
+    the input range is checked from the per-image [min, max] the same pass returns."""
+    m = svr.load_model("cpu")
+    scores, feats, ranges = _ext.op("brisque_score")(_cpu_input(images), m.f_min, m.f_max, m.support, m.coef,
+                                                     m.rho, m.gamma)
+    if images.is_floating_point():
+        check_images(images, (ranges[:, 0].min().item(), ranges[:, 1].max().item()))
+    return scores, feats
 
 
 def _features(images: torch.Tensor, backend: str) -> torch.Tensor:
@@ -95,24 +113,27 @@ def _backend(images: torch.Tensor) -> str:
 @torch.no_grad()
 def brisque_features(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) → (B, 36) float64 BRISQUE features, in the package's order."""
-    check_images(images)
-    backend = _backend(images)
-    if backend == "reference":
-        from petal_fast.reference import brisque as ref
-        return ref.brisque_features(images)
-    return _features(images, backend)
+    return _run(images, features=True)
 
 
 @torch.no_grad()
 def brisque(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) uint8 or float in [0, 1] → (B,) float64 BRISQUE scores (lower = better), on
     ``images.device``; equal to ``brisque.BRISQUE().score`` of each image. Not differentiable."""
+    return _run(images, features=False)
+
+
+def _run(images: torch.Tensor, features: bool) -> torch.Tensor:
+    backend = _backend(images) if isinstance(images, torch.Tensor) else None
+    if backend == "cpp" and images.dim() == 4 and images.shape[0] > 0:
+        check_images(images, value_range=(0.0, 1.0))  # shape and dtype now; the range from the C++ pass
+        scores, feats = _cpp_score(images)
+        return feats if features else scores
     check_images(images)
-    backend = _backend(images)
-    model = svr.load_model(str(images.device))
     if images.shape[0] == 0:
-        return torch.empty(0, dtype=torch.float64, device=images.device)
+        return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
     if backend == "reference":
         from petal_fast.reference import brisque as ref
-        return ref.brisque(images, model)
-    return svr.predict(_features(images, backend), model)
+        return ref.brisque_features(images) if features else ref.brisque(images, svr.load_model(str(images.device)))
+    f = _features(images, backend)
+    return f if features else svr.predict(f, svr.load_model(str(images.device)))
