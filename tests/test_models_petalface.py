@@ -9,7 +9,7 @@ import torch
 import petal_fast
 from petal_fast.models import PetalFace, build_model, face_swin
 from petal_fast.nn import PetalLinear
-from conftest import rel_err
+from conftest import rel_err, triton_interpreter_ok
 
 
 def randomize_adapters(model: torch.nn.Module) -> None:
@@ -77,6 +77,27 @@ def test_fused_matches_reference(backbone, device):
         assert rel_err(grads[name], ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.skipif(not triton_interpreter_ok(), reason="needs Triton with TRITON_INTERPRET=1")
+def test_triton_backend_model_matches_reference():
+    """The Triton kernels inside a whole model (interpreter on CPU tensors; tiny ViT to stay fast)."""
+    model = PetalFace("vit_tiny", quality=None, dropout=0.1)
+    randomize_adapters(model)
+    images, alpha = torch.randn(2, 3, 36, 36), torch.rand(2)
+    target = torch.randn(2, model.embedding_size)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    out = {}
+    for backend in ("triton", "reference"):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        with petal_fast.use_backend(backend):
+            emb = model(images, alpha=alpha)
+            (emb * target).sum().backward()
+        out[backend] = emb.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert rel_err(out["triton"][0], out["reference"][0]) < 1e-5
+    for name, grad in out["reference"][1].items():
+        assert rel_err(out["triton"][1][name], grad) < 1e-4, name
+
+
 def test_alpha_reaches_both_branches():
     model = tiny().eval()
     x = torch.randn(2, 3, 40, 40)
@@ -123,6 +144,7 @@ def test_brisque_quality_calibrated_and_saved():
 
 def test_embed_flip_and_inference_mode():
     model = tiny(quality=lambda im: torch.linspace(0, 1, im.shape[0])).eval()
+    assert PetalFace("tiny", alpha_mode="paper").quality_to_alpha.mode == "paper"
     x = torch.randn(3, 3, 40, 40)
     with torch.inference_mode():
         e = model.embed(x)
