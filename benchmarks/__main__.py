@@ -18,6 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from benchmarks import common, suites, tables
 
 
@@ -55,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-            return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = args.out or (common.RESULTS / "quick" if args.quick else common.RESULTS)
 
     # Import every selected script and check every results file before spending minutes on timing.
@@ -70,19 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             loaded.append((s, suites.load(s)))
         except suites.SuiteUnavailable as e:
             problems.append(str(e))
-    with common.results_dir(out):
-        for s, module in loaded:
-            path = common.results_path(module.SUITE)
-            try:
-                common.check_results_file(path)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+    for s, module in loaded:
+        try:
+            common.check_results_file(Path(out) / f"{module.SUITE}.csv")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     for p in problems:
         print(f"skipping {p}", file=sys.stderr)
 
     mode = "quick (smoke run)" if args.quick else "full"
-    print(f"petal_fast benchmarks: {len(loaded)} suite(s), {mode}, device {args.device or 'auto'}, results in {out}")
+    print(f"petal_fast benchmarks: {len(loaded)} suite(s), {mode}, on {common.device_name(device)}, results in {out}")
     ran: dict[str, list[dict]] = {}
     elapsed: dict[str, float] = {}
     for i, (s, module) in enumerate(loaded, 1):
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             with common.results_dir(out):
-                ran[module.SUITE] = module.run(quick=args.quick, device=args.device)
+                ran[module.SUITE] = module.run(quick=args.quick, device=device)
         except Exception:  # one broken suite must not cost the others' results
             traceback.print_exc()
             problems.append(f"{s.key}: failed (traceback above); its rows were not written")
@@ -98,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(loaded)}] {s.key} done in {elapsed[s.key]:.1f} s", flush=True)
 
     for name, rows in ran.items():
-        for device, dev_rows in tables.by_device(rows).items():
-            print(f"\n== {suites.title(name)} — {device} ==")
+        for dev, dev_rows in tables.by_device(rows).items():
+            print(f"\n== {suites.title(name)} — {dev} ==")
             print(tables.format_table(dev_rows))
     if ran and not args.no_plots:
         from benchmarks import plots
