@@ -1,0 +1,517 @@
+"""Fused Triton kernels for PetalLinear, forward and backward (DESIGN §1.1).
+
+    y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
+
+With U = x A_catᵀ (M × R, R = branches·r) and the per-row branch weights c = [s(1−α_i), sα_i]
+(``coef[row // rows_per_image]``), the kernels compute
+
+    forward   U = x A_catᵀ                                   (_shrink_kernel)
+              y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ)        (_fwd_kernel: one fp32 accumulator)
+    backward  dU_k = D_k(dY) B_k,  dT = c ⊙ dU,
+              dB_k = D_k(dY)ᵀ (c_k ⊙ U_k)                     (_bwd_dy_kernel: one pass over dY)
+              dX = dY W + dT A_cat,  dA = dTᵀ x               (_bwd_dx_kernel: one accumulator)
+
+Design: split-fused (LoRAFusion's choice, the one DESIGN §1.1's roofline numbers describe). A
+small shrink kernel writes U (M × R, also the activation saved for backward); the base GEMM tile
+then adds (c ⊙ U) B_catᵀ to its fp32 accumulator before bias and dropout are applied in
+registers, so y is stored once and no M×N intermediate exists. With p > 0 each branch's product
+is computed by its own small dot and masked before it is added (the masks differ per branch);
+with p = 0 both branches are one dot and no hash is evaluated. The alternative one-pass design
+(computing U inside every GEMM tile from the x tiles it already streams) was NOT built: it
+recomputes x A_catᵀ once per N-tile column (N/BLOCK_N times) and needs the full U row block
+before the expand, which forces a second sweep over K or a K-outer loop order; it only pays off
+when the shrink's extra read of x dominates (tiny N). Choosing between them needs GPU
+measurements, which were not available when this was written — re-measure with
+``benchmarks/bench_petal_linear.py`` before building it.
+
+Backward reductions over M (dB, dA) are fp32 atomics into zeroed buffers; dT is reduced over
+N-splits with atomics only when the dY pass is split over N for occupancy. Atomics make dA/dB
+bit-nondeterministic run to run (fp32 summation order), not inexact.
+
+Ranks: R = branches·r ≤ 128 is padded to RP (a power of two ≥ 16, what ``tl.dot`` needs); the
+padded columns are masked on load. Any M, K, N (masked edges); float32 (IEEE dot unless torch
+allows TF32 matmuls), float16 and bfloat16 with fp32 accumulation.
+
+Tiles come from the static table ``TILE_CONFIGS`` keyed by the GPU's compute-capability major
+(no autotune stall at the first call). Re-tune on the current GPU with::
+
+    python -m petal_fast.kernels.petal_linear --tune [--m 8192 --k 4096 --n 4096 --rank 8 --dtype bfloat16]
+
+which times candidate tiles per kernel with ``triton.testing.do_bench`` and prints the table entry
+to paste into ``TILE_CONFIGS``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rng import host_key, host_threshold, keep_mask
+
+# ------------------------------------------------------------------------------------- tile table
+# Block sizes are for 16-bit inputs; float32 halves the reduction block (REDUCTION_BLOCK) so the
+# pipelined shared-memory footprint stays the same. "programs" is the target grid size of the
+# dY pass (it splits N when M alone gives too few programs), as a multiple of the SM count.
+TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
+    9: {  # Hopper: H100 / H200 (228 KB shared memory per SM)
+        "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
+        "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, programs_per_sm=2),
+        "bwd_dx": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    },
+    8: {  # Ampere / Ada: A100 (164 KB), RTX 30xx/40xx (100 KB) — sized for the smaller
+        "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+        "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2),
+        "bwd_dx": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    },
+    "default": {  # other CUDA GPUs: conservative
+        "shrink": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2),
+        "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
+        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, programs_per_sm=2),
+        "bwd_dx": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
+    },
+    # CPU tensors under TRITON_INTERPRET=1: the smallest legal tiles, so that tiny test shapes
+    # cover several tiles, the GROUP_M swizzle, masked edges and the N-split of the dY pass.
+    "interpreter": {
+        "shrink": dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
+        "fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
+        "bwd_dy": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, programs_per_sm=2),
+        "bwd_dx": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
+    },
+}
+REDUCTION_BLOCK = {"shrink": "BLOCK_K", "fwd": "BLOCK_K", "bwd_dy": "BLOCK_N", "bwd_dx": "BLOCK_N"}
+INTERPRETER_SMS = 2  # stands in for the SM count on CPU tensors
+MAX_R = 128          # branches·rank: two branches of rank 64
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _generation(device: torch.device) -> object:
+    if device.type != "cuda":
+        return "interpreter"
+    major = torch.cuda.get_device_capability(device)[0]
+    return major if major in TILE_CONFIGS else "default"
+
+
+def config_for(kernel: str, device: torch.device, dtype: torch.dtype,
+               table: dict | None = None) -> dict[str, int]:
+    """The tile configuration of ``kernel`` on ``device`` for inputs of ``dtype``."""
+    cfg = dict((table or TILE_CONFIGS[_generation(device)])[kernel])
+    if dtype.itemsize == 4 and device.type == "cuda":
+        key = REDUCTION_BLOCK[kernel]
+        cfg[key] = max(16, cfg[key] // 2)
+    return cfg
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 dots unless torch itself allows TF32 matmuls (same numbers as torch.matmul)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch_opts(cfg: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in cfg.items() if k != "programs_per_sm"}
+
+
+# ------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """GROUP_M swizzle: consecutive programs share row panels, so A/W tiles are reused from L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _row_coef(coef_ptr, offs_m, offs_r, ok, rank, rows_per_image, BRANCHES: tl.constexpr):
+    """(BLOCK_M × RP) branch weights c[row // rows_per_image, col // rank], 0 outside ``ok``."""
+    image = offs_m // rows_per_image
+    branch = offs_r // rank
+    return tl.load(coef_ptr + image[:, None] * BRANCHES + branch[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
+                   s_xm, s_xk, s_ar, s_ak, s_um,
+                   RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """U = x A_catᵀ for one block of rows (stored in x's dtype, unscaled)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, RP)
+    m_ok, r_ok = offs_m < M, offs_r < R
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * s_xm + offs_k[None, :] * s_xk
+    a_ptrs = a_ptr + offs_r[None, :] * s_ar + offs_k[:, None] * s_ak          # A_catᵀ tile (BLOCK_K × RP)
+    acc = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * s_xk
+        a_ptrs += BLOCK_K * s_ak
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * s_um + offs_r[None, :]
+    tl.store(u_ptrs, acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
+                M, N, K, R, rank, rows_per_image, key0, key1, threshold, keep_scale,
+                s_xm, s_xk, s_wn, s_wk, s_um, s_bn, s_br, s_ym,
+                BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """One y tile: x Wᵀ, then Σ_k D_k((c_k ⊙ U_k) B_kᵀ) in the same accumulator, then bias."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, RP)
+    m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
+    rows = offs_m.to(tl.int64)
+
+    # base GEMM: x Wᵀ
+    x_ptrs = x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * s_wn + offs_k[:, None] * s_wk  # Wᵀ tile (BLOCK_K × BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * s_xk
+        w_ptrs += BLOCK_K * s_wk
+
+    # LoRA expand: V = c ⊙ U (per row, per branch), then V B_catᵀ into the same accumulator
+    ur_ok = m_ok[:, None] & r_ok[None, :]
+    u = tl.load(u_ptr + rows[:, None] * s_um + offs_r[None, :], mask=ur_ok, other=0.0)
+    c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
+    v = u.to(tl.float32) * c
+    bt = tl.load(b_ptr + offs_n[None, :] * s_bn + offs_r[:, None] * s_br,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)                  # B_catᵀ tile (RP × BLOCK_N)
+    if DROPOUT:
+        for br in tl.static_range(BRANCHES):  # separate products: each branch has its own mask
+            in_br = (offs_r >= br * rank) & (offs_r < (br + 1) * rank)
+            part = tl.dot(tl.where(in_br[None, :], v, 0.0).to(bt.dtype), bt, input_precision=PRECISION)
+            if br == 0:
+                keep = keep_mask(key0, offs_m, offs_n, threshold)
+            else:
+                keep = keep_mask(key1, offs_m, offs_n, threshold)
+            acc += tl.where(keep, part * keep_scale, 0.0)
+    else:
+        acc = tl.dot(v.to(bt.dtype), bt, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * s_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _bwd_dy_kernel(dy_ptr, b_ptr, u_ptr, coef_ptr, dt_ptr, db_ptr,
+                   M, N, R, rank, rows_per_image, key0, key1, threshold, keep_scale, tiles_per_split,
+                   s_dym, s_dyn, s_bn, s_br, s_um,
+                   BRANCHES: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DT: tl.constexpr, RP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One pass over a (BLOCK_M rows × a range of N) slab of dY: dT = c ⊙ D(dY) B_cat, dB += D(dY)ᵀ V.
+
+    dT (M × RP, fp32) is stored, or atomically added when N is split over programs; dB (N × R,
+    fp32) is always atomically added (it is a reduction over M).
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, RP)
+    m_ok, r_ok = offs_m < M, offs_r < R
+    rows = offs_m.to(tl.int64)
+    ur_ok = m_ok[:, None] & r_ok[None, :]
+    u = tl.load(u_ptr + rows[:, None] * s_um + offs_r[None, :], mask=ur_ok, other=0.0)
+    c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
+    v = (u.to(tl.float32) * c).to(dy_ptr.dtype.element_ty)
+
+    du = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    first = tl.program_id(1) * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(N, BLOCK_N))
+    for t in range(first, last):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + rows[:, None] * s_dym + offs_n[None, :] * s_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * s_bn + offs_r[None, :] * s_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)                # B_cat tile (BLOCK_N × RP)
+        if DROPOUT:
+            db = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+            for br in tl.static_range(BRANCHES):
+                in_br = (offs_r >= br * rank) & (offs_r < (br + 1) * rank)
+                if br == 0:
+                    keep = keep_mask(key0, offs_m, offs_n, threshold)
+                else:
+                    keep = keep_mask(key1, offs_m, offs_n, threshold)
+                dyk = tl.where(keep, dy.to(tl.float32) * keep_scale, 0.0).to(dy.dtype)
+                du = tl.dot(dyk, tl.where(in_br[None, :], b, tl.zeros_like(b)), du, input_precision=PRECISION)
+                db = tl.dot(tl.trans(dyk), tl.where(in_br[None, :], v, tl.zeros_like(v)), db,
+                            input_precision=PRECISION)
+        else:
+            du = tl.dot(dy, b, du, input_precision=PRECISION)
+            db = tl.dot(tl.trans(dy), v, input_precision=PRECISION)
+        tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], db, mask=n_ok[:, None] & r_ok[None, :],
+                      sem="relaxed")
+
+    dt = du * c  # dT = c ⊙ dU: linear, so N-split partials can be scaled before they are summed
+    dt_ptrs = dt_ptr + rows[:, None] * RP + offs_r[None, :]
+    if ATOMIC_DT:
+        tl.atomic_add(dt_ptrs, dt, mask=ur_ok, sem="relaxed")
+    else:
+        tl.store(dt_ptrs, dt, mask=ur_ok)
+
+
+@triton.jit
+def _bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
+                   M, N, K, R,
+                   s_dym, s_dyn, s_wn, s_wk, s_ar, s_ak, s_xm, s_xk, s_dxm,
+                   COMPUTE_DX: tl.constexpr, RP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """One (BLOCK_M × BLOCK_K) tile of dX = dY W + dT A_cat (one accumulator) and its dA += dTᵀ x part."""
+    pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RP)
+    m_ok, k_ok, r_ok = offs_m < M, offs_k < K, offs_r < R
+    rows = offs_m.to(tl.int64)
+    dt = tl.load(dt_ptr + rows[:, None] * RP + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    dt = dt.to(x_ptr.dtype.element_ty)
+
+    if COMPUTE_DX:
+        dy_ptrs = dy_ptr + rows[:, None] * s_dym + offs_n[None, :] * s_dyn
+        w_ptrs = w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk        # W tile (BLOCK_N × BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n_ok = offs_n < N - n0
+            dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+            dy_ptrs += BLOCK_N * s_dyn
+            w_ptrs += BLOCK_N * s_wn
+        a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_k[None, :] * s_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)              # A_cat tile (RP × BLOCK_K)
+        acc = tl.dot(dt, a, acc, input_precision=PRECISION)
+        tl.store(dx_ptr + rows[:, None] * s_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+
+    xt = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :],
+                 other=0.0)
+    da = tl.dot(tl.trans(dt), xt, input_precision=PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da, mask=r_ok[:, None] & k_ok[None, :],
+                  sem="relaxed")
+
+
+# ------------------------------------------------------------------------------------- launchers
+def _check(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor) -> None:
+    if x.dtype not in DTYPES:
+        raise TypeError(f"petal_linear (triton): x must be float32, float16 or bfloat16, got {x.dtype}")
+    if a_cat.shape[0] > MAX_R:
+        raise ValueError(f"petal_linear (triton): branches·rank must be ≤ {MAX_R} (rank ≤ 64 per branch), "
+                         f"got {a_cat.shape[0]}")
+    if a_cat.shape[0] % coef.shape[1] or x.shape[0] % coef.shape[0]:
+        raise ValueError("petal_linear (triton): coef must be (images, branches) dividing rows and A_cat rows")
+
+
+def _padded_rank(r_total: int) -> int:
+    return max(16, triton.next_power_of_2(r_total))
+
+
+def _common(x, a_cat, coef, p, seed):
+    branches = coef.shape[1]
+    dropout = p > 0.0
+    keys = (host_key(seed, 0), host_key(seed, 1) if branches == 2 else 0) if dropout else (0, 0)
+    return dict(branches=branches, rank=a_cat.shape[0] // branches, rows_per_image=x.shape[0] // coef.shape[0],
+                dropout=dropout, keys=keys, threshold=host_threshold(p) if dropout else 0,
+                keep_scale=1.0 / (1.0 - p), coef=coef.to(torch.float32).contiguous(),
+                rp=_padded_rank(a_cat.shape[0]), precision=_precision(x.dtype))
+
+
+def _launch_shrink(x, a_cat, u, info, cfg) -> None:
+    M, K = x.shape
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    _shrink_kernel[grid](x, a_cat, u, M, K, a_cat.shape[0], x.stride(0), x.stride(1), a_cat.stride(0),
+                         a_cat.stride(1), u.stride(0), RP=info["rp"], PRECISION=info["precision"],
+                         **_launch_opts(cfg))
+
+
+def _launch_fwd(x, weight, bias, u, b_cat, y, info, cfg) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fwd_kernel[grid](x, weight, bias if bias is not None else weight, u, b_cat, info["coef"], y,
+                      M, N, K, u.shape[1], info["rank"], info["rows_per_image"], *info["keys"],
+                      info["threshold"], info["keep_scale"],
+                      x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0),
+                      b_cat.stride(0), b_cat.stride(1), y.stride(0),
+                      BRANCHES=info["branches"], HAS_BIAS=bias is not None, DROPOUT=info["dropout"],
+                      RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
+
+
+def _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg) -> None:
+    M, N = dy.shape
+    m_tiles, n_tiles = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    target = cfg["programs_per_sm"] * _sm_count(dy.device)
+    split = max(1, min(n_tiles, triton.cdiv(target, m_tiles)))
+    tiles_per_split = triton.cdiv(n_tiles, split)
+    split = triton.cdiv(n_tiles, tiles_per_split)
+    if split > 1:
+        dt.zero_()
+    _bwd_dy_kernel[(m_tiles, split)](dy, b_cat, u, info["coef"], dt, db, M, N, u.shape[1], info["rank"],
+                                     info["rows_per_image"], *info["keys"], info["threshold"],
+                                     info["keep_scale"], tiles_per_split,
+                                     dy.stride(0), dy.stride(1), b_cat.stride(0), b_cat.stride(1), u.stride(0),
+                                     BRANCHES=info["branches"], DROPOUT=info["dropout"], ATOMIC_DT=split > 1,
+                                     RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
+
+
+def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, info, cfg) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    out = dx if dx is not None else x  # unused pointer when dX is not wanted
+    _bwd_dx_kernel[grid](dy, weight, dt, a_cat, x, out, da, M, N, K, a_cat.shape[0],
+                         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
+                         a_cat.stride(1), x.stride(0), x.stride(1), out.stride(0),
+                         COMPUTE_DX=dx is not None, RP=info["rp"], PRECISION=info["precision"],
+                         **_launch_opts(cfg))
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
+            b_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int,
+            table: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, U): y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ), U = x A_catᵀ (M × R, x's dtype, unscaled)."""
+    _check(x, a_cat, coef)
+    M, N = x.shape[0], weight.shape[0]
+    info = _common(x, a_cat, coef, p, seed)
+    u = torch.empty((M, a_cat.shape[0]), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, u
+    _launch_shrink(x, a_cat, u, info, config_for("shrink", x.device, x.dtype, table))
+    if N:
+        _launch_fwd(x, weight, bias, u, b_cat, y, info, config_for("fwd", x.device, x.dtype, table))
+    return y, u
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
+             coef: torch.Tensor, u: torch.Tensor, p: float, seed: int, need_x: bool,
+             table: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype; W, b frozen."""
+    _check(x, a_cat, coef)
+    M, K = x.shape
+    N, R = weight.shape[0], a_cat.shape[0]
+    info = _common(x, a_cat, coef, p, seed)
+    dt = torch.zeros((M, info["rp"]), dtype=torch.float32, device=x.device)  # c ⊙ dU, fp32, padded
+    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
+    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x) if need_x else None
+    if M and N:
+        _launch_bwd_dy(dy, b_cat, u, dt, db, info, config_for("bwd_dy", x.device, x.dtype, table))
+    if M and K:
+        _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, info, config_for("bwd_dx", x.device, x.dtype, table))
+    elif dx is not None:
+        dx.zero_()
+    return dx, da.to(x.dtype), db.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- re-tuning
+CANDIDATES = {
+    "shrink": [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
+               for bm in (32, 64, 128) for bk in (64, 128) for w in (4, 8) for s in (2, 3, 4)],
+    "fwd": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn in ((128, 128), (128, 256), (64, 128), (128, 64)) for bk in (32, 64)
+            for w in (4, 8) for s in (3, 4)],
+    "bwd_dy": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, programs_per_sm=ps)
+               for bm in (32, 64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3) for ps in (1, 2, 4)],
+    "bwd_dx": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+               for bm, bk in ((128, 128), (128, 256), (64, 128), (128, 64)) for bn in (32, 64)
+               for w in (4, 8) for s in (3, 4)],
+}
+
+
+def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: int = 2,
+         dtype: torch.dtype = torch.bfloat16, p: float = 0.0) -> dict[str, dict[str, int]]:
+    """Time every candidate tile of each kernel on the current GPU; return the fastest per kernel.
+
+    Configurations are given for 16-bit inputs (``config_for`` halves the reduction block for
+    float32); tune with a 16-bit dtype to fill the table.
+    """
+    from tqdm import tqdm
+    from triton.testing import do_bench
+
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, device=dev, dtype=dtype)
+    w = torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5
+    bias = torch.randn(n, device=dev, dtype=dtype)
+    a_cat = torch.randn(branches * rank, k, device=dev, dtype=dtype) / k ** 0.5
+    b_cat = torch.randn(n, branches * rank, device=dev, dtype=dtype)
+    coef = torch.rand(8, branches, device=dev)
+    info = _common(x, a_cat, coef, p, 0)
+    u = torch.empty(m, branches * rank, device=dev, dtype=dtype)
+    y, dy, dx = torch.empty(m, n, device=dev, dtype=dtype), torch.randn(m, n, device=dev, dtype=dtype), torch.empty_like(x)
+    dt = torch.zeros(m, info["rp"], device=dev)
+    db, da = torch.zeros(n, branches * rank, device=dev), torch.zeros(branches * rank, k, device=dev)
+    runs = {
+        "shrink": lambda cfg: _launch_shrink(x, a_cat, u, info, cfg),
+        "fwd": lambda cfg: _launch_fwd(x, w, bias, u, b_cat, y, info, cfg),
+        "bwd_dy": lambda cfg: _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg),
+        "bwd_dx": lambda cfg: _launch_bwd_dx(dy, w, dt, a_cat, x, dx, da, info, cfg),
+    }
+    best: dict[str, dict[str, int]] = {}
+    for name, run in runs.items():
+        timings = []
+        for cfg in tqdm(CANDIDATES[name], desc=f"tune {name}"):
+            try:
+                timings.append((do_bench(lambda: run(cfg)), cfg))
+            except triton.runtime.errors.OutOfResources:
+                continue  # too much shared memory / registers for this GPU
+        ms, best[name] = min(timings, key=lambda t: t[0])
+        print(f"{name:7s} {ms * 1e3:9.1f} us  {best[name]}")
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Re-tune the PetalLinear Triton tiles on the current GPU.")
+    parser.add_argument("--tune", action="store_true", help="time candidate tiles and print a TILE_CONFIGS entry")
+    parser.add_argument("--m", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--branches", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16"))
+    parser.add_argument("--dropout", type=float, default=0.0)
+    args = parser.parse_args()
+    if not args.tune:
+        parser.print_help()
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("--tune needs a CUDA GPU")
+    best = tune(args.m, args.k, args.n, args.rank, args.branches, getattr(torch, args.dtype), args.dropout)
+    major = torch.cuda.get_device_capability()[0]
+    print(f"\n# {torch.cuda.get_device_name()} — paste into TILE_CONFIGS:\n{major}: {{")
+    for name, cfg in best.items():
+        print(f"    {name!r}: dict({', '.join(f'{k}={v}' for k, v in cfg.items())}),")
+    print("},")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The Triton PetalLinear kernels (kernels/petal_linear.py) against the float64 reference.
+
+On a machine without CUDA they run in the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), on tiny shapes; with CUDA the same tests run natively, and the
+``@pytest.mark.gpu`` tests add bfloat16 and large shapes (``pytest -m gpu``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import petal_fast
+from conftest import HAS_CUDA, TOL, rel_err, triton_interpreter_ok
+from petal_fast.ops import petal_linear
+from petal_fast.reference import petal_linear as reference_petal_linear
+from petal_fast.reference.rng import dropout_mask
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")),
+]
+
+
+def make(m_shape, k, n, rank, branches, dtype, device, *, images=None, bias=True, alpha="random"):
+    """Random layer and input; the LoRA term is as large as the base term so mask errors show."""
+    x = torch.randn(*m_shape, k, dtype=torch.float64)
+    w = torch.randn(n, k, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, dtype=torch.float64) if bias else None
+    lora_a = torch.randn(branches, rank, k, dtype=torch.float64) / k ** 0.5
+    lora_b = torch.randn(branches, n, rank, dtype=torch.float64) / rank ** 0.5
+    al = None
+    if branches == 2:
+        images = images or m_shape[0]
+        al = {"random": torch.rand(images), "zero": torch.zeros(images), "one": torch.ones(images)}[alpha]
+        al = al.to(device)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(w), cast(b), cast(lora_a), cast(lora_b), al
+
+
+def check(x, w, b, lora_a, lora_b, alpha, scale, p, seed, *, x_grad=True):
+    """Forward and every gradient of the Triton op against the float64 reference, same seed."""
+    dtype = x.dtype
+    xs = x.detach().requires_grad_(x_grad)
+    la, lb = lora_a.detach().requires_grad_(), lora_b.detach().requires_grad_()
+    with petal_fast.use_backend("triton"):
+        y = petal_linear(xs, w, b, la, lb, alpha, scale, p, seed)
+    x64, la64, lb64 = (t.detach().double().requires_grad_() for t in (x, lora_a, lora_b))
+    y64 = reference_petal_linear(x64, w.double(), None if b is None else b.double(), la64, lb64,
+                                 None if alpha is None else alpha.double(), scale, p, seed)
+    assert y.dtype == dtype and y.shape == y64.shape
+    assert rel_err(y, y64) < TOL[dtype], "forward"
+    dy = torch.randn_like(y64)
+    y.backward(dy.to(dtype))
+    y64.backward(dy)
+    if x_grad:
+        assert rel_err(xs.grad, x64.grad) < TOL[dtype], "dx"
+    assert rel_err(la.grad, la64.grad) < TOL[dtype], "d lora_A"
+    assert rel_err(lb.grad, lb64.grad) < TOL[dtype], "d lora_B"
+
+
+# (rows shape, in, out, rank, branches, images, alpha, p, bias)
+CASES = {
+    "base": ((40,), 48, 40, 4, 2, 8, "random", 0.0, True),
+    "dropout": ((40,), 48, 40, 4, 2, 8, "random", 0.25, True),
+    "rank1_alpha0": ((33,), 40, 35, 1, 2, 33, "zero", 0.1, True),
+    "rank16_alpha1": ((29,), 24, 40, 16, 2, 1, "one", 0.0, True),
+    "m1": ((1,), 48, 37, 4, 2, 1, "random", 0.1, True),
+    "tokens_3d": ((4, 9), 24, 33, 4, 2, 4, "random", 0.3, True),
+    "one_branch_no_bias": ((40,), 48, 40, 8, 1, None, "random", 0.1, False),
+    "rank64": ((20,), 32, 32, 64, 2, 5, "random", 0.2, True),
+    "many_rows": ((75,), 24, 40, 4, 2, 15, "random", 0.1, True),  # dY pass without the N-split
+}
+FP16_CASES = ("base", "dropout", "tokens_3d", "one_branch_no_bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward_fp32(case, device):
+    shape, k, n, rank, branches, images, alpha, p, bias = CASES[case]
+    args = make(shape, k, n, rank, branches, torch.float32, device, images=images, bias=bias, alpha=alpha)
+    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", FP16_CASES)
+def test_forward_backward_fp16(case, device):
+    shape, k, n, rank, branches, images, alpha, p, bias = CASES[case]
+    args = make(shape, k, n, rank, branches, torch.float16, device, images=images, bias=bias, alpha=alpha)
+    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_input_grad(device):
+    """x not requiring grad: the dX GEMM is skipped, dA/dB still exact."""
+    args = make((21,), 40, 24, 4, 2, torch.float32, device, images=3)
+    check(*args, scale=1.3, p=0.15, seed=11, x_grad=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input(device):
+    x, w, b, la, lb, al = make((24,), 40, 24, 4, 2, torch.float32, device, images=6)
+    x_t = x.t().contiguous().t()  # same values, column-major strides
+    assert not x_t.is_contiguous()
+    check(x_t, w, b, la, lb, al, scale=0.5, p=0.1, seed=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("branch", [0, 1])
+def test_dropout_pattern_is_the_reference_mask(branch, device):
+    """With W = 0 and one branch weighted in, y's zeros are exactly branch ``branch``'s dropped elements."""
+    m, k, n, rank, p, seed = 37, 16, 45, 4, 0.4, 2**31 - 5
+    x, w, _, la, lb, _ = make((m,), k, n, rank, 2, torch.float32, device)
+    alpha = torch.full((m,), float(branch), device=device)  # α = 0 keeps branch 0 only, α = 1 branch 1
+    with petal_fast.use_backend("triton"):
+        y = petal_linear(x, torch.zeros_like(w), None, la, lb, alpha, 1.0, p, seed)
+    mask = dropout_mask(seed, branch, m, n, p, device=device)
+    product = (x @ la[branch].T) @ lb[branch].T
+    assert torch.equal(y != 0, mask != 0)
+    assert rel_err(y, product * mask) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_hash_matches_reference(device):
+    from petal_fast.kernels import _rng
+
+    for seed, branch, p, offset in ((0, 0, 0.1, 0), (12345, 1, 0.5, 7), (2**31 - 1, 0, 0.9, 3), (77, 1, 0.0, 0)):
+        got = _rng.dropout_mask(seed, branch, 45, 70, p, row_offset=offset, device=device)
+        want = dropout_mask(seed, branch, 45, 70, p, row_offset=offset, device=device)
+        assert torch.equal(got, want), (seed, branch, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unsupported_inputs_raise(device):
+    x, w, b, la, lb, al = make((8,), 16, 16, 4, 2, torch.float32, device, images=2)
+    with petal_fast.use_backend("triton"):
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            petal_linear(x.double(), w, b, la, lb, al, 1.0)
+        big_a, big_b = torch.randn(2, 65, 16, device=device), torch.randn(2, 16, 65, device=device)
+        with pytest.raises(ValueError, match="rank"):
+            petal_linear(x, w, b, big_a, big_b, al, 1.0)
+
+
+# ---------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rank", [8, 16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_large_shapes_gpu(dtype, rank, p):
+    args = make((4096,), 1024, 1024, rank, 2, dtype, "cuda", images=64)
+    check(*args, scale=0.5, p=p, seed=1234)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_odd_shapes_gpu(dtype):
+    for shape, k, n, rank, branches in (((1,), 384, 1152, 8, 2), ((64, 49), 96, 288, 4, 2),
+                                        ((777,), 1000, 1003, 64, 2), ((200,), 1536, 4608, 8, 1)):
+        args = make(shape, k, n, rank, branches, dtype, "cuda", images=shape[0])
+        check(*args, scale=0.5, p=0.1, seed=99)
+
+
+def test_tile_table_is_complete():
+    """Every GPU generation names legal tiles for every kernel; float32 halves the reduction block."""
+    from petal_fast.kernels import petal_linear as kernels
+
+    for generation, table in kernels.TILE_CONFIGS.items():
+        assert set(table) == set(kernels.REDUCTION_BLOCK), generation
+        for name, cfg in table.items():
+            for key, value in cfg.items():
+                if key.startswith("BLOCK_"):
+                    assert value >= 16 and value & (value - 1) == 0, (generation, name, key)
+    cpu, gpu_like = torch.device("cpu"), kernels.TILE_CONFIGS["default"]
+    assert kernels.config_for("fwd", cpu, torch.float32) == kernels.TILE_CONFIGS["interpreter"]["fwd"]
+    cuda = torch.device("cuda")
+    half = kernels.config_for("fwd", cuda, torch.float32, table=gpu_like)
+    assert half["BLOCK_K"] == gpu_like["fwd"]["BLOCK_K"] // 2
+    assert kernels.config_for("bwd_dy", cuda, torch.bfloat16, table=gpu_like) == gpu_like["bwd_dy"]
