@@ -6,6 +6,8 @@ import re
 import pytest
 import torch
 
+import petal_fast
+
 from petal_fast.models import (CheckpointError, PetalFace, face_swin, face_vit, load_petalface_checkpoint,
                                save_checkpoint, to_released, trainable_state_dict)
 from test_models import released_layout
@@ -64,6 +66,17 @@ def test_pretrained_backbone_without_adapters(name):
     size = backbone.img_size
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(model(x, alpha=torch.rand(2)), backbone(x))
+
+
+def test_model_file_into_bare_backbone():
+    src = tiny().eval()
+    sd = {k: v for k, v in src.state_dict().items() if k.startswith("backbone.")}
+    bare = PetalFace("tiny", quality=None).backbone.eval()
+    report = load_petalface_checkpoint(bare, sd)
+    assert report.kind == "full" and not (report.missing or report.unexpected)
+    with torch.no_grad(), petal_fast.quality(torch.full((2,), 0.3)):
+        x = torch.randn(2, 3, 40, 40)
+        assert torch.equal(bare(x), src.backbone(x))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

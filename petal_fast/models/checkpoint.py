@@ -190,6 +190,8 @@ def load_petalface_checkpoint(model: nn.Module, source: Source, strict: bool = T
             return key
         if has_backbone and f"backbone.{key}" in own:
             return f"backbone.{key}"
+        if not has_backbone and key.startswith("backbone.") and key[len("backbone."):] in own:
+            return key[len("backbone."):]  # a petal_fast model file loaded into a bare backbone
         return None
 
     mapped, unexpected = {}, []
