@@ -98,6 +98,8 @@ def test_bad_checkpoints_list_the_offending_keys():
     missing = {k: v for k, v in good.items() if k != "layers.1.blocks.0.norm1.weight"}
     with pytest.raises(CheckpointError, match=re.escape("backbone.layers.1.blocks.0.norm1.weight")):
         load_petalface_checkpoint(model, missing)
+    derived = {k: v for k, v in good.items() if not k.endswith(("attn_mask", "relative_position_index"))}
+    assert load_petalface_checkpoint(model, derived).kind == "full"  # rebuilt buffers are optional
     extra = {**good, "layers.9.blocks.0.norm1.weight": torch.ones(3)}
     with pytest.raises(CheckpointError, match=r"unexpected 1: layers\.9\.blocks\.0\.norm1\.weight"):
         load_petalface_checkpoint(model, extra)

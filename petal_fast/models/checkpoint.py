@@ -131,6 +131,11 @@ def _is_adapter(key: str) -> bool:
     return key.endswith(".lora_A") or key.endswith(".lora_B")
 
 
+def _is_derived(key: str) -> bool:
+    """Buffers recomputed at construction (or absent from older files): loaded if present, never required."""
+    return key.endswith((".attn_mask", ".relative_position_index", ".num_batches_tracked"))
+
+
 def _is_bn_stat(key: str) -> bool:
     return key.endswith((".running_mean", ".running_var", ".num_batches_tracked"))
 
@@ -176,7 +181,8 @@ def load_petalface_checkpoint(model: nn.Module, source: Source, strict: bool = T
     ``model`` is a PetalFace / FaceModel (keys under ``backbone.`` and ``head.``) or a bare backbone.
     Which keys are required depends on what the checkpoint holds: a full checkpoint must cover every
     backbone tensor, a backbone-only one every non-adapter tensor (adapters keep their initialisation,
-    B = 0), an adapter-only one every adapter. The margin head is never required. With ``strict``,
+    B = 0), an adapter-only one every adapter. The margin head and buffers rebuilt at construction
+    (``attn_mask``, ``relative_position_index``, ``num_batches_tracked``) are never required. With ``strict``,
     missing, unexpected or wrongly shaped keys raise :class:`CheckpointError` listing them; otherwise
     they are reported in the returned :class:`LoadReport` (and warned about) and the rest is loaded.
     """
@@ -201,7 +207,7 @@ def load_petalface_checkpoint(model: nn.Module, source: Source, strict: bool = T
             unexpected.append(key)
         else:
             mapped[target] = value
-    in_backbone = [k for k in own if not has_backbone or k.startswith("backbone.")]
+    in_backbone = [k for k in own if (not has_backbone or k.startswith("backbone.")) and not _is_derived(k)]
     got_adapters = any(_is_adapter(k) for k in mapped)
     got_base = any(not _is_adapter(k) and not _is_bn_stat(k) for k in mapped if k in in_backbone)
     if got_base and got_adapters:
