@@ -30,13 +30,6 @@ def slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
 
 
-def _provenance(rows: list[dict]) -> str:
-    commits = sorted({r.get("commit", "") for r in rows} - {""})
-    dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
-    when = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]}…{dates[-1]}" if dates else "?")
-    return f"commit {', '.join(commits) or '?'}, {when}"
-
-
 def speedup_chart(name: str, device: str, rows: list[dict], path: Path) -> Path | None:
     """Bars of 1/ratio per (shape, case) and provider, one panel per mode; None if no ratios."""
     timed = [r for r in tables.latest(rows) if r.get("metric") == "time" and tables.num(r.get("ratio")) is not None]
@@ -70,7 +63,7 @@ def speedup_chart(name: str, device: str, rows: list[dict], path: Path) -> Path 
         ax.set_ylim(0, max(1.0, *(v for v in value.values() if v == v)) * 1.15)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.set_size_inches(max(8.0, 0.22 * widest + 2), 3.6 * len(modes) + 0.8)
-    fig.suptitle(f"{suites.title(name)}\n{device} — {_provenance(timed)}", fontsize=10)
+    fig.suptitle(f"{suites.title(name)}\n{device} — {tables.provenance(timed)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -98,7 +91,7 @@ def memory_chart(name: str, device: str, rows: list[dict], path: Path) -> Path |
     ax.set_ylabel("peak memory (MiB)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(f"{suites.title(name)}: memory vs classes\n{device} — {_provenance(mem)}", fontsize=10)
+    ax.set_title(f"{suites.title(name)}: memory vs classes\n{device} — {tables.provenance(mem)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,13 +24,6 @@ def is_gpu(device: str) -> bool:
     return not device.startswith("CPU")
 
 
-def _provenance(rows: list[dict]) -> str:
-    commits = sorted({r.get("commit", "") for r in rows} - {""})
-    dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
-    when = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]} to {dates[-1]}" if dates else "?")
-    return f"commit {', '.join(commits) or '?'}, {when}"
-
-
 def _pivot(rows: list[dict], metric: str) -> list[str]:
     """Markdown table: one line per (shape, case, dtype, mode), one column per provider.
 
@@ -63,9 +56,10 @@ def _pivot(rows: list[dict], metric: str) -> list[str]:
 
 def _suite_section(name: str, device: str, rows: list[dict], results: Path, link_base: Path) -> list[str]:
     suite = suites.of_results(name)
+    versions = "; ".join(f"{lib} {', '.join(sorted(v))}" for lib in ("torch", "triton")
+                         if (v := {r.get(lib, "") for r in rows} - {""}))
     out = [f"#### {suites.title(name)} — {device}", "",
-           f"Measured on **{device}** ({_provenance(rows)}; torch "
-           f"{', '.join(sorted({r.get('torch', '') for r in rows} - {''})) or '?'}).", ""]
+           f"Measured on **{device}** ({tables.provenance(rows)}; {versions or 'versions not recorded'}).", ""]
     time_lines = _pivot(rows, "time")
     if time_lines:
         baselines = sorted({r.get("baseline", "") for r in rows if r.get("metric") == "time"} - {""})
@@ -107,7 +101,7 @@ def render(results: Path, link_base: Path) -> str:
         for name, rows in data.items():
             for device, dev_rows in tables.by_device(rows).items():
                 out.append(f"| {suites.title(name)} | {device} | {'GPU' if is_gpu(device) else 'CPU'} | "
-                           f"{len(tables.latest(dev_rows))} | {_provenance(dev_rows)} |")
+                           f"{len(tables.latest(dev_rows))} | {tables.provenance(dev_rows)} |")
         out.append("")
     missing = []
     any_gpu = any(is_gpu(d) for d in devices)

@@ -45,6 +45,14 @@ def num(text: str) -> float | None:
         return None
 
 
+def provenance(rows: list[dict]) -> str:
+    """``"commit abc1234, 2026-01-02"`` (every commit, the date or date range) of some rows."""
+    commits = sorted({r.get("commit", "") for r in rows} - {""})
+    dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
+    when = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]} to {dates[-1]}" if dates else "?")
+    return f"commit {', '.join(commits) or '?'}, {when}"
+
+
 def by_device(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
@@ -111,6 +119,6 @@ def format_table(rows: list[dict]) -> str:
     cols = [c for c in ("case", "shape", "dtype", "mode", "provider", "median", "q20–q80", "× baseline", "peak mem")
             if any(r.get(c) for r in cells)]
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in cells)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
-    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in cols) for r in cells]
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
+    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in cols).rstrip() for r in cells]
     return "\n".join(lines)
