@@ -2,10 +2,12 @@
 
     z_ij = s·⟨ê_i, w_j⟩·r_j  (r_j = 1/max(‖w_j‖, ε)),   lse_i = log Σ exp z_ij,   zsum_i = Σ z_ij
 
-- ``_fwd_kernel``: one program per block of rows, loops over class tiles with an online
-  log-sum-exp (running max and sum) — the B×C logits never exist.
-- ``_bwd_de_kernel``: per block of rows, recomputes each tile, G = s·(g_lse·exp(z − lse) + g_zsum)
-  (0 at the target and outside C), dÊ += (G ⊙ r)·W_tile.
+- ``_fwd_kernel``: one program per (block of rows, class split), looping over the split's class
+  tiles with an online log-sum-exp (running max and sum) — the B×C logits never exist; the
+  splits' (max, sum, logit sum) partials (splits × B) are merged on the host side in torch.
+- ``_bwd_de_kernel``: per (block of rows, class split), recomputes each tile,
+  G = s·(g_lse·exp(z − lse) + g_zsum) (0 at the target and outside C), dÊ += (G ⊙ r)·W_tile,
+  added into dÊ with fp32 atomics.
 - ``_bwd_dw_kernel``: per block of classes, loops over row blocks, dŴ += Gᵀ·Ê, then applies the
   ε-safe normalisation chain dW = r·(dŴ − ŵ⟨ŵ, dŴ⟩) before the store.
 Every dot accumulates in fp32; fp32 operands use IEEE precision (no TF32) so fp32 matches the
@@ -44,8 +46,9 @@ def _logits(en, w, r, lab, offs_c, C, scale, LOW_P: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, zsum_ptr, B, C, D, scale,
+def _fwd_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, m_ptr, l_ptr, zsum_ptr, B, C, D, scale, SPLITS,
                 BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, LOW_P: tl.constexpr):
+    split = tl.program_id(1)
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
     b_ok = offs_b < B
@@ -54,7 +57,7 @@ def _fwd_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, zsum_ptr, B, C, D, scale
     m = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_B,), tl.float32)
     zs = tl.zeros((BLOCK_B,), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(split * BLOCK_C, C, SPLITS * BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         w, r = _load_classes(w_ptr, r_ptr, offs_c, offs_d, C, D)
         z, keep = _logits(en, w, r, lab, offs_c, C, scale, LOW_P)
@@ -64,9 +67,9 @@ def _fwd_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, zsum_ptr, B, C, D, scale
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
         m = m_new
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(lse_ptr + offs_b, m_safe + tl.log(l), mask=b_ok)
-    tl.store(zsum_ptr + offs_b, zs, mask=b_ok)
+    tl.store(m_ptr + split * B + offs_b, m, mask=b_ok)
+    tl.store(l_ptr + split * B + offs_b, l, mask=b_ok)
+    tl.store(zsum_ptr + split * B + offs_b, zs, mask=b_ok)
 
 
 @triton.jit
@@ -77,8 +80,9 @@ def _grad_tile(z, keep, lse, a, b):
 
 
 @triton.jit
-def _bwd_de_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, den_ptr, B, C, D, scale,
+def _bwd_de_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, den_ptr, B, C, D, scale, SPLITS,
                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, LOW_P: tl.constexpr):
+    split = tl.program_id(1)
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
     b_ok = offs_b < B
@@ -89,7 +93,7 @@ def _bwd_de_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, den_ptr
     a = tl.load(a_ptr + offs_b, mask=b_ok, other=0.0)
     b = tl.load(b_ptr + offs_b, mask=b_ok, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(split * BLOCK_C, C, SPLITS * BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         w, r = _load_classes(w_ptr, r_ptr, offs_c, offs_d, C, D)
         z, keep = _logits(en, w, r, lab, offs_c, C, scale, LOW_P)
@@ -98,7 +102,7 @@ def _bwd_de_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, den_ptr
             acc += tl.dot(g.to(w.dtype), w)
         else:
             acc += tl.dot(g, w.to(tl.float32), input_precision="ieee")
-    tl.store(den_ptr + offs_b[:, None] * D + offs_d[None, :], acc, mask=mask_bd)
+    tl.atomic_add(den_ptr + offs_b[:, None] * D + offs_d[None, :], acc, mask=mask_bd)
 
 
 @triton.jit
@@ -131,13 +135,28 @@ def _bwd_dw_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, dw_ptr,
              mask=c_ok[:, None] & (offs_d[None, :] < D))
 
 
+def _inv_norms(x: torch.Tensor, eps: float, rows: int = 1 << 16) -> torch.Tensor:
+    """1/max(‖x_i‖, ε) in fp32, a block of rows at a time (no fp32 copy of a bf16 C×D weight)."""
+    return torch.cat([x[i:i + rows].float().norm(dim=1) for i in range(0, x.shape[0], rows)]).clamp_min_(eps).reciprocal_()
+
+
+def _splits(B: int, C: int, device: torch.device) -> int:
+    """Class splits so that row blocks × splits fill the GPU (≈ 4 programs per SM); 2 in the
+    interpreter so the merge of partials is exercised."""
+    tiles = triton.cdiv(C, BLOCK_C)
+    if device.type != "cuda":
+        return min(2, tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles, triton.cdiv(4 * sms, triton.cdiv(B, BLOCK_B))))
+
+
 def _prep(e: torch.Tensor, w: torch.Tensor, eps: float):
     if e.dtype == torch.float64 or w.dtype == torch.float64:
         raise TypeError("margin_loss: the triton backend supports float32/float16/bfloat16, not float64")
     e32 = e.float()
-    re = e32.norm(dim=1).clamp_min(eps).reciprocal()
+    re = _inv_norms(e32, eps)
     en = (e32 * re.unsqueeze(1)).contiguous()
-    r = w.float().norm(dim=1).clamp_min(eps).reciprocal().contiguous()
+    r = _inv_norms(w, eps).contiguous()
     meta = dict(BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, BLOCK_D=max(16, triton.next_power_of_2(e.shape[1])),
                 LOW_P=w.dtype in (torch.float16, torch.bfloat16))
     return e32, re, en, r, meta
@@ -147,10 +166,13 @@ def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float
     B, D = e.shape
     C = w.shape[0]
     _, _, en, r, meta = _prep(e, w, eps)
-    lse = torch.empty(B, dtype=torch.float32, device=e.device)
-    zsum = torch.empty(B, dtype=torch.float32, device=e.device)
-    _fwd_kernel[(triton.cdiv(B, BLOCK_B),)](en, w, r, labels, lse, zsum, B, C, D, scale, **meta)
-    return lse, zsum
+    splits = _splits(B, C, e.device)
+    m, l, zs = (torch.empty(splits, B, dtype=torch.float32, device=e.device) for _ in range(3))
+    _fwd_kernel[(triton.cdiv(B, BLOCK_B), splits)](en, w, r, labels, m, l, zs, B, C, D, scale, splits, **meta)
+    m_max = m.amax(0)
+    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    lse = m_safe + (l * torch.exp(m - m_safe)).sum(0).log()
+    return lse, zs.sum(0)
 
 
 def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor,
@@ -163,8 +185,10 @@ def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.
     lse = lse.float().contiguous()
     de = dw = None
     if need_e:
-        den = torch.empty(B, D, dtype=torch.float32, device=e.device)
-        _bwd_de_kernel[(triton.cdiv(B, BLOCK_B),)](en, w, r, labels, lse, a, b, den, B, C, D, scale, **meta)
+        splits = _splits(B, C, e.device)
+        den = torch.zeros(B, D, dtype=torch.float32, device=e.device)
+        _bwd_de_kernel[(triton.cdiv(B, BLOCK_B), splits)](en, w, r, labels, lse, a, b, den, B, C, D, scale, splits,
+                                                          **meta)
         proj = (en * den).sum(1) * (re < 1.0 / eps)
         de = ((den - en * proj.unsqueeze(1)) * re.unsqueeze(1)).to(e.dtype)
     if need_w:

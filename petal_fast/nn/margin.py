@@ -55,7 +55,8 @@ class MarginSoftmaxLoss(nn.Module):
                 f"label_smoothing={self.label_smoothing}, sample_rate={self.sample_rate}")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        check_inputs(embeddings, self.weight, labels, self.scale, self.label_smoothing, self.sample_rate, self.grad)
+        check_inputs(embeddings, self.weight, labels, self.scale, self.label_smoothing, self.sample_rate, self.grad,
+                     reduction=reduction)
         mean = std = None
         if self.loss == "adaface":
             mean, std = self.norm_mean, self.norm_std

@@ -103,8 +103,7 @@ class ShardedMarginSoftmaxLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         check_inputs(embeddings, self.weight, labels, self.scale, self.label_smoothing, 1.0, self.grad,
-                     num_classes=self.num_classes)
-        ref.reduce(embeddings.new_zeros(1), reduction)
+                     num_classes=self.num_classes, reduction=reduction)
         backend = resolve(embeddings.device, OP, supported=("torch", "cpp", "triton"))
         e_all = _AllGather.apply(embeddings, self.group)
         labels_all = torch.empty(labels.numel() * self.world, dtype=torch.long, device=labels.device)

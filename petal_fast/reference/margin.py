@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 LOSSES = ("cosface", "arcface", "combined", "adaface")
 GRADS = ("exact", "straight_through")
+REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MARGINS = {"cosface": (1.0, 0.0, 0.4), "arcface": (1.0, 0.5, 0.0), "adaface": (0.4,)}
 NORM_EPS = 1e-12      # ε of the ε-safe norms, as F.normalize
 ACOS_EPS = 1e-6       # cos clamped to [−1+ε, 1−ε] before acos (combined margins)
@@ -104,7 +105,7 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
         return loss.sum()
     if reduction == "none":
         return loss
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
