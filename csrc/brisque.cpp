@@ -30,18 +30,31 @@ constexpr int kTaps = 7, kHalf = 3, kMaps = 5, kSums = 5;
 constexpr double kC = 1.0 / 255.0;
 constexpr double kFlat = 1e-10;  // |Y − μ| below this only in (numerically) constant windows
 
-// Branch-free: the sign of an MSCN value or product is a coin flip, a branch would mispredict half the time.
+// Branch-free (the sign of an MSCN value or product is a coin flip; a branch would mispredict half
+// the time) and in kLanes independent partial sums, so the additions do not wait on each other.
+constexpr int kLanes = 4;
 struct Sums {
-  double abs = 0, sq_neg = 0, sq_pos = 0;
-  int64_t n_neg = 0;
-  void add(double v) {
+  double abs[kLanes] = {}, sq_neg[kLanes] = {}, sq_pos[kLanes] = {};
+  int64_t n_neg[kLanes] = {};
+
+  void step(int l, double v) {
     const bool neg = v < 0;
     const double sq = v * v;
-    abs += std::fabs(v);
-    sq_neg += neg ? sq : 0.0;
-    sq_pos += neg ? 0.0 : sq;
-    n_neg += neg;
+    abs[l] += std::fabs(v);
+    sq_neg[l] += neg ? sq : 0.0;
+    sq_pos[l] += neg ? 0.0 : sq;
+    n_neg[l] += neg;
   }
+  // accumulate a[x] · b[x] (Prod) or a[x] for x < n
+  template <bool Prod>
+  void add(const double* a, const double* b, int64_t n) {
+    int64_t x0 = 0;
+    for (; x0 + kLanes <= n; x0 += kLanes)
+      for (int l = 0; l < kLanes; ++l) step(l, Prod ? a[x0 + l] * b[x0 + l] : a[x0 + l]);
+    for (int l = 0; x0 + l < n; ++l) step(l, Prod ? a[x0 + l] * b[x0 + l] : a[x0 + l]);
+  }
+  static double total(const double* v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+  int64_t negatives() const { return n_neg[0] + n_neg[1] + n_neg[2] + n_neg[3]; }
 };
 
 std::array<double, kTaps> gaussian_taps() {
@@ -141,24 +154,22 @@ void image_moments(const double* img, int64_t H, int64_t W, const std::array<dou
       if (std::fabs(d) <= kFlat) d = centred_direct(img, H, W, y, x, w2);
       cur[x] = d / (std::sqrt(std::fabs(mu[x] * mu[x] - s2[x])) + kC);
     }
-    for (int64_t x = 0; x < W; ++x) acc[0].add(cur[x]);
-    for (int64_t x = 0; x + 1 < W; ++x) acc[1].add(cur[x] * cur[x + 1]);
+    acc[0].add<false>(cur, nullptr, W);
+    acc[1].add<true>(cur, cur + 1, W - 1);
     if (y > 0) {
-      for (int64_t x = 0; x < W; ++x) acc[2].add(prev[x] * cur[x]);
-      for (int64_t x = 0; x + 1 < W; ++x) {
-        acc[3].add(prev[x] * cur[x + 1]);
-        acc[4].add(cur[x] * prev[x + 1]);
-      }
+      acc[2].add<true>(prev, cur, W);
+      acc[3].add<true>(prev, cur + 1, W - 1);
+      acc[4].add<true>(cur, prev + 1, W - 1);
     }
     std::swap(prev, cur);
   }
   for (int i = 0; i < kMaps; ++i) {
     double* o = out + i * kSums;
-    o[0] = acc[i].abs;
-    o[1] = acc[i].sq_neg;
-    o[2] = static_cast<double>(acc[i].n_neg);
-    o[3] = acc[i].sq_pos;
-    o[4] = static_cast<double>(counts[i] - acc[i].n_neg);
+    o[0] = Sums::total(acc[i].abs);
+    o[1] = Sums::total(acc[i].sq_neg);
+    o[2] = static_cast<double>(acc[i].negatives());
+    o[3] = Sums::total(acc[i].sq_pos);
+    o[4] = static_cast<double>(counts[i] - acc[i].negatives());
   }
 }
 
