@@ -1,4 +1,8 @@
-// BRISQUE's fused stage on the CPU (petal_fast/quality/brisque.py), float64:
+// BRISQUE on the CPU (petal_fast/quality/brisque.py), float64. Two ops:
+//   brisque_moments(images, scales) — the fused stage below, per scale;
+//   brisque_score(images, model…)  — the whole score: that stage at both scales, the AGGD fits and
+//                                     the RBF ε-SVR, per image in one parallel task.
+// The fused stage:
 //   μ = w ∗ Y,  σ = sqrt|μ² − w ∗ Y²|,  m = (Y − μ) / (σ + 1/255)     (w: 7×7 Gaussian, σ_w = 7/6,
 //   'same' zero-padded), then for m and its neighbour products (horizontal m[y,x]m[y,x+1],
 //   vertical m[y,x]m[y+1,x], main diagonal m[y,x]m[y+1,x+1], secondary m[y+1,x]m[y,x+1]) the five

@@ -233,6 +233,11 @@ def test_backends_agree(backend):
         got = brisque(x)
     assert got.dtype == torch.float64 and got.shape == (3,)
     assert torch.allclose(got, want, rtol=0, atol=1e-8)
+    with petal_fast.use_backend("reference"):
+        want_f = brisque_features(x)
+    with petal_fast.use_backend(backend):
+        got_f = brisque_features(x)
+    assert got_f.shape == (3, 36) and rel_err(got_f, want_f) < 1e-10
 
 
 def test_batch_equals_per_image_and_dtypes():
@@ -252,7 +257,15 @@ def test_batch_equals_per_image_and_dtypes():
 # input contract
 # ---------------------------------------------------------------------------------------------
 
-def test_input_contract_errors():
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_input_contract_errors(backend):
+    if backend == "cpp" and not _ext.has_op("brisque_score"):
+        pytest.skip("C++ extension not built")
+    with petal_fast.use_backend(backend):
+        _check_contract()
+
+
+def _check_contract():
     good = torch.rand(2, 3, 16, 16)
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         brisque(good.numpy())
