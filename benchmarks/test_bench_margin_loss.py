@@ -15,7 +15,7 @@ def providers_for(B: int, C: int, device: torch.device) -> list[str]:
     names = ["fused"]
     if B * C * 4 * 6 <= bench.MATERIALISED_LIMIT:
         names.insert(0, "materialised")
-    if device.type == "cpu" and C <= 100_000:
+    if device.type == "cpu" and C <= 10_000:
         names.append("fused_torch")
     return names
 
