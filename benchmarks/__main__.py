@@ -13,6 +13,7 @@ charts, one per device. Exit status: 0 all suites ran; 1 a suite was unavailable
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("warning: TRITON_INTERPRET=1 runs the Triton kernels in the interpreter; GPU times will be "
+              "meaningless (unset it)", file=sys.stderr)
     out = args.out or (common.RESULTS / "quick" if args.quick else common.RESULTS)
 
     # Import every selected script and check every results file before spending minutes on timing.
