@@ -50,7 +50,8 @@ def provenance(rows: list[dict]) -> str:
     commits = sorted({r.get("commit", "") for r in rows} - {""})
     dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
     when = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]} to {dates[-1]}" if dates else "?")
-    return f"commit {', '.join(commits) or '?'}, {when}"
+    shown = ", ".join(commits[:3]) + (f" and {len(commits) - 3} more" if len(commits) > 3 else "")
+    return f"{'commits' if len(commits) > 1 else 'commit'} {shown or '?'}, {when}"
 
 
 def by_device(rows: list[dict]) -> dict[str, list[dict]]:
