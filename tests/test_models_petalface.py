@@ -207,7 +207,7 @@ def test_training_step_updates_only_adapters_and_head():
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     x, y = torch.randn(6, 3, 40, 40), torch.randint(0, 7, (6,))
     losses = []
-    for _ in range(8):
+    for _ in range(5):
         loss = model(x, y)
         loss.backward()
         assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
