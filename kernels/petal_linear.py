@@ -38,7 +38,8 @@ Tiles come from the static table ``TILE_CONFIGS`` keyed by the GPU's compute-cap
     python -m petal_fast.kernels.petal_linear --tune [--m 8192 --k 4096 --n 4096 --rank 8 --dtype bfloat16]
 
 which times candidate tiles per kernel with ``triton.testing.do_bench`` and prints the table entry
-to paste into ``TILE_CONFIGS``.
+to paste into ``TILE_CONFIGS``. Without a GPU, ``--compile-check 90`` compiles the table's kernels
+for sm_90 (TRITON_DUMP_PTXAS_LOG=1 shows registers and spills) to catch resource overruns.
 """
 from __future__ import annotations
 
@@ -51,21 +52,32 @@ import triton.language as tl
 from ._rng import host_key, host_threshold, keep_mask
 
 # ------------------------------------------------------------------------------------- tile table
-# Block sizes are for 16-bit inputs; float32 halves the reduction block (REDUCTION_BLOCK) so the
-# pipelined shared-memory footprint stays the same. "programs" is the target grid size of the
-# dY pass (it splits N when M alone gives too few programs), as a multiple of the SM count.
+# Block sizes are for 16-bit inputs. float32 halves the reduction block (REDUCTION_BLOCK), so the
+# pipelined shared-memory footprint stays the same, and the BLOCK_M of the two big GEMMs (IEEE
+# fp32 dots hold more in registers). "programs_per_sm" sets the target grid of the dY pass (it
+# splits N over programs when M alone gives too few), as a multiple of the SM count.
+#
+# Checked without a GPU by compiling (no launch) with Triton 3.9 + ptxas -v, using a launch's
+# specialisation (unit inner strides, 16-divisible pointers/sizes), rank 8 per branch (RP = 16):
+#   sm_90a bf16: shrink 60 KB smem / 48 regs; fwd 128 KB / 112 regs (p = 0), 255 regs (p > 0);
+#                bwd_dy 56 KB / 206 regs (p > 0, 8 warps); bwd_dx 128 KB / 206 regs — all
+#                software-pipelined, no spills. fp32 with the halving: fwd (p > 0) 72 KB, no
+#                spills; bwd_dx 72 KB, 76 B spilled. RP = 128 (rank 64 × 2) at p > 0 spills
+#                ~150 B (fwd) and ~750 B (bwd_dy).
+#   sm_80 bf16: fwd 48 KB, no spills with 8 warps (4 warps spilled 1.7 KB at p > 0); bwd_dx 80 B.
+# Never timed: re-tune (below) on the first GPU run.
 TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
     9: {  # Hopper: H100 / H200 (228 KB shared memory per SM)
         "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
         "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, programs_per_sm=2),
+        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, programs_per_sm=2),
         "bwd_dx": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     },
     8: {  # Ampere / Ada: A100 (164 KB), RTX 30xx/40xx (100 KB) — sized for the smaller
         "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
+        "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
         "bwd_dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2),
-        "bwd_dx": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+        "bwd_dx": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     },
     "default": {  # other CUDA GPUs: conservative
         "shrink": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2),
@@ -99,9 +111,14 @@ def config_for(kernel: str, device: torch.device, dtype: torch.dtype,
                table: dict | None = None) -> dict[str, int]:
     """The tile configuration of ``kernel`` on ``device`` for inputs of ``dtype``."""
     cfg = dict((table or TILE_CONFIGS[_generation(device)])[kernel])
-    if dtype.itemsize == 4 and device.type == "cuda":
-        key = REDUCTION_BLOCK[kernel]
-        cfg[key] = max(16, cfg[key] // 2)
+    return _for_dtype(cfg, kernel, dtype) if device.type == "cuda" else cfg
+
+
+def _for_dtype(cfg: dict[str, int], kernel: str, dtype: torch.dtype) -> dict[str, int]:
+    if dtype.itemsize == 4:
+        halve = (REDUCTION_BLOCK[kernel], "BLOCK_M") if kernel in ("fwd", "bwd_dx") else (REDUCTION_BLOCK[kernel],)
+        for key in halve:
+            cfg[key] = max(16, cfg[key] // 2)
     return cfg
 
 
@@ -489,6 +506,53 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
     return best
 
 
+def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int = 8, branches: int = 2,
+                  dropout: bool = False) -> list[dict[str, object]]:
+    """Compile every kernel for ``sm_<arch>`` with its table tiles, without a GPU (no launch).
+
+    Uses the specialisation a real launch gets (unit inner strides, 16-divisible pointers and
+    sizes) and returns the shared memory per kernel; with ``TRITON_DUMP_PTXAS_LOG=1`` ptxas also
+    prints registers and spills. Run with TRITON_INTERPRET unset.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    d = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    rp, precision = _padded_rank(branches * rank), "ieee" if dtype == torch.float32 else "tf32"
+    unit = {"s_xk", "s_wk", "s_ak", "s_br", "s_dyn"}
+    div16 = {"M", "N", "K", "s_xm", "s_wn", "s_ar", "s_um", "s_bn", "s_ym", "s_dym", "s_dxm"}
+    fp32_ptrs = {"coef_ptr", "dt_ptr", "db_ptr", "da_ptr"}
+    kernels = {
+        "shrink": (_shrink_kernel, dict(RP=rp, PRECISION=precision)),
+        "fwd": (_fwd_kernel, dict(BRANCHES=branches, HAS_BIAS=True, DROPOUT=dropout, RP=rp, PRECISION=precision)),
+        "bwd_dy": (_bwd_dy_kernel, dict(BRANCHES=branches, DROPOUT=dropout, ATOMIC_DT=True, RP=rp,
+                                         PRECISION=precision)),
+        "bwd_dx": (_bwd_dx_kernel, dict(COMPUTE_DX=True, RP=rp, PRECISION=precision)),
+    }
+    table = TILE_CONFIGS.get(arch // 10, TILE_CONFIGS["default"])
+    rows = []
+    for name, (fn, consts) in kernels.items():
+        cfg = _for_dtype(dict(table[name]), name, dtype)
+        opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+        cfg.pop("programs_per_sm", None)
+        consts = {**consts, **cfg, **{a: 1 for a in unit if a in fn.arg_names}}
+        signature, attrs = {}, {}
+        for i, arg in enumerate(fn.arg_names):
+            if arg in consts:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*" + ("fp32" if arg in fp32_ptrs else d)
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg] = "fp32" if arg == "keep_scale" else "i32"
+                if arg in div16:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        rows.append({"kernel": name, "shared_bytes": compiled.metadata.shared, **opts, **cfg})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Re-tune the PetalLinear Triton tiles on the current GPU.")
     parser.add_argument("--tune", action="store_true", help="time candidate tiles and print a TILE_CONFIGS entry")
@@ -497,9 +561,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--branches", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16"))
+    parser.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--compile-check", type=int, metavar="ARCH",
+                        help="compile the table's kernels for sm_ARCH (e.g. 90) without a GPU and print shared memory")
     args = parser.parse_args()
+    if args.compile_check:
+        for row in compile_check(args.compile_check, getattr(torch, args.dtype), args.rank, args.branches,
+                                 args.dropout > 0):
+            print(row)
+        return
     if not args.tune:
         parser.print_help()
         return

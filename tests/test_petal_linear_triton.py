@@ -175,5 +175,5 @@ def test_tile_table_is_complete():
     assert kernels.config_for("fwd", cpu, torch.float32) == kernels.TILE_CONFIGS["interpreter"]["fwd"]
     cuda = torch.device("cuda")
     half = kernels.config_for("fwd", cuda, torch.float32, table=gpu_like)
-    assert half["BLOCK_K"] == gpu_like["fwd"]["BLOCK_K"] // 2
+    assert half["BLOCK_K"] == gpu_like["fwd"]["BLOCK_K"] // 2 and half["BLOCK_M"] == gpu_like["fwd"]["BLOCK_M"] // 2
     assert kernels.config_for("bwd_dy", cuda, torch.bfloat16, table=gpu_like) == gpu_like["bwd_dy"]
