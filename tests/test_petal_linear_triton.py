@@ -177,3 +177,27 @@ def test_tile_table_is_complete():
     half = kernels.config_for("fwd", cuda, torch.float32, table=gpu_like)
     assert half["BLOCK_K"] == gpu_like["fwd"]["BLOCK_K"] // 2 and half["BLOCK_M"] == gpu_like["fwd"]["BLOCK_M"] // 2
     assert kernels.config_for("bwd_dy", cuda, torch.bfloat16, table=gpu_like) == gpu_like["bwd_dy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,limit", [(90, 227 * 1024), (80, 163 * 1024)])
+def test_tile_table_compiles_for_gpu(arch, limit):
+    """The table's tiles compile for sm_90 / sm_80 (bf16, p > 0) within the SM's shared memory.
+
+    Compiled ahead of time with Triton's bundled ptxas, so this runs without a GPU; a subprocess
+    because the kernels must be real JIT functions (this process may run the interpreter).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from petal_fast.kernels.petal_linear import compile_check as c; "
+            f"print(json.dumps(c({arch}, dropout=True)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"shrink", "fwd", "bwd_dy", "bwd_dx"}
+    for row in rows:
+        assert 0 < row["shared_bytes"] <= limit, row
