@@ -16,12 +16,15 @@ small shrink kernel writes U (M × R, also the activation saved for backward); t
 then adds (c ⊙ U) B_catᵀ to its fp32 accumulator before bias and dropout are applied in
 registers, so y is stored once and no M×N intermediate exists. With p > 0 each branch's product
 is computed by its own small dot and masked before it is added (the masks differ per branch);
-with p = 0 both branches are one dot and no hash is evaluated. The alternative one-pass design
-(computing U inside every GEMM tile from the x tiles it already streams) was NOT built: it
-recomputes x A_catᵀ once per N-tile column (N/BLOCK_N times) and needs the full U row block
-before the expand, which forces a second sweep over K or a K-outer loop order; it only pays off
-when the shrink's extra read of x dominates (tiny N). Choosing between them needs GPU
-measurements, which were not available when this was written — re-measure with
+with p = 0 both branches are one dot and no hash is evaluated.
+
+The alternative one-pass design (accumulating x A_catᵀ next to x Wᵀ from the x tiles every GEMM
+program already streams, then expanding after the K loop) was NOT built. It saves the shrink's
+launch and its extra read of x, but recomputes x A_catᵀ in every N-tile: N/BLOCK_N times, i.e.
+R·(N/BLOCK_N)/N = R/BLOCK_N extra tensor-core work over the base GEMM (12.5% at R = 16,
+BLOCK_N = 128) against the split design's one extra read of x (≈ 5% of the base GEMM's time at
+8192×4096×4096 in bf16 on an H100 by the roofline); it can only win when N is a few tiles wide.
+Deciding needs GPU measurements, which were not available when this was written: measure with
 ``benchmarks/bench_petal_linear.py`` before building it.
 
 Backward reductions over M (dB, dA) are fp32 atomics into zeroed buffers; dT is reduced over
@@ -469,8 +472,8 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
          dtype: torch.dtype = torch.bfloat16, p: float = 0.0) -> dict[str, dict[str, int]]:
     """Time every candidate tile of each kernel on the current GPU; return the fastest per kernel.
 
-    Configurations are given for 16-bit inputs (``config_for`` halves the reduction block for
-    float32); tune with a 16-bit dtype to fill the table.
+    Configurations are given for 16-bit inputs (``config_for`` derives the float32 tiles from
+    them); tune with a 16-bit dtype to fill the table.
     """
     from tqdm import tqdm
     from triton.testing import do_bench
