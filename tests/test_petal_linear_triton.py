@@ -179,6 +179,28 @@ def test_tile_table_is_complete():
     assert kernels.config_for("bwd_dy", cuda, torch.bfloat16, table=gpu_like) == gpu_like["bwd_dy"]
 
 
+@pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("generation", [9, 8, "default"])
+def test_gpu_tiles_in_interpreter(generation):
+    """The GPU tables' (large) tiles on shapes smaller and larger than one tile, via the launchers."""
+    from petal_fast.kernels import petal_linear as kernels
+    from petal_fast.ops import _petal_linear_torch as composition
+
+    table = kernels.TILE_CONFIGS[generation]
+    m, k, n, branches, rank, images, p, seed = 150, 40, 136, 2, 4, 10, 0.2, 5
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
+    a_cat, b_cat = torch.randn(branches * rank, k) / k ** 0.5, torch.randn(n, branches * rank) / rank ** 0.5
+    coef, dy = torch.rand(images, branches), torch.randn(m, n)
+    y, u = kernels.forward(x, w, b, a_cat, b_cat, coef, p, seed, table=table)
+    grads = kernels.backward(dy, x, w, a_cat, b_cat, coef, u, p, seed, True, table=table)
+    d = lambda t: t.double()  # noqa: E731
+    y64, u64 = composition.forward(d(x), d(w), d(b), d(a_cat), d(b_cat), d(coef), p, seed)
+    grads64 = composition.backward(d(dy), d(x), d(w), d(a_cat), d(b_cat), d(coef), u64, p, seed, True)
+    assert rel_err(y, y64) < TOL[torch.float32] and rel_err(u, u64) < TOL[torch.float32]
+    for got, want, name in zip(grads, grads64, ("dx", "dA", "dB")):
+        assert rel_err(got, want) < TOL[torch.float32], name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,limit", [(90, 227 * 1024), (80, 163 * 1024)])
 def test_tile_table_compiles_for_gpu(arch, limit):
