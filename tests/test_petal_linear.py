@@ -8,7 +8,7 @@ import petal_fast
 from petal_fast import PetalLinear, use_backend
 from petal_fast.ops import petal_linear
 from petal_fast.reference import dropout_mask, petal_linear as ref_petal_linear
-from tests.conftest import TOL, rel_err
+from conftest import TOL, rel_err
 
 CPU_BACKENDS = ["torch", "cpp"]
 

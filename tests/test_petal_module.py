@@ -12,7 +12,7 @@ from torch import nn
 import petal_fast
 from petal_fast import PetalLinear, adapter_state_dict, inject_petal, load_adapter_state_dict, quality
 from petal_fast.reference import petal_linear as ref_petal_linear
-from tests.conftest import rel_err
+from conftest import rel_err
 
 
 def randomise_adapters(model: nn.Module) -> None:
