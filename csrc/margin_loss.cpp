@@ -19,7 +19,7 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kTileElems = int64_t{1} << 18;  // ≈1 MiB fp32 tile per thread
+constexpr int64_t kTileElems = int64_t{1} << 18;  // ≈1 MiB fp32 tile per thread (2^17 and 2^20 measured no better)
 
 at::ScalarType acc_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
