@@ -158,7 +158,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
         if path.suffix == ".json":
             values = json.loads(path.read_text())
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
             values = tomllib.loads(path.read_text())
         for k, v in values.items():
             _apply(cfg, k, v)
