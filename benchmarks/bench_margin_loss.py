@@ -7,7 +7,8 @@ Providers (interleaved in one process, medians over repeats):
 - ``fused_torch``  the torch composition of the same chunked online-LSE algorithm (CPU, C ≤ 10k).
 Mode ``fwd+bwd`` (ArcFace, exact gradients, dE and dW). Memory: on CPU the peak RSS of a fresh
 subprocess running one fwd+bwd minus that of a subprocess holding the same inputs and gradients
-("extra"); on CUDA ``max_memory_allocated`` minus the inputs and gradients. Ratios are to
+("extra"); on CUDA ``max_memory_allocated`` minus the inputs and gradients. Both processes first make one tiny
+call of the same backend, so the runtime's one-off initialisation is not counted as "extra". Ratios are to
 ``materialised``. Shapes skip the materialised path where it would not fit in memory.
 """
 from __future__ import annotations
@@ -51,16 +52,18 @@ def _providers(B: int, C: int, device, dtype, names):
     return {name: (lambda b=BACKENDS[name]: _step(b, e, w, labels)) for name in names}
 
 
-def _rss_code(B: int, C: int, backend: str | None, threads: int) -> str:
-    """A fresh process: inputs and one fwd+bwd (``backend`` given), or inputs and gradient-sized
-    buffers (``backend=None``, the baseline)."""
-    run = ("de, dw = torch.ones_like(e), torch.ones_like(w)\n" if backend is None else
-           f"_step({backend!r}, e, w, labels)\n")
+def _rss_code(B: int, C: int, backend: str, threads: int, measure: bool) -> str:
+    """A fresh process: the runtime initialised by one tiny call of ``backend`` (thread pools,
+    BLAS buffers), the inputs, then one fwd+bwd (``measure``) or gradient-sized buffers (the
+    baseline)."""
+    run = f"_step({backend!r}, e, w, labels)\n" if measure else "de, dw = torch.ones_like(e), torch.ones_like(w)\n"
     return textwrap.dedent(f"""
         import torch
-        from benchmarks.bench_margin_loss import _step  # same imports in both processes
+        from benchmarks.bench_margin_loss import _step
         torch.set_num_threads({threads})
         torch.manual_seed(0)
+        _step({backend!r}, torch.randn(2, {D}, requires_grad=True), torch.randn(64, {D}, requires_grad=True),
+              torch.tensor([0, 63]))
         e = torch.randn({B}, {D}, requires_grad=True)
         w = torch.randn({C}, {D}, requires_grad=True)
         labels = torch.randint(0, {C}, ({B},))
@@ -87,7 +90,8 @@ def _peak_extra_bytes(B: int, C: int, backend: str, device) -> int:
         next(iter(fns.values()))()
         return torch.cuda.max_memory_allocated() - base
     threads = torch.get_num_threads()
-    return _peak_rss_subprocess(_rss_code(B, C, backend, threads)) - _peak_rss_subprocess(_rss_code(B, C, None, threads))
+    return (_peak_rss_subprocess(_rss_code(B, C, backend, threads, True))
+            - _peak_rss_subprocess(_rss_code(B, C, backend, threads, False)))
 
 
 def _memory_rows(B: int, C: int, device, dtype_name: str, names) -> list[dict]:
@@ -97,7 +101,7 @@ def _memory_rows(B: int, C: int, device, dtype_name: str, names) -> list[dict]:
              "provider": n, "mode": "fwd+bwd", "metric": "peak_extra_mem", "median": f"{v / 2**20:.1f}",
              "unit": "MiB", "baseline": "materialised",
              "ratio": f"{v / base:.4f}" if base else "",
-             "notes": "peak memory beyond inputs and gradients"} for n, v in extra.items()]
+             "notes": "peak memory beyond inputs, gradients and the initialised runtime"} for n, v in extra.items()]
 
 
 def run(quick: bool = False, device: str | None = None) -> list[dict]:

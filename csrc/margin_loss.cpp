@@ -44,6 +44,28 @@ Tensor normalise_grad(const Tensor& dxn, const Tensor& x, const Tensor& r, doubl
   return (dxn - xn * proj.unsqueeze(1)).mul_(r.unsqueeze(1));
 }
 
+// dW_c = r·(dŴ − ŵ⟨ŵ, dŴ⟩) = r·dŴ − r³⟨w, dŴ⟩·w with dŴ = Gᵀ·Ê, in place in one n×D buffer
+// (dW's own rows when they are fp32/fp64), so a chunk costs no extra n×D temporaries.
+void chunk_dw(Tensor dw_rows, const Tensor& g, const Tensor& en, const Tensor& wc, const Tensor& rw, double eps) {
+  const bool direct = dw_rows.scalar_type() == en.scalar_type();
+  Tensor dwn = direct ? dw_rows : at::empty(dw_rows.sizes(), en.options());
+  at::mm_out(dwn, g.t(), en);
+  Tensor coef = at::empty_like(rw);
+  const int64_t n = dwn.size(0), D = dwn.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dwn.scalar_type(), "margin_loss_dw", [&] {
+    const scalar_t *pw = wc.data_ptr<scalar_t>(), *pr = rw.data_ptr<scalar_t>();
+    const scalar_t* pd = dwn.data_ptr<scalar_t>();
+    scalar_t* pc = coef.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < n; ++j) {
+      scalar_t dot = 0;
+      for (int64_t d = 0; d < D; ++d) dot += pw[j * D + d] * pd[j * D + d];
+      pc[j] = pr[j] < scalar_t(1.0 / eps) ? -pr[j] * pr[j] * pr[j] * dot : scalar_t(0);  // none if ‖w‖ < ε
+    }
+  });
+  dwn.mul_(rw.unsqueeze(1)).addcmul_(wc, coef.unsqueeze(1));
+  if (!direct) dw_rows.copy_(dwn);
+}
+
 void check(const Tensor& e, const Tensor& w, const Tensor& labels) {
   TORCH_CHECK(e.dim() == 2 && e.is_contiguous(), "margin_loss: embeddings must be contiguous (B, D)");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == e.size(1), "margin_loss: weight must be contiguous (C, D)");
@@ -168,7 +190,7 @@ std::tuple<Tensor, Tensor> margin_loss_bwd(const Tensor& e, const Tensor& w, con
       AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "margin_loss_bwd_zero", [&] {
         set_cols<scalar_t>(g, rows, cols, scalar_t(0));
       });
-      if (need_w) dw.narrow(0, c0, n).copy_(normalise_grad(at::mm(g.t(), en), wc, rw, eps));
+      if (need_w) chunk_dw(dw.narrow(0, c0, n), g, en, wc, rw, eps);
       if (need_e) de_part[t].addmm_(g.mul_(rw.unsqueeze(0)), wc);
     }
   });
