@@ -37,6 +37,18 @@ def normalise_grad(dxn: torch.Tensor, x: torch.Tensor, r: torch.Tensor, eps: flo
     return (dxn - xn * proj.unsqueeze(1)) * r.unsqueeze(1)
 
 
+def chunk_dw(dw_rows: torch.Tensor, g: torch.Tensor, en: torch.Tensor, wc: torch.Tensor, rw: torch.Tensor,
+             eps: float) -> None:
+    """dW_c = r·dŴ − r³⟨w, dŴ⟩·w with dŴ = Gᵀ·Ê, computed in place in dW's rows (no n×D temporaries)."""
+    direct = dw_rows.dtype == en.dtype
+    dwn = torch.mm(g.t(), en, out=dw_rows) if direct else g.t() @ en
+    dot = torch.bmm(wc.unsqueeze(1), dwn.unsqueeze(2)).view(-1)  # row dots without an n×D product
+    coef = -(rw * rw * rw) * dot * (rw < 1.0 / eps)
+    dwn.mul_(rw.unsqueeze(1)).addcmul_(wc, coef.unsqueeze(1))
+    if not direct:
+        dw_rows.copy_(dwn)
+
+
 def _target_cols(labels: torch.Tensor, c0: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     local = labels - c0
     rows = ((local >= 0) & (local < n)).nonzero().squeeze(1)
@@ -94,7 +106,7 @@ def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.
         g = z.sub_(lse_safe).exp_().mul_(a).add_(b)
         g[rows, cols] = 0.0
         if need_w:
-            dw[c0:c0 + n] = normalise_grad(g.t() @ en, wc, rw, eps).to(w.dtype)
+            chunk_dw(dw[c0:c0 + n], g, en, wc, rw, eps)
         if need_e:
             den.addmm_(g.mul_(rw), wc)
     de = normalise_grad(den, e_acc, re, eps).to(e.dtype) if need_e else None
