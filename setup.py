@@ -25,7 +25,7 @@ if os.environ.get("PETAL_FAST_NO_EXT") != "1":
                       "(install with `pip install --no-build-isolation .` to build it)")
     else:
         sources = sorted(glob.glob("csrc/*.cpp"))
-        flags = ["-O3", "-std=c++17", "-fopenmp"] if sys.platform != "win32" else ["/O2"]
+        flags = ["-O3", "-std=c++20", "-fopenmp"] if sys.platform != "win32" else ["/O2"]
         ext_modules = [CppExtension("petal_fast._C", sources, extra_compile_args=flags,
                                     extra_link_args=["-fopenmp"] if sys.platform != "win32" else [])]
 

@@ -198,3 +198,12 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(y, ref_petal_linear(x, w, b, a, bb, alpha, 1.0))
     with use_backend("cpp"), pytest.raises(RuntimeError, match="C\\+\\+ extension is not available"):
         petal_linear(x, w, b, a, bb, alpha)
+
+
+@pytest.mark.parametrize("path", ["blocked", "whole"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_paths(monkeypatch, path, dtype):
+    """Both C++ strategies (row blocks in cache, or whole-matrix BLAS calls for a large W) agree."""
+    monkeypatch.setenv("PETAL_FAST_CPU_PATH", path)
+    x, w, b, a, bb, alpha = make_inputs((5, 37), 64, 48, 8, 5)
+    check_against_reference("cpp", x, w, b, a, bb, alpha, 0.6, 0.0, 0, dtype)
