@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import append_rows, base_row, print_table, summary_rows, time_interleaved
+from benchmarks.common import append_rows, base_row, peak_rss_subprocess, print_table, summary_rows, time_interleaved
 from petal_fast import use_backend
 from petal_fast.ops.margin_loss import margin_softmax_loss
 
@@ -70,16 +67,6 @@ def _rss_code(B: int, C: int, backend: str, threads: int, measure: bool) -> str:
     """) + run
 
 
-def _peak_rss_subprocess(code: str) -> int:
-    """Peak resident memory (bytes) of a fresh Python process running ``code``, read from its own
-    VmHWM. (``ru_maxrss`` survives exec on Linux, so a child forked from this large benchmark
-    process would report at least this process's RSS; VmHWM belongs to the exec'd image.)"""
-    script = code + "\nimport sys\nsys.stdout.write(next(ln.split()[1] for ln in open('/proc/self/status') " \
-                    "if ln.startswith('VmHWM:')))\n"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=os.environ)
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # kB
-
-
 def _peak_extra_bytes(B: int, C: int, backend: str, device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,8 +77,8 @@ def _peak_extra_bytes(B: int, C: int, backend: str, device) -> int:
         next(iter(fns.values()))()
         return torch.cuda.max_memory_allocated() - base
     threads = torch.get_num_threads()
-    return (_peak_rss_subprocess(_rss_code(B, C, backend, threads, True))
-            - _peak_rss_subprocess(_rss_code(B, C, backend, threads, False)))
+    return (peak_rss_subprocess(_rss_code(B, C, backend, threads, True))
+            - peak_rss_subprocess(_rss_code(B, C, backend, threads, False)))
 
 
 def _memory_rows(B: int, C: int, device, dtype_name: str, names) -> list[dict]:

@@ -87,11 +87,16 @@ def time_interleaved(providers: dict[str, Callable[[], object]], device: torch.d
 
 
 def peak_rss_subprocess(code: str, env: dict | None = None) -> int:
-    """Peak resident memory (bytes) of a fresh Python subprocess running ``code``."""
-    script = code + "\nimport resource, sys\nsys.stdout.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+    """Peak resident memory (bytes) of a fresh Python subprocess running ``code``.
+
+    Read from ``VmHWM`` in /proc/self/status: ``ru_maxrss`` survives ``exec`` on Linux, so a child of a
+    large parent would report at least the parent's peak.
+    """
+    script = code + ("\nimport sys\nsys.stdout.write(next(l.split()[1] for l in open('/proc/self/status') "
+                     "if l.startswith('VmHWM')))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**os.environ, **(env or {})})
-    return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    return int(out.stdout.strip().splitlines()[-1]) * 1024  # VmHWM is in kB
 
 
 def base_row(suite: str, device: torch.device | str) -> dict:
