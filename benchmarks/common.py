@@ -10,7 +10,6 @@ import csv
 import datetime as _dt
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks import bench_brisque as bench
 from benchmarks.conftest import CaseCache, bench_device, bench_quick
