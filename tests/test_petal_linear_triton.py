@@ -17,7 +17,7 @@ from petal_fast.reference.rng import dropout_mask
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
 ]
 
 
