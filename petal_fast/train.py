@@ -238,9 +238,17 @@ class Trainer:
         self.step, self.skipped = 0, 0
         self.output = Path(cfg.output)
         self.ddp = None
+        self.sharded = cfg.sharded_head and self.world > 1
         if self.world > 1:
+            # A sharded head must stay outside DDP: DDP would broadcast rank 0's class shard to every
+            # rank and average shard gradients that belong to different classes.
+            net = _EmbeddingNet(self.model) if self.sharded else self.model
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.sharded:
+                # The sharded loss is already the global-batch mean on every rank and each rank's
+                # backbone gradient covers only its own rows: sum them instead of averaging.
+                self.ddp.register_comm_hook(None, _allreduce_sum_hook)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off"))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -254,6 +262,18 @@ class Trainer:
         self.model.head = ShardedMarginSoftmaxLoss(old.embedding_dim, old.num_classes, loss=loss, margins=margins,
                                                    scale=self.cfg.loss_scale, grad=self.cfg.grad,
                                                    device=self.device)
+
+    def full_head_weight(self) -> torch.Tensor:
+        """All class centres (C×D) of a sharded head, gathered from every rank (a collective)."""
+        from petal_fast.nn.margin_sharded import shard_range
+        head = self.model.head
+        ranges = [shard_range(head.num_classes, self.world, r) for r in range(self.world)]
+        rows = max(e - s for s, e in ranges)
+        padded = head.weight.detach().new_zeros(rows, head.weight.shape[1])
+        padded[:head.weight.shape[0]] = head.weight.detach()
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:e - s] for part, (s, e) in zip(parts, ranges)]).cpu()
 
     def loader(self, epoch: int, start: int = 0):
         from petal_fast.data import collate_faces
@@ -322,13 +342,13 @@ class Trainer:
         stats = {n: b.detach().clone() for n, b in self.model.named_buffers()
                  if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss = module(images, labels)
+            loss = self.model.head(module(images), labels) if self.sharded else module(images, labels)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        norm = self._clip_gradients()
         ok = torch.isfinite(loss.detach()) & torch.isfinite(norm)
         if self.world > 1:
             flag = ok.float().to(self.device)
@@ -354,6 +374,26 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         return float(loss.detach()), applied
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm to ``grad_clip``; returns the norm before clipping.
+
+        With a sharded head every rank holds other class centres: their squared norms are summed
+        over the ranks so that every rank computes the same norm (and the same clip factor)."""
+        if not self.sharded:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        head = set(map(id, self.model.head.parameters()))
+        grads = [p.grad for p in self.params if p.grad is not None]
+        own = [p.grad for p in self.params if p.grad is not None and id(p) not in head]
+        shard = [p.grad for p in self.params if p.grad is not None and id(p) in head]
+        sq = lambda gs: sum((g.float().pow(2).sum() for g in gs), torch.zeros((), device=self.device))  # noqa: E731
+        shard_sq = sq(shard)
+        dist.all_reduce(shard_sq)
+        norm = (sq(own) + shard_sq).sqrt()
+        factor = (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(factor.to(g.dtype))
+        return norm
 
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to the configured end (or only until global step ``stop_after``, as if interrupted:
@@ -408,14 +448,36 @@ class Trainer:
         result.seconds = time.perf_counter() - t0
         result.steps, result.skipped = self.step, self.skipped
         result.final_loss = result.losses[-1] if result.losses else float("nan")
+        full_head = self.full_head_weight() if self.sharded and self.step >= self.total_steps else None
         if self.rank == 0 and self.step >= self.total_steps:
-            from petal_fast.models import save_checkpoint
-            save_checkpoint(self.model, self.output / "model.pt",
-                            trainable_only=cfg.mode in ("lora", "petalface"), metadata={"config": cfg.to_dict()})
+            from petal_fast.models import full_state_dict, trainable_state_dict
+            weights = trainable_state_dict(self.model) if cfg.mode in ("lora", "petalface") \
+                else full_state_dict(self.model)
+            if full_head is not None:  # model.pt holds every class centre, whatever the world size
+                weights["head.weight"] = full_head
+            checkpointing.atomic_save({"state_dict": weights, "metadata": {"config": cfg.to_dict()}},
+                                      self.output / "model.pt")
             (self.output / "summary.json").write_text(json.dumps(
                 {k: v for k, v in vars(result).items() if k != "losses"} | {"images_per_second": result.images_per_second},
                 indent=2))
         return result
+
+
+class _EmbeddingNet(nn.Module):
+    """``images → model.embedding(images)`` with only the backbone registered (the head stays out of DDP)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backbone = model.backbone
+        object.__setattr__(self, "_model", model)  # not a submodule: its head is not DDP's to sync
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._model.embedding(images)
+
+
+def _allreduce_sum_hook(state, bucket):
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
 
 
 def _progress(total: int, initial: int, enabled: bool):

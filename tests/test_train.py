@@ -167,6 +167,72 @@ def test_two_process_gloo_equals_single_process(tmp_path):
         torch.testing.assert_close(ddp[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+SHARDED_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from tests.test_train import first_step_grads, tiny_cfg
+    from petal_fast.train import Trainer
+    out = {out!r}
+    t = Trainer(tiny_cfg(Path({tmp!r}), mode="lora", dropout=0.0, batch_size=4, sharded_head=True, output=out))
+    head0 = t.full_head_weight()
+    grads = first_step_grads(t, lambda images, labels: t.model.head(t.ddp(images), labels))
+    shard_grad = t.model.head.weight.grad.detach()
+    t.model.head.weight.grad = None
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(t.world)]
+    dist.all_gather(sizes, torch.tensor([shard_grad.shape[0]]))
+    parts = [torch.zeros(int(n), shard_grad.shape[1]) for n in sizes]
+    dist.all_gather(parts, shard_grad.contiguous())
+    grads["head.weight"] = torch.cat(parts)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.fit()                                   # trains end to end, adapters stay in sync across ranks
+    adapters = torch.cat([p.detach().flatten() for n, p in t.model.named_parameters()
+                          if p.requires_grad and not n.startswith("head.")])
+    other = [torch.empty_like(adapters) for _ in range(t.world)]
+    dist.all_gather(other, adapters)
+    assert torch.equal(other[0], other[1]), "ranks diverged"
+    if t.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        torch.save({{"head0": head0, "grads": grads}}, out + "/grads.pt")
+""")
+
+
+def first_step_grads(trainer: Trainer, loss_fn) -> dict[str, torch.Tensor]:
+    """Gradients of every trainable tensor for the first batch of epoch 0 (no optimizer step)."""
+    from petal_fast.train import prepare_images
+    images, labels = next(iter(trainer.loader(0)))
+    loss_fn(prepare_images(images, trainer.image_size, trainer.device), labels).backward()
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+            if p.requires_grad and p.grad is not None and not n.startswith("head.")}
+
+
+def test_sharded_head_two_process_equals_single_process(tmp_path):
+    """Class-sharded head over 2 gloo ranks: the same gradients as one process holding every class
+    with the same global batch (adapters and every class centre), and the ranks stay in sync."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        script = SHARDED_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path), out=str(tmp_path / "sharded"))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    saved = torch.load(tmp_path / "sharded" / "grads.pt", weights_only=True)
+    single = Trainer(tiny_cfg(tmp_path, mode="lora", dropout=0.0, batch_size=8, output=str(tmp_path / "one")))
+    with torch.no_grad():
+        single.model.head.weight.copy_(saved["head0"])
+    ref = first_step_grads(single, lambda images, labels: single.model(images, labels))
+    ref["head.weight"] = single.model.head.weight.grad
+    got = saved["grads"]
+    assert ref.keys() == got.keys() and any("lora_B" in k for k in ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_config_files_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('mode = "lora"\nbatch_size = 4\n[data]\nnum_identities = 7\nresolution = [10, 20]\n')

@@ -50,7 +50,8 @@ class PetalLinearFunction(torch.autograd.Function):
         dx, da, db = bwd(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, float(ctx.p), int(ctx.seed), need_x)
         branches, r, k = ctx.shapes
         d_a = da.view(branches, r, k) if ctx.needs_input_grad[3] else None
-        d_b = db.view(-1, branches, r).permute(1, 0, 2) if ctx.needs_input_grad[4] else None
+        d_b = db.view(-1, branches, r).permute(1, 0, 2).clone(memory_format=torch.contiguous_format) \
+            if ctx.needs_input_grad[4] else None
         return dx, None, None, d_a, d_b, None, None, None, None
 
 
