@@ -28,4 +28,9 @@ inline bool keep(uint32_t row_hash, int64_t col, uint32_t threshold) {
   return (mix32(row_hash ^ (static_cast<uint32_t>(col) * 0x9E3779B9u)) >> 8) >= threshold;
 }
 
+// The dropout factor of column col: inv (= 1/(1−p)) if kept, else 0.
+inline float keep_scale(uint32_t row_hash, uint32_t col, uint32_t threshold, float inv) {
+  return (mix32(row_hash ^ (col * 0x9E3779B9u)) >> 8) >= threshold ? inv : 0.0f;
+}
+
 }  // namespace petal_fast
