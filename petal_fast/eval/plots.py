@@ -13,6 +13,17 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: str, title: str) -> str:
+    """Title, legend, write the PNG (creating its folder), close the figure."""
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_roc(curves: dict[str, dict], path: str, title: str = "ROC") -> str:
     """``curves``: name → {"fpr": [...], "tpr": [...], optional "auc"}; log-scaled FAR axis."""
     plt = _pyplot()
@@ -27,13 +38,7 @@ def plot_roc(curves: dict[str, dict], path: str, title: str = "ROC") -> str:
     ax.set_ylabel("True accept rate")
     ax.set_ylim(0, 1.01)
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, title)
 
 
 def plot_cmc(curves: dict[str, list[float]], path: str, title: str = "CMC") -> str:
@@ -46,10 +51,4 @@ def plot_cmc(curves: dict[str, list[float]], path: str, title: str = "CMC") -> s
     ax.set_ylabel("Identification rate")
     ax.set_ylim(0, 1.01)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, title)
