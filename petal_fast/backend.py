@@ -71,6 +71,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def implementation(backend: str, op: str, torch_impl) -> tuple:
+    """(forward, backward) of ``op`` on a resolved non-reference backend: the torch composition
+    module's functions, the C++ ops ``<op>_fwd``/``<op>_bwd``, or ``petal_fast.kernels.<op>``
+    (imported only when asked for, so machines without Triton never import it)."""
+    if backend == "torch":
+        return torch_impl.forward, torch_impl.backward
+    from petal_fast import _ext
+    if backend == "cpp":
+        return _ext.op(f"{op}_fwd"), _ext.op(f"{op}_bwd")
+    kernels = importlib.import_module(f"petal_fast.kernels.{op}")
+    return kernels.forward, kernels.backward
+
+
 def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS) -> str:
     """Choose the backend for an op whose tensors live on ``device``.
 

@@ -502,18 +502,12 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.
     meta = raw.get("metadata", {}) if isinstance(raw, dict) else {}
     if "config" not in meta:
         raise ValueError(f"{path} has no training config in its metadata: was it written by petal-fast train?")
-    cfg = load_config(None, **_flatten_config(meta["config"]))
+    cfg = load_config(None, **meta["config"])
     head = {k: v for k, v in raw["state_dict"].items() if k == "head.weight"}
     num_classes = int(head["head.weight"].shape[0]) if head else None
     model = build_training_model(cfg, num_classes, torch.device(device))
     load_petalface_checkpoint(model, raw["state_dict"], strict=False)
     return model.eval()
-
-
-def _flatten_config(d: dict) -> dict:
-    out = dict(d)
-    out["data"] = dict(d.get("data", {}))
-    return out
 
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, dataset=None) -> tuple[Trainer, TrainResult]:

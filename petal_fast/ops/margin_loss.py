@@ -30,8 +30,7 @@ import math
 
 import torch
 
-from petal_fast import _ext
-from petal_fast.backend import resolve
+from petal_fast.backend import implementation, resolve
 from petal_fast.reference import margin as ref
 
 from . import _margin_loss_torch as torch_impl
@@ -41,12 +40,7 @@ NORM_EPS = ref.NORM_EPS
 
 
 def _impl(backend: str):
-    if backend == "torch":
-        return torch_impl.forward, torch_impl.backward
-    if backend == "cpp":
-        return _ext.op("margin_loss_fwd"), _ext.op("margin_loss_bwd")
-    from petal_fast.kernels import margin_loss as triton_impl  # only imported when asked for
-    return triton_impl.forward, triton_impl.backward
+    return implementation(backend, OP, torch_impl)
 
 
 class MarginCoreFunction(torch.autograd.Function):

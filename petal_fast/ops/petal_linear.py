@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from petal_fast import _ext
-from petal_fast.backend import resolve
+from petal_fast.backend import implementation, resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
 from . import _petal_linear_torch as torch_impl
@@ -22,12 +21,7 @@ OP = "petal_linear"
 
 
 def _impl(backend: str):
-    if backend == "torch":
-        return torch_impl.forward, torch_impl.backward
-    if backend == "cpp":
-        return _ext.op("petal_linear_fwd"), _ext.op("petal_linear_bwd")
-    from petal_fast.kernels import petal_linear as triton_impl  # only imported when asked for
-    return triton_impl.forward, triton_impl.backward
+    return implementation(backend, OP, torch_impl)
 
 
 class PetalLinearFunction(torch.autograd.Function):
