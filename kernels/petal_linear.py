@@ -47,6 +47,9 @@ for sm_90 (TRITON_DUMP_PTXAS_LOG=1 shows registers and spills) to catch resource
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from typing import Iterator
 
 import torch
 import triton
@@ -101,6 +104,42 @@ REDUCTION_BLOCK = {"shrink": "BLOCK_K", "fwd": "BLOCK_K", "bwd_dy": "BLOCK_N", "
 INTERPRETER_SMS = 2  # stands in for the SM count on CPU tensors
 MAX_R = 128          # branches·rank: two branches of rank 64
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------- design
+DESIGNS = ("split", "onepass")
+# The design each generation uses by default: split until GPU measurements say otherwise
+# (``--tune`` times both and prints the winner).
+DEFAULT_DESIGN: dict[object, str] = {9: "split", 8: "split", "default": "split", "interpreter": "split"}
+_design_override: list[str] = []  # process-wide, not thread-local: backward runs on autograd's threads
+
+
+@contextlib.contextmanager
+def use_design(name: str) -> Iterator[None]:
+    """Force the ``"split"`` or ``"onepass"`` kernels inside the block (forward and backward).
+
+    Process-wide (backward may run on another thread); for benchmarks and tests. Outside any
+    block the environment variable ``PETAL_FAST_TRITON_DESIGN`` and then ``DEFAULT_DESIGN`` decide.
+    """
+    if name not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
+    _design_override.append(name)
+    try:
+        yield
+    finally:
+        _design_override.pop()
+
+
+def design_for(device: torch.device) -> str:
+    """The design in force for tensors on ``device``: use_design, then the env variable, then the table."""
+    if _design_override:
+        return _design_override[-1]
+    env = os.environ.get("PETAL_FAST_TRITON_DESIGN", "").strip()
+    if env:
+        if env not in DESIGNS:
+            raise ValueError(f"PETAL_FAST_TRITON_DESIGN must be one of {DESIGNS}, got {env!r}")
+        return env
+    return DEFAULT_DESIGN[_generation(device)]
 
 
 def _generation(device: torch.device) -> object:
