@@ -3,29 +3,36 @@
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
 With U = x A_catᵀ (M × R, R = branches·r) and the per-row branch weights c = [s(1−α_i), sα_i]
-(``coef[row // rows_per_image]``), the kernels compute
+(``coef[row // rows_per_image]``), two designs compute the same numbers (U is rounded to x's
+dtype in both, so they agree to the accumulation order):
 
+split (LoRAFusion's choice; 4 launches per step)
     forward   U = x A_catᵀ                                   (_shrink_kernel)
               y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ)        (_fwd_kernel: one fp32 accumulator)
     backward  dU_k = D_k(dY) B_k,  dT = c ⊙ dU,
               dB_k = D_k(dY)ᵀ (c_k ⊙ U_k)                     (_bwd_dy_kernel: one pass over dY)
               dX = dY W + dT A_cat,  dA = dTᵀ x               (_bwd_dx_kernel: one accumulator)
+one-pass (2 launches per step)
+    forward   x Wᵀ and U = x A_catᵀ from the same x tiles, then the same epilogue; the first
+              N-tile's programs store U for backward       (_fwd_onepass_kernel)
+    backward  dY W and dU = dY B_cat from the same dY tiles; dB from the same tiles, each N-tile
+              added by one K-tile column of programs; then dX and dA as above (_bwd_onepass_kernel;
+              p = 0 with dX wanted — otherwise the split kernels run)
 
-Design: split-fused (LoRAFusion's choice, the one DESIGN §1.1's roofline numbers describe). A
-small shrink kernel writes U (M × R, also the activation saved for backward); the base GEMM tile
-then adds (c ⊙ U) B_catᵀ to its fp32 accumulator before bias and dropout are applied in
-registers, so y is stored once and no M×N intermediate exists. With p > 0 each branch's product
-is computed by its own small dot and masked before it is added (the masks differ per branch);
-with p = 0 both branches are one dot and no hash is evaluated.
+In both, y is stored once and no M×N intermediate exists; with p > 0 each branch's product is
+computed by its own small dot and masked before it is added (the masks differ per branch); with
+p = 0 both branches are one dot and no hash is evaluated.
 
-The alternative one-pass design (accumulating x A_catᵀ next to x Wᵀ from the x tiles every GEMM
-program already streams, then expanding after the K loop) was NOT built. It saves the shrink's
-launch and its extra read of x, but recomputes x A_catᵀ in every N-tile: N/BLOCK_N times, i.e.
-R·(N/BLOCK_N)/N = R/BLOCK_N extra tensor-core work over the base GEMM (12.5% at R = 16,
-BLOCK_N = 128) against the split design's one extra read of x (≈ 5% of the base GEMM's time at
-8192×4096×4096 in bf16 on an H100 by the roofline); it can only win when N is a few tiles wide.
-Deciding needs GPU measurements, which were not available when this was written: measure with
-``benchmarks/bench_petal_linear.py`` before building it.
+Trade-off, written down before any GPU measurement (bf16, R = 16, 128-wide tiles): the split
+design pays one extra read of x (shrink) and of dY (dY pass) plus two launches; the one-pass
+design recomputes U in every N-tile and dU in every K-tile, RP/BLOCK_N and RP/BLOCK_K = 12.5%
+extra tensor-core work. At 8192×4096×4096 on an H100 (~700 TFLOP/s achieved, 3.35 TB/s) the base
+GEMM takes ~0.39 ms and the extra reads ~0.02 ms each, so split is expected at ~1.06× the base per
+direction and one-pass at ~1.13×; at the PETALface per-GPU batch-8 shapes (M = 200..3200) the
+base GEMM takes a few µs and the split design's extra launches (~3–5 µs each) should dominate,
+where one-pass is expected to win. ``use_design`` / ``PETAL_FAST_TRITON_DESIGN`` force either;
+``DEFAULT_DESIGN`` holds the per-generation choice, ``--tune`` measures both, and the benchmark
+(``benchmarks/bench_petal_linear.py``) reports both as ``fused`` and ``fused_onepass``.
 
 Backward reductions over M (dB, dA) are fp32 atomics into zeroed buffers; dT is reduced over
 N-splits with atomics only when the dY pass is split over N for occupancy. Atomics make dA/dB
@@ -40,8 +47,8 @@ Tiles come from the static table ``TILE_CONFIGS`` keyed by the GPU's compute-cap
 
     python -m petal_fast.kernels.petal_linear --tune [--m 8192 --k 4096 --n 4096 --rank 8 --dtype bfloat16]
 
-which times candidate tiles per kernel with ``triton.testing.do_bench`` and prints the table entry
-to paste into ``TILE_CONFIGS``. Without a GPU, ``--compile-check 90`` compiles the table's kernels
+which times candidate tiles per kernel with ``triton.testing.do_bench``, then each design's kernels
+together per direction, and prints the entries to paste into ``TILE_CONFIGS`` and ``DEFAULT_DESIGN``. Without a GPU, ``--compile-check 90`` compiles the table's kernels
 for sm_90 (TRITON_DUMP_PTXAS_LOG=1 shows registers and spills) to catch resource overruns.
 """
 from __future__ import annotations
@@ -59,7 +66,7 @@ from ._rng import host_key, host_threshold, keep_mask
 
 # ------------------------------------------------------------------------------------- tile table
 # Block sizes are for 16-bit inputs. float32 halves the reduction block (REDUCTION_BLOCK), so the
-# pipelined shared-memory footprint stays the same, and the BLOCK_M of the two big GEMMs (IEEE
+# pipelined shared-memory footprint stays the same, and the BLOCK_M of the big GEMMs (IEEE
 # fp32 dots hold more in registers). "programs_per_sm" sets the target grid of the dY pass (it
 # splits N over programs when M alone gives too few), as a multiple of the SM count.
 #
@@ -71,6 +78,9 @@ from ._rng import host_key, host_threshold, keep_mask
 #                spills; bwd_dx 72 KB, 76 B spilled. RP = 128 (rank 64 × 2) at p > 0 spills
 #                ~150 B (fwd) and ~750 B (bwd_dy).
 #   sm_80 bf16: fwd 48 KB, no spills with 8 warps (4 warps spilled 1.7 KB at p > 0); bwd_dx 80 B.
+#   one-pass, sm_90a bf16: fwd_onepass 136 KB / 124 regs (p = 0), 255 regs + 4 B spilled (p > 0);
+#                bwd_onepass 104 KB / 164 regs (3 stages). fp32: bwd_onepass spills 84 B (sm_90a),
+#                60 B (sm_80). sm_80 bf16: fwd_onepass 34 KB / 249 regs, bwd_onepass 40 KB / 255 regs.
 # Never timed: re-tune (below) on the first GPU run.
 TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
     9: {  # Hopper: H100 / H200 (228 KB shared memory per SM)
@@ -78,18 +88,24 @@ TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
         "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
         "bwd_dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, programs_per_sm=2),
         "bwd_dx": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+        "fwd_onepass": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        "bwd_onepass": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
     },
     8: {  # Ampere / Ada: A100 (164 KB), RTX 30xx/40xx (100 KB) — sized for the smaller
         "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
         "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
         "bwd_dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2),
         "bwd_dx": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+        "fwd_onepass": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+        "bwd_onepass": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
     },
     "default": {  # other CUDA GPUs: conservative
         "shrink": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2),
         "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
         "bwd_dy": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, programs_per_sm=2),
         "bwd_dx": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
+        "fwd_onepass": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
+        "bwd_onepass": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
     },
     # CPU tensors under TRITON_INTERPRET=1: the smallest legal tiles, so that tiny test shapes
     # cover several tiles, the GROUP_M swizzle, masked edges and the N-split of the dY pass.
@@ -98,9 +114,13 @@ TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
         "fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
         "bwd_dy": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, programs_per_sm=2),
         "bwd_dx": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
+        "fwd_onepass": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
+        "bwd_onepass": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
     },
 }
-REDUCTION_BLOCK = {"shrink": "BLOCK_K", "fwd": "BLOCK_K", "bwd_dy": "BLOCK_N", "bwd_dx": "BLOCK_N"}
+REDUCTION_BLOCK = {"shrink": "BLOCK_K", "fwd": "BLOCK_K", "bwd_dy": "BLOCK_N", "bwd_dx": "BLOCK_N",
+                   "fwd_onepass": "BLOCK_K", "bwd_onepass": "BLOCK_N"}
+BIG_GEMMS = ("fwd", "bwd_dx", "fwd_onepass", "bwd_onepass")  # fp32 also halves their BLOCK_M
 INTERPRETER_SMS = 2  # stands in for the SM count on CPU tensors
 MAX_R = 128          # branches·rank: two branches of rank 64
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,9 +128,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ------------------------------------------------------------------------------------- design
 DESIGNS = ("split", "onepass")
-# The design each generation uses by default: split until GPU measurements say otherwise
-# (``--tune`` times both and prints the winner).
-DEFAULT_DESIGN: dict[object, str] = {9: "split", 8: "split", "default": "split", "interpreter": "split"}
+DIRECTIONS = ("fwd", "bwd")
+# The design each generation uses by default, per direction: split until GPU measurements say
+# otherwise (``--tune`` times both designs and prints the winners).
+DEFAULT_DESIGN: dict[object, dict[str, str]] = {
+    gen: {"fwd": "split", "bwd": "split"} for gen in (9, 8, "default", "interpreter")}
 _design_override: list[str] = []  # process-wide, not thread-local: backward runs on autograd's threads
 
 
@@ -130,8 +152,9 @@ def use_design(name: str) -> Iterator[None]:
         _design_override.pop()
 
 
-def design_for(device: torch.device) -> str:
-    """The design in force for tensors on ``device``: use_design, then the env variable, then the table."""
+def design_for(device: torch.device, direction: str) -> str:
+    """The design of ``direction`` ("fwd" | "bwd") on ``device``: use_design, then the env variable,
+    then ``DEFAULT_DESIGN``."""
     if _design_override:
         return _design_override[-1]
     env = os.environ.get("PETAL_FAST_TRITON_DESIGN", "").strip()
@@ -139,7 +162,7 @@ def design_for(device: torch.device) -> str:
         if env not in DESIGNS:
             raise ValueError(f"PETAL_FAST_TRITON_DESIGN must be one of {DESIGNS}, got {env!r}")
         return env
-    return DEFAULT_DESIGN[_generation(device)]
+    return DEFAULT_DESIGN[_generation(device)][direction]
 
 
 def _generation(device: torch.device) -> object:
@@ -158,7 +181,7 @@ def config_for(kernel: str, device: torch.device, dtype: torch.dtype,
 
 def _for_dtype(cfg: dict[str, int], kernel: str, dtype: torch.dtype) -> dict[str, int]:
     if dtype.itemsize == 4:
-        halve = (REDUCTION_BLOCK[kernel], "BLOCK_M") if kernel in ("fwd", "bwd_dx") else (REDUCTION_BLOCK[kernel],)
+        halve = (REDUCTION_BLOCK[kernel], "BLOCK_M") if kernel in BIG_GEMMS else (REDUCTION_BLOCK[kernel],)
         for key in halve:
             cfg[key] = max(16, cfg[key] // 2)
     return cfg
@@ -228,13 +251,38 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
 
 
 @triton.jit
+def _expand_bias_store(acc, v, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m_ok, n_ok, r_ok, rows,
+                       rank, key0, key1, threshold, keep_scale, s_bn, s_br, s_ym,
+                       BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """acc += Σ_k D_k(V_k B_kᵀ) (V = c ⊙ U, fp32), + bias, store the y tile: the forward epilogue."""
+    bt = tl.load(b_ptr + offs_n[None, :] * s_bn + offs_r[:, None] * s_br,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)                  # B_catᵀ tile (RP × BLOCK_N)
+    if DROPOUT:
+        for br in tl.static_range(BRANCHES):  # separate products: each branch has its own mask
+            in_br = (offs_r >= br * rank) & (offs_r < (br + 1) * rank)
+            part = tl.dot(tl.where(in_br[None, :], v, 0.0).to(bt.dtype), bt, input_precision=PRECISION)
+            if br == 0:
+                keep = keep_mask(key0, offs_m, offs_n, threshold)
+            else:
+                keep = keep_mask(key1, offs_m, offs_n, threshold)
+            acc += tl.where(keep, part * keep_scale, 0.0)
+    else:
+        acc = tl.dot(v.to(bt.dtype), bt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * s_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
                 M, N, K, R, rank, rows_per_image, key0, key1, threshold, keep_scale,
                 s_xm, s_xk, s_wn, s_wk, s_um, s_bn, s_br, s_ym,
                 BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 PRECISION: tl.constexpr):
-    """One y tile: x Wᵀ, then Σ_k D_k((c_k ⊙ U_k) B_kᵀ) in the same accumulator, then bias."""
+    """Split design, one y tile: x Wᵀ, then Σ_k D_k((c_k ⊙ U_k) B_kᵀ) from the stored U, then bias."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -259,25 +307,56 @@ def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
     ur_ok = m_ok[:, None] & r_ok[None, :]
     u = tl.load(u_ptr + rows[:, None] * s_um + offs_r[None, :], mask=ur_ok, other=0.0)
     c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
-    v = u.to(tl.float32) * c
-    bt = tl.load(b_ptr + offs_n[None, :] * s_bn + offs_r[:, None] * s_br,
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)                  # B_catᵀ tile (RP × BLOCK_N)
-    if DROPOUT:
-        for br in tl.static_range(BRANCHES):  # separate products: each branch has its own mask
-            in_br = (offs_r >= br * rank) & (offs_r < (br + 1) * rank)
-            part = tl.dot(tl.where(in_br[None, :], v, 0.0).to(bt.dtype), bt, input_precision=PRECISION)
-            if br == 0:
-                keep = keep_mask(key0, offs_m, offs_n, threshold)
-            else:
-                keep = keep_mask(key1, offs_m, offs_n, threshold)
-            acc += tl.where(keep, part * keep_scale, 0.0)
-    else:
-        acc = tl.dot(v.to(bt.dtype), bt, acc, input_precision=PRECISION)
+    _expand_bias_store(acc, u.to(tl.float32) * c, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m_ok, n_ok,
+                       r_ok, rows, rank, key0, key1, threshold, keep_scale, s_bn, s_br, s_ym,
+                       BRANCHES, HAS_BIAS, DROPOUT, PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * s_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+@triton.jit
+def _fwd_onepass_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
+                        M, N, K, R, rank, rows_per_image, key0, key1, threshold, keep_scale,
+                        s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_um, s_bn, s_br, s_ym,
+                        BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """One-pass design, one y tile: x Wᵀ and U = x A_catᵀ from the same x tiles, then the epilogue.
+
+    U is recomputed by every N-tile (R/BLOCK_N extra tensor-core work) instead of read from a
+    shrink kernel's output; the programs of the first N-tile also store it for backward.
+    """
+    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, RP)
+    m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
+    rows = offs_m.to(tl.int64)
+
+    x_ptrs = x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * s_wn + offs_k[:, None] * s_wk  # Wᵀ tile (BLOCK_K × BLOCK_N)
+    a_ptrs = a_ptr + offs_r[None, :] * s_ar + offs_k[:, None] * s_ak            # A_catᵀ tile (BLOCK_K × RP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        u = tl.dot(xt, at, u, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * s_xk
+        w_ptrs += BLOCK_K * s_wk
+        a_ptrs += BLOCK_K * s_ak
+
+    ur_ok = m_ok[:, None] & r_ok[None, :]
+    if pid_n == 0:
+        tl.store(u_ptr + rows[:, None] * s_um + offs_r[None, :], u.to(u_ptr.dtype.element_ty), mask=ur_ok)
+    # the stored U is rounded to x's dtype; use the same rounding so both designs give the same y
+    u = u.to(u_ptr.dtype.element_ty).to(tl.float32)
+    c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
+    _expand_bias_store(acc, u * c, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m_ok, n_ok, r_ok, rows,
+                       rank, key0, key1, threshold, keep_scale, s_bn, s_br, s_ym,
+                       BRANCHES, HAS_BIAS, DROPOUT, PRECISION)
 
 
 @triton.jit
@@ -379,6 +458,67 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
                   sem="relaxed")
 
 
+@triton.jit
+def _bwd_onepass_kernel(dy_ptr, w_ptr, b_ptr, u_ptr, coef_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, db_ptr,
+                        M, N, K, R, rank, rows_per_image,
+                        s_dym, s_dyn, s_wn, s_wk, s_bn, s_br, s_um, s_ar, s_ak, s_xm, s_xk, s_dxm,
+                        BRANCHES: tl.constexpr, RP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """One-pass design (p = 0), one (BLOCK_M × BLOCK_K) tile of dX and its shares of dA and dB.
+
+    The loop over N that computes dY W also computes dU = dY B_cat from the same dY tiles (each
+    K-tile recomputes it: RP/BLOCK_K extra tensor-core work instead of the split design's extra
+    pass over dY); dB += dYᵀ V for N-tile t is added by the programs with t ≡ pid_k (mod #K-tiles),
+    so every (M-tile, N-tile) pair is counted once and the extra work is spread over the K-tiles.
+    Then dT = c ⊙ dU, dX = dY W + dT A_cat (one accumulator), dA += dTᵀ x.
+    """
+    pid_m, pid_k = _tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, RP)
+    m_ok, k_ok, r_ok = offs_m < M, offs_k < K, offs_r < R
+    rows = offs_m.to(tl.int64)
+    ur_ok = m_ok[:, None] & r_ok[None, :]
+    u = tl.load(u_ptr + rows[:, None] * s_um + offs_r[None, :], mask=ur_ok, other=0.0)
+    c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
+    v = (u.to(tl.float32) * c).to(dy_ptr.dtype.element_ty)
+
+    dy_ptrs = dy_ptr + rows[:, None] * s_dym + offs_n[None, :] * s_dyn
+    w_ptrs = w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk            # W tile (BLOCK_N × BLOCK_K)
+    b_ptrs = b_ptr + offs_n[:, None] * s_bn + offs_r[None, :] * s_br            # B_cat tile (BLOCK_N × RP)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    du = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+    for t in range(0, tl.cdiv(N, BLOCK_N)):
+        n_ok = offs_n < N - t * BLOCK_N
+        dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+        du = tl.dot(dyt, bt, du, input_precision=PRECISION)
+        if t % k_tiles == pid_k:
+            db = tl.dot(tl.trans(dyt), v, input_precision=PRECISION)
+            tl.atomic_add(db_ptr + (t * BLOCK_N + offs_n)[:, None] * R + offs_r[None, :], db,
+                          mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+        dy_ptrs += BLOCK_N * s_dyn
+        w_ptrs += BLOCK_N * s_wn
+        b_ptrs += BLOCK_N * s_bn
+
+    dt = (du * c).to(x_ptr.dtype.element_ty)
+    a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_k[None, :] * s_ak,
+                mask=r_ok[:, None] & k_ok[None, :], other=0.0)                  # A_cat tile (RP × BLOCK_K)
+    acc = tl.dot(dt, a, acc, input_precision=PRECISION)
+    tl.store(dx_ptr + rows[:, None] * s_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & k_ok[None, :])
+    xt = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :],
+                 other=0.0)
+    da = tl.dot(tl.trans(dt), xt, input_precision=PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da, mask=r_ok[:, None] & k_ok[None, :],
+                  sem="relaxed")
+
+
 # ------------------------------------------------------------------------------------- launchers
 def _check(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor) -> None:
     if x.dtype not in DTYPES:
@@ -425,6 +565,32 @@ def _launch_fwd(x, weight, bias, u, b_cat, y, info, cfg) -> None:
                       RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
 
 
+def _launch_fwd_onepass(x, weight, bias, a_cat, u, b_cat, y, info, cfg) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _fwd_onepass_kernel[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, info["coef"], y,
+                              M, N, K, u.shape[1], info["rank"], info["rows_per_image"], *info["keys"],
+                              info["threshold"], info["keep_scale"],
+                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
+                              a_cat.stride(1), u.stride(0), b_cat.stride(0), b_cat.stride(1), y.stride(0),
+                              BRANCHES=info["branches"], HAS_BIAS=bias is not None, DROPOUT=info["dropout"],
+                              RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
+
+
+def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, info, cfg) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    _bwd_onepass_kernel[grid](dy, weight, b_cat, u, info["coef"], a_cat, x, dx, da, db, M, N, K, a_cat.shape[0],
+                              info["rank"], info["rows_per_image"],
+                              dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_cat.stride(0),
+                              b_cat.stride(1), u.stride(0), a_cat.stride(0), a_cat.stride(1), x.stride(0),
+                              x.stride(1), dx.stride(0),
+                              BRANCHES=info["branches"], RP=info["rp"], PRECISION=info["precision"],
+                              **_launch_opts(cfg))
+
+
 def _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg) -> None:
     M, N = dy.shape
     m_tiles, n_tiles = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
@@ -465,6 +631,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, u
+    if N and design_for(x.device, "fwd") == "onepass":
+        _launch_fwd_onepass(x, weight, bias, a_cat, u, b_cat, y, info,
+                            config_for("fwd_onepass", x.device, x.dtype, table))
+        return y, u
     _launch_shrink(x, a_cat, u, info, config_for("shrink", x.device, x.dtype, table))
     if N:
         _launch_fwd(x, weight, bias, u, b_cat, y, info, config_for("fwd", x.device, x.dtype, table))
@@ -474,15 +644,23 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
              coef: torch.Tensor, u: torch.Tensor, p: float, seed: int, need_x: bool,
              table: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype; W, b frozen."""
+    """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype; W, b frozen.
+
+    The one-pass design covers p = 0 with dX wanted; with dropout (masks would be hashed in the
+    main loop, once per K-tile) or without dX (no dY W loop to share) the split kernels run.
+    """
     _check(x, a_cat, coef)
     M, K = x.shape
     N, R = weight.shape[0], a_cat.shape[0]
     info = _common(x, a_cat, coef, p, seed)
-    dt = torch.zeros((M, info["rp"]), dtype=torch.float32, device=x.device)  # c ⊙ dU, fp32, padded
     db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
     da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if need_x else None
+    if M and N and K and need_x and not info["dropout"] and design_for(x.device, "bwd") == "onepass":
+        _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, info,
+                            config_for("bwd_onepass", x.device, x.dtype, table))
+        return dx, da.to(x.dtype), db.to(x.dtype)
+    dt = torch.zeros((M, info["rp"]), dtype=torch.float32, device=x.device)  # c ⊙ dU, fp32, padded
     if M and N:
         _launch_bwd_dy(dy, b_cat, u, dt, db, info, config_for("bwd_dy", x.device, x.dtype, table))
     if M and K:
@@ -505,19 +683,32 @@ CANDIDATES = {
                for bm, bk in ((128, 128), (128, 256), (64, 128), (128, 64)) for bn in (32, 64)
                for w in (4, 8) for s in (3, 4)],
 }
+CANDIDATES["fwd_onepass"] = CANDIDATES["fwd"]
+CANDIDATES["bwd_onepass"] = CANDIDATES["bwd_dx"]
+# the kernels each design launches per direction (their best times add up)
+DESIGN_KERNELS = {("split", "fwd"): ("shrink", "fwd"), ("onepass", "fwd"): ("fwd_onepass",),
+                  ("split", "bwd"): ("bwd_dy", "bwd_dx"), ("onepass", "bwd"): ("bwd_onepass",)}
 
 
 def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: int = 2,
-         dtype: torch.dtype = torch.bfloat16, p: float = 0.0) -> dict[str, dict[str, int]]:
-    """Time every candidate tile of each kernel on the current GPU; return the fastest per kernel.
+         dtype: torch.dtype = torch.bfloat16, p: float = 0.0, device: str = "cuda",
+         candidates: dict[str, list[dict[str, int]]] | None = None,
+         bench=None) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+    """Time every candidate tile of each kernel on the current GPU; return the fastest per kernel
+    and, per direction, the faster design (the sum of its kernels' best times).
 
     Configurations are given for 16-bit inputs (``config_for`` derives the float32 tiles from
-    them); tune with a 16-bit dtype to fill the table.
+    them); tune with a 16-bit dtype to fill the table. With p > 0 the one-pass backward is not
+    used (see ``backward``), so only the split backward is tuned. ``device``, ``candidates`` and
+    ``bench`` (a callable timing a function in ms; default ``triton.testing.do_bench``) exist so
+    the search itself can be tested in the interpreter.
     """
     from tqdm import tqdm
-    from triton.testing import do_bench
 
-    dev = torch.device("cuda")
+    if bench is None:
+        from triton.testing import do_bench as bench
+    candidates = candidates or CANDIDATES
+    dev = torch.device(device)
     x = torch.randn(m, k, device=dev, dtype=dtype)
     w = torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5
     bias = torch.randn(n, device=dev, dtype=dtype)
@@ -534,18 +725,30 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
         "fwd": lambda cfg: _launch_fwd(x, w, bias, u, b_cat, y, info, cfg),
         "bwd_dy": lambda cfg: _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg),
         "bwd_dx": lambda cfg: _launch_bwd_dx(dy, w, dt, a_cat, x, dx, da, info, cfg),
+        "fwd_onepass": lambda cfg: _launch_fwd_onepass(x, w, bias, a_cat, u, b_cat, y, info, cfg),
+        "bwd_onepass": lambda cfg: _launch_bwd_onepass(dy, w, b_cat, u, a_cat, x, dx, da, db, info, cfg),
     }
+    if info["dropout"]:
+        del runs["bwd_onepass"]
     best: dict[str, dict[str, int]] = {}
+    best_ms: dict[str, float] = {}
     for name, run in runs.items():
         timings = []
-        for cfg in tqdm(CANDIDATES[name], desc=f"tune {name}"):
+        for cfg in tqdm(candidates[name], desc=f"tune {name}"):
             try:
-                timings.append((do_bench(lambda: run(cfg)), cfg))
+                timings.append((bench(lambda: run(cfg)), cfg))
             except triton.runtime.errors.OutOfResources:
                 continue  # too much shared memory / registers for this GPU
-        ms, best[name] = min(timings, key=lambda t: t[0])
-        print(f"{name:7s} {ms * 1e3:9.1f} us  {best[name]}")
-    return best
+        best_ms[name], best[name] = min(timings, key=lambda t: t[0])
+        print(f"{name:11s} {best_ms[name] * 1e3:9.1f} us  {best[name]}")
+    designs: dict[str, str] = {}
+    for direction in DIRECTIONS:
+        totals = {d: sum(best_ms[kn] for kn in DESIGN_KERNELS[d, direction]) for d in DESIGNS
+                  if all(kn in best_ms for kn in DESIGN_KERNELS[d, direction])}
+        designs[direction] = min(totals, key=totals.get)
+        print(f"{direction}: " + ", ".join(f"{d} {t * 1e3:.1f} us" for d, t in totals.items())
+              + f" -> {designs[direction]}")
+    return best, designs
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int = 8, branches: int = 2,
@@ -564,12 +767,15 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int
     unit = {"s_xk", "s_wk", "s_ak", "s_br", "s_dyn"}
     div16 = {"M", "N", "K", "s_xm", "s_wn", "s_ar", "s_um", "s_bn", "s_ym", "s_dym", "s_dxm"}
     fp32_ptrs = {"coef_ptr", "dt_ptr", "db_ptr", "da_ptr"}
+    fwd = dict(BRANCHES=branches, HAS_BIAS=True, DROPOUT=dropout, RP=rp, PRECISION=precision)
     kernels = {
         "shrink": (_shrink_kernel, dict(RP=rp, PRECISION=precision)),
-        "fwd": (_fwd_kernel, dict(BRANCHES=branches, HAS_BIAS=True, DROPOUT=dropout, RP=rp, PRECISION=precision)),
+        "fwd": (_fwd_kernel, fwd),
         "bwd_dy": (_bwd_dy_kernel, dict(BRANCHES=branches, DROPOUT=dropout, ATOMIC_DT=True, RP=rp,
                                          PRECISION=precision)),
         "bwd_dx": (_bwd_dx_kernel, dict(COMPUTE_DX=True, RP=rp, PRECISION=precision)),
+        "fwd_onepass": (_fwd_onepass_kernel, fwd),
+        "bwd_onepass": (_bwd_onepass_kernel, dict(BRANCHES=branches, RP=rp, PRECISION=precision)),  # p = 0 only
     }
     table = TILE_CONFIGS.get(arch // 10, TILE_CONFIGS["default"])
     rows = []
@@ -618,12 +824,12 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("--tune needs a CUDA GPU")
-    best = tune(args.m, args.k, args.n, args.rank, args.branches, getattr(torch, args.dtype), args.dropout)
+    best, designs = tune(args.m, args.k, args.n, args.rank, args.branches, getattr(torch, args.dtype), args.dropout)
     major = torch.cuda.get_device_capability()[0]
     print(f"\n# {torch.cuda.get_device_name()} — paste into TILE_CONFIGS:\n{major}: {{")
     for name, cfg in best.items():
         print(f"    {name!r}: dict({', '.join(f'{k}={v}' for k, v in cfg.items())}),")
-    print("},")
+    print(f"}},\n# and into DEFAULT_DESIGN:\n{major}: {designs!r},")
 
 
 if __name__ == "__main__":

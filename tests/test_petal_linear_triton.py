@@ -2,7 +2,8 @@
 
 On a machine without CUDA they run in the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), on tiny shapes; with CUDA the same tests run natively, and the
-``@pytest.mark.gpu`` tests add bfloat16 and large shapes (``pytest -m gpu``).
+``@pytest.mark.gpu`` tests add bfloat16 and large shapes (``pytest -m gpu``). Both designs
+(split and one-pass) run every numerical case.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import petal_fast
+from petal_fast.kernels import petal_linear as kernels
 from conftest import HAS_CUDA, TOL, rel_err, triton_interpreter_ok
 from petal_fast.ops import petal_linear
 from petal_fast.reference import petal_linear as reference_petal_linear
@@ -37,8 +39,16 @@ def make(m_shape, k, n, rank, branches, dtype, device, *, images=None, bias=True
     return cast(x), cast(w), cast(b), cast(lora_a), cast(lora_b), al
 
 
-def check(x, w, b, lora_a, lora_b, alpha, scale, p, seed, *, x_grad=True):
-    """Forward and every gradient of the Triton op against the float64 reference, same seed."""
+DESIGNS = list(kernels.DESIGNS)
+
+
+def check(x, w, b, lora_a, lora_b, alpha, scale, p, seed, *, x_grad=True, design="split"):
+    """Forward and every gradient of the Triton op (``design``) against the float64 reference, same seed."""
+    with kernels.use_design(design):
+        _check(x, w, b, lora_a, lora_b, alpha, scale, p, seed, x_grad)
+
+
+def _check(x, w, b, lora_a, lora_b, alpha, scale, p, seed, x_grad):
     dtype = x.dtype
     xs = x.detach().requires_grad_(x_grad)
     la, lb = lora_a.detach().requires_grad_(), lora_b.detach().requires_grad_()
@@ -73,27 +83,81 @@ CASES = {
 FP16_CASES = ("base", "dropout", "tokens_3d", "one_branch_no_bias")
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_backward_fp32(case, device):
+def test_forward_backward_fp32(case, device, design):
     shape, k, n, rank, branches, images, alpha, p, bias = CASES[case]
     args = make(shape, k, n, rank, branches, torch.float32, device, images=images, bias=bias, alpha=alpha)
-    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())))
+    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())), design=design)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", FP16_CASES)
-def test_forward_backward_fp16(case, device):
+def test_forward_backward_fp16(case, device, design):
     shape, k, n, rank, branches, images, alpha, p, bias = CASES[case]
     args = make(shape, k, n, rank, branches, torch.float16, device, images=images, bias=bias, alpha=alpha)
-    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())))
+    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())), design=design)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_input_grad(device):
+@pytest.mark.parametrize("p", [0.0, 0.15])
+def test_no_input_grad(device, p, design):
     """x not requiring grad: the dX GEMM is skipped, dA/dB still exact."""
     args = make((21,), 40, 24, 4, 2, torch.float32, device, images=3)
-    check(*args, scale=1.3, p=0.15, seed=11, x_grad=False)
+    check(*args, scale=1.3, p=p, seed=11, x_grad=False, design=design)
+
+
+@pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_design_dispatch(monkeypatch, p):
+    """Which kernels each design launches: one-pass forward never runs the shrink; one-pass
+    backward (p = 0) never runs the split pair; with dropout backward falls back to split."""
+    launched: list[str] = []
+    for name in ("_launch_shrink", "_launch_fwd", "_launch_fwd_onepass", "_launch_bwd_dy", "_launch_bwd_dx",
+                 "_launch_bwd_onepass"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: (launched.append(_name),
+                                                                                    _real(*a, **k))[1])
+    x, w, b, la, lb, al = make((24,), 40, 24, 4, 2, torch.float32, "cpu", images=6)
+    x.requires_grad_()
+    for design, fwd, bwd in (("split", ["_launch_shrink", "_launch_fwd"], ["_launch_bwd_dy", "_launch_bwd_dx"]),
+                             ("onepass", ["_launch_fwd_onepass"],
+                              ["_launch_bwd_onepass"] if p == 0 else ["_launch_bwd_dy", "_launch_bwd_dx"])):
+        launched.clear()
+        with kernels.use_design(design), petal_fast.use_backend("triton"):
+            y = petal_linear(x, w, b, la, lb, al, 1.0, p, 3)
+            assert launched == fwd, design
+            launched.clear()
+            y.sum().backward()
+        assert launched == bwd, design
+
+
+def test_design_selection(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PETAL_FAST_TRITON_DESIGN", raising=False)
+    for direction in kernels.DIRECTIONS:
+        assert kernels.design_for(cpu, direction) == kernels.DEFAULT_DESIGN["interpreter"][direction]
+    monkeypatch.setitem(kernels.DEFAULT_DESIGN, "interpreter", {"fwd": "onepass", "bwd": "split"})
+    assert (kernels.design_for(cpu, "fwd"), kernels.design_for(cpu, "bwd")) == ("onepass", "split")
+    monkeypatch.setenv("PETAL_FAST_TRITON_DESIGN", "onepass")
+    assert kernels.design_for(cpu, "bwd") == "onepass"
+    with kernels.use_design("split"):  # the context wins over the environment, and nests
+        assert kernels.design_for(cpu, "fwd") == "split"
+        with kernels.use_design("onepass"):
+            assert kernels.design_for(cpu, "bwd") == "onepass"
+        assert kernels.design_for(cpu, "bwd") == "split"
+    monkeypatch.setenv("PETAL_FAST_TRITON_DESIGN", "fastest")
+    with pytest.raises(ValueError, match="PETAL_FAST_TRITON_DESIGN"):
+        kernels.design_for(cpu, "fwd")
+    with pytest.raises(ValueError, match="design must be one of"):
+        with kernels.use_design("fastest"):
+            pass
+    for generation, designs in kernels.DEFAULT_DESIGN.items():
+        assert set(designs) == set(kernels.DIRECTIONS) and set(designs.values()) <= set(kernels.DESIGNS)
+    assert set(kernels.DEFAULT_DESIGN) == set(kernels.TILE_CONFIGS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,17 +165,19 @@ def test_non_contiguous_input(device):
     x, w, b, la, lb, al = make((24,), 40, 24, 4, 2, torch.float32, device, images=6)
     x_t = x.t().contiguous().t()  # same values, column-major strides
     assert not x_t.is_contiguous()
-    check(x_t, w, b, la, lb, al, scale=0.5, p=0.1, seed=3)
+    for design, p in (("split", 0.1), ("onepass", 0.0)):
+        check(x_t, w, b, la, lb, al, scale=0.5, p=p, seed=3, design=design)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("branch", [0, 1])
-def test_dropout_pattern_is_the_reference_mask(branch, device):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_dropout_pattern_is_the_reference_mask(branch, device, design):
     """With W = 0 and one branch weighted in, y's zeros are exactly branch ``branch``'s dropped elements."""
     m, k, n, rank, p, seed = 37, 16, 45, 4, 0.4, 2**31 - 5
     x, w, _, la, lb, _ = make((m,), k, n, rank, 2, torch.float32, device)
     alpha = torch.full((m,), float(branch), device=device)  # α = 0 keeps branch 0 only, α = 1 branch 1
-    with petal_fast.use_backend("triton"):
+    with petal_fast.use_backend("triton"), kernels.use_design(design):
         y = petal_linear(x, torch.zeros_like(w), None, la, lb, alpha, 1.0, p, seed)
     mask = dropout_mask(seed, branch, m, n, p, device=device)
     product = (x @ la[branch].T) @ lb[branch].T
@@ -146,25 +212,26 @@ def test_unsupported_inputs_raise(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rank", [8, 16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_large_shapes_gpu(dtype, rank, p):
+@pytest.mark.parametrize("design", DESIGNS)
+def test_large_shapes_gpu(dtype, rank, p, design):
     args = make((4096,), 1024, 1024, rank, 2, dtype, "cuda", images=64)
-    check(*args, scale=0.5, p=p, seed=1234)
+    check(*args, scale=0.5, p=p, seed=1234, design=design)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_odd_shapes_gpu(dtype):
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_odd_shapes_gpu(dtype, design, p):
     for shape, k, n, rank, branches in (((1,), 384, 1152, 8, 2), ((64, 49), 96, 288, 4, 2),
                                         ((777,), 1000, 1003, 64, 2), ((200,), 1536, 4608, 8, 1)):
         args = make(shape, k, n, rank, branches, dtype, "cuda", images=shape[0])
-        check(*args, scale=0.5, p=0.1, seed=99)
+        check(*args, scale=0.5, p=p, seed=99, design=design)
 
 
 def test_tile_table_is_complete():
     """Every GPU generation names legal tiles for every kernel; float32 halves the reduction block."""
-    from petal_fast.kernels import petal_linear as kernels
-
     for generation, table in kernels.TILE_CONFIGS.items():
         assert set(table) == set(kernels.REDUCTION_BLOCK), generation
         for name, cfg in table.items():
@@ -181,24 +248,58 @@ def test_tile_table_is_complete():
 
 @pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("generation", [9, 8, "default"])
-def test_gpu_tiles_in_interpreter(generation):
+@pytest.mark.parametrize("design,p", [("split", 0.2), ("onepass", 0.0)])
+def test_gpu_tiles_in_interpreter(generation, design, p):
     """The GPU tables' (large) tiles on shapes smaller and larger than one tile, via the launchers."""
-    from petal_fast.kernels import petal_linear as kernels
     from petal_fast.ops import _petal_linear_torch as composition
 
     table = kernels.TILE_CONFIGS[generation]
-    m, k, n, branches, rank, images, p, seed = 150, 40, 136, 2, 4, 10, 0.2, 5
+    m, k, n, branches, rank, images, seed = 150, 40, 136, 2, 4, 10, 5
     x, w, b = torch.randn(m, k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
     a_cat, b_cat = torch.randn(branches * rank, k) / k ** 0.5, torch.randn(n, branches * rank) / rank ** 0.5
     coef, dy = torch.rand(images, branches), torch.randn(m, n)
-    y, u = kernels.forward(x, w, b, a_cat, b_cat, coef, p, seed, table=table)
-    grads = kernels.backward(dy, x, w, a_cat, b_cat, coef, u, p, seed, True, table=table)
+    with kernels.use_design(design):
+        y, u = kernels.forward(x, w, b, a_cat, b_cat, coef, p, seed, table=table)
+        grads = kernels.backward(dy, x, w, a_cat, b_cat, coef, u, p, seed, True, table=table)
     d = lambda t: t.double()  # noqa: E731
     y64, u64 = composition.forward(d(x), d(w), d(b), d(a_cat), d(b_cat), d(coef), p, seed)
     grads64 = composition.backward(d(dy), d(x), d(w), d(a_cat), d(b_cat), d(coef), u64, p, seed, True)
     assert rel_err(y, y64) < TOL[torch.float32] and rel_err(u, u64) < TOL[torch.float32]
     for got, want, name in zip(grads, grads64, ("dx", "dA", "dB")):
         assert rel_err(got, want) < TOL[torch.float32], name
+
+
+@pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_tune_picks_fastest_tiles_and_design(p, monkeypatch):
+    """The re-tuning search on interpreter tiles with a fake timer: it keeps each kernel's fastest
+    candidate and picks, per direction, the design whose kernels add up to less time."""
+    small = kernels.TILE_CONFIGS["interpreter"]
+    candidates = {name: [cfg, {**cfg, "num_warps": 8}] for name, cfg in small.items()}
+    fake_ms = {("shrink", 4): 1.0, ("fwd", 4): 5.0, ("fwd_onepass", 4): 5.5, ("bwd_dy", 4): 2.0,
+               ("bwd_dx", 4): 5.0, ("bwd_onepass", 4): 6.0}  # num_warps = 8 is 10% faster throughout
+    timed: list[str] = []
+
+    def bench(fn):
+        fn()  # the launch itself must work
+        name, cfg = timed[-1]
+        return fake_ms[name, 4] * (0.9 if cfg["num_warps"] == 8 else 1.0)
+
+    for name, launcher in (("shrink", "_launch_shrink"), ("fwd", "_launch_fwd"), ("fwd_onepass", "_launch_fwd_onepass"),
+                           ("bwd_dy", "_launch_bwd_dy"), ("bwd_dx", "_launch_bwd_dx"),
+                           ("bwd_onepass", "_launch_bwd_onepass")):
+        real = getattr(kernels, launcher)
+
+        def spy(*args, _real=real, _name=name):
+            timed.append((_name, args[-1]))
+            return _real(*args)
+        monkeypatch.setattr(kernels, launcher, spy)
+    best, designs = kernels.tune(40, 24, 40, rank=4, dtype=torch.float32, p=p, device="cpu",
+                                 candidates=candidates, bench=bench)
+    assert all(cfg["num_warps"] == 8 for cfg in best.values())
+    assert designs["fwd"] == "onepass"  # 5.5 < 1 + 5
+    assert designs["bwd"] == ("split" if p else "onepass")  # one-pass backward: p = 0 only; 6 < 2 + 5
+    assert ("bwd_onepass" in best) == (p == 0)
 
 
 @pytest.mark.slow
@@ -220,6 +321,6 @@ def test_tile_table_compiles_for_gpu(arch, limit):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {r["kernel"] for r in rows} == {"shrink", "fwd", "bwd_dy", "bwd_dx"}
+    assert {r["kernel"] for r in rows} == set(kernels.REDUCTION_BLOCK)
     for row in rows:
         assert 0 < row["shared_bytes"] <= limit, row
