@@ -653,21 +653,28 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: tor
     M, K = x.shape
     N, R = weight.shape[0], a_cat.shape[0]
     info = _common(x, a_cat, coef, p, seed)
-    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    # dB and dA accumulate in fp32 (atomics): one zeroed buffer and one cast for both, not two each
+    grads = torch.zeros(N * R + R * K, dtype=torch.float32, device=x.device)
+    db, da = grads[:N * R].view(N, R), grads[N * R:].view(R, K)
     dx = torch.empty_like(x) if need_x else None
     if M and N and K and need_x and not info["dropout"] and design_for(x.device, "bwd") == "onepass":
         _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, info,
                             config_for("bwd_onepass", x.device, x.dtype, table))
-        return dx, da.to(x.dtype), db.to(x.dtype)
-    dt = torch.zeros((M, info["rp"]), dtype=torch.float32, device=x.device)  # c ⊙ dU, fp32, padded
+        return (dx, *_split_grads(grads.to(x.dtype), N, R, K))
+    # dT = c ⊙ dU (fp32, padded to RP): the dY pass writes every row (zeroing first when it splits N)
+    dt = (torch.empty if N else torch.zeros)((M, info["rp"]), dtype=torch.float32, device=x.device)
     if M and N:
         _launch_bwd_dy(dy, b_cat, u, dt, db, info, config_for("bwd_dy", x.device, x.dtype, table))
     if M and K:
         _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, info, config_for("bwd_dx", x.device, x.dtype, table))
     elif dx is not None:
         dx.zero_()
-    return dx, da.to(x.dtype), db.to(x.dtype)
+    return (dx, *_split_grads(grads.to(x.dtype), N, R, K))
+
+
+def _split_grads(grads: torch.Tensor, N: int, R: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dA_cat (R × K), dB_cat (N × R)) views of the one gradient buffer [dB | dA]."""
+    return grads[N * R:].view(R, K), grads[:N * R].view(N, R)
 
 
 # ------------------------------------------------------------------------------------- re-tuning
