@@ -60,11 +60,13 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
 
 
 def time_interleaved(providers: dict[str, Callable[[], object]], device: torch.device | str,
-                     warmup: int = 2, repeat: int = 10) -> dict[str, list[float]]:
+                     warmup: int = 2, repeat: int = 10, rep_ms: int = 50) -> dict[str, list[float]]:
     """Milliseconds per call for each provider, runs interleaved so drift hits all alike.
 
-    On CUDA each sample is one ``triton.testing.do_bench`` median (L2 flushed between calls);
-    on CPU each sample is one ``time.perf_counter`` interval after ``warmup`` calls.
+    On CUDA, ``max(1, repeat // 5)`` rounds of one ``triton.testing.do_bench`` per provider (L2
+    flushed before every call, ``rep_ms`` of timed calls each); the samples are every timed call
+    of every round, so medians and quantiles are over single calls. On CPU each sample is one
+    ``time.perf_counter`` interval, ``repeat`` rounds after ``warmup`` calls.
     """
     device = torch.device(device)
     for fn in providers.values():
@@ -75,7 +77,7 @@ def time_interleaved(providers: dict[str, Callable[[], object]], device: torch.d
         from triton.testing import do_bench
         for _ in range(max(1, repeat // 5)):
             for name, fn in providers.items():
-                samples[name].append(do_bench(fn, warmup=5, rep=50, return_mode="median"))
+                samples[name].extend(do_bench(fn, warmup=5, rep=rep_ms, return_mode="all"))
         return samples
     for _ in range(repeat):
         for name, fn in providers.items():
@@ -157,16 +159,28 @@ def append_rows(suite: str, rows: list[dict], path: Path | None = None) -> Path:
 
 
 def summary_rows(suite: str, device, case: str, shape: str, dtype: str, mode: str,
-                 samples: dict[str, list[float]], baseline: str, notes: str = "") -> list[dict]:
-    """Turn interleaved samples into result rows with the ratio of each provider to ``baseline``."""
+                 samples: dict[str, list[float]], baseline: str, notes: str = "",
+                 flops: dict[str, float] | None = None) -> list[dict]:
+    """Turn interleaved samples into result rows with the ratio of each provider to ``baseline``.
+
+    With ``flops`` (model flop count per call, by provider), each provider's time row is followed
+    by a ``tflops`` row (TFLOP/s, no ratio): the fastest time quantile gives the highest
+    throughput, so q20/q80 are the flop count over the time's q80/q20.
+    """
     base_med = quantiles(samples[baseline])[0] if baseline in samples else float("nan")
     rows = []
     for provider, s in samples.items():
         med, q20, q80 = quantiles(s)
-        rows.append({**base_row(suite, device), "case": case, "shape": shape, "dtype": dtype,
-                     "provider": provider, "mode": mode, "metric": "time", "median": f"{med:.4f}",
-                     "q20": f"{q20:.4f}", "q80": f"{q80:.4f}", "unit": "ms", "baseline": baseline,
+        ids = {**base_row(suite, device), "case": case, "shape": shape, "dtype": dtype,
+                  "provider": provider, "mode": mode}
+        rows.append({**ids, "metric": "time", "median": f"{med:.6g}", "q20": f"{q20:.6g}",
+                     "q80": f"{q80:.6g}", "unit": "ms", "baseline": baseline,
                      "ratio": f"{med / base_med:.4f}" if base_med == base_med else "", "notes": notes})
+        if flops and provider in flops:
+            tflops = lambda ms: flops[provider] / ms * 1e-9  # noqa: E731  (flop / ms → TFLOP/s)
+            rows.append({**ids, "metric": "tflops", "median": f"{tflops(med):.4g}",
+                         "q20": f"{tflops(q80):.4g}", "q80": f"{tflops(q20):.4g}", "unit": "TFLOP/s",
+                         "baseline": "", "ratio": "", "notes": "TFLOP/s = model flop count / time"})
     return rows
 
 

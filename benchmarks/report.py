@@ -27,9 +27,10 @@ def is_gpu(device: str) -> bool:
 def _pivot(rows: list[dict], metric: str) -> list[str]:
     """Markdown table: one line per (shape, case, dtype, mode), one column per provider.
 
-    ``metric`` ``"time"``: cells ``median ms (ratio×)``; ``"memory"``: cells ``MiB (ratio×)``.
+    ``metric`` ``"time"``: cells ``median ms (ratio×)``; ``"memory"``: cells ``MiB (ratio×)``;
+    any other metric (``"tflops"``): cells ``median unit``, with the ratio where the rows have one.
     """
-    pick = (lambda r: r.get("metric") == "time") if metric == "time" else tables.is_memory
+    pick = tables.is_memory if metric == "memory" else (lambda r: r.get("metric") == metric)
     picked = [r for r in tables.latest(rows) if pick(r)]
     if not picked:
         return []
@@ -65,6 +66,10 @@ def _suite_section(name: str, device: str, rows: list[dict], results: Path, link
         baselines = sorted({r.get("baseline", "") for r in rows if r.get("metric") == "time"} - {""})
         out += [f"Time per call, median over repeats; in brackets the ratio to `{'`, `'.join(baselines)}` "
                 "from the same interleaved run (< 1 is faster).", "", *time_lines, ""]
+    tflops_lines = _pivot(rows, "tflops") if is_gpu(device) else []
+    if tflops_lines:
+        out += ["Achieved TFLOP/s: the model flop count (the suite script's docstring) over the median time "
+                "(higher is better).", "", *tflops_lines, ""]
     mem_lines = _pivot(rows, "memory")
     if mem_lines:
         metrics = sorted({r.get("metric", "") for r in rows if tables.is_memory(r)})

@@ -62,18 +62,18 @@ def by_device(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def merged(rows: list[dict]) -> list[dict]:
-    """One entry per (device, case, shape, dtype, mode, provider): its time row and memory row.
+    """One entry per (device, case, shape, dtype, mode, provider): its time, throughput and memory rows.
 
     Entries: ``{"case", "shape", "dtype", "mode", "provider", "device", "time": row|None,
-    "memory": row|None, "other": [rows]}``; order follows the first row of each entry.
+    "tflops": row|None, "memory": row|None, "other": [rows]}``; order follows the first row of each entry.
     """
     out: dict[tuple, dict] = {}
     for r in latest(rows):
         key = tuple(r.get(k, "") for k in ("device", "case", "shape", "dtype", "mode", "provider"))
         e = out.setdefault(key, {**dict(zip(("device", "case", "shape", "dtype", "mode", "provider"), key)),
-                                 "time": None, "memory": None, "other": []})
-        if r.get("metric") == "time":
-            e["time"] = r
+                                 "time": None, "tflops": None, "memory": None, "other": []})
+        if r.get("metric") in ("time", "tflops"):
+            e[r["metric"]] = r
         elif is_memory(r) and e["memory"] is None:
             e["memory"] = r
         else:
@@ -96,7 +96,8 @@ def ratio_text(row: dict | None) -> str:
 
 
 def text_rows(rows: list[dict]) -> list[dict[str, str]]:
-    """Printable cells per entry: case, shape, dtype, mode, provider, median, q20–q80, ratio, peak memory."""
+    """Printable cells per entry: case, shape, dtype, mode, provider, median, q20–q80, ratio, TFLOP/s,
+    peak memory."""
     out = []
     for e in merged(rows):
         t, m = e["time"], e["memory"]
@@ -106,6 +107,7 @@ def text_rows(rows: list[dict]) -> list[dict[str, str]]:
             q20, q80 = num(t.get("q20", "")), num(t.get("q80", ""))
             cells["q20–q80"] = f"{fmt(q20)}–{fmt(q80)}" if q20 is not None and q80 is not None else ""
             cells["× baseline"] = ratio_text(t) + (f" ({t['baseline']})" if t.get("baseline") else "")
+        cells["TFLOP/s"] = fmt(num(e["tflops"]["median"])) if e["tflops"] is not None else ""
         cells["peak mem"] = f"{fmt(mib(m))} MiB" + (f" ({ratio_text(m)})" if ratio_text(m) else "") if m else ""
         for o in e["other"]:
             cells.setdefault("median", "")
@@ -117,8 +119,8 @@ def text_rows(rows: list[dict]) -> list[dict[str, str]]:
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table of ``text_rows`` (columns with no values are dropped)."""
     cells = text_rows(rows)
-    cols = [c for c in ("case", "shape", "dtype", "mode", "provider", "median", "q20–q80", "× baseline", "peak mem")
-            if any(r.get(c) for r in cells)]
+    cols = [c for c in ("case", "shape", "dtype", "mode", "provider", "median", "q20–q80", "× baseline", "TFLOP/s",
+                        "peak mem") if any(r.get(c) for r in cells)]
     widths = {c: max(len(c), *(len(r.get(c, "")) for r in cells)) for c in cols}
     lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip()]
     lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in cols).rstrip() for r in cells]

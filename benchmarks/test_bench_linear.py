@@ -8,22 +8,13 @@ from benchmarks import bench_petal_linear as bench
 from benchmarks.conftest import CaseCache, bench_device, bench_quick
 
 RANK = 8
-PROVIDERS = ("base", "fused", "addmm", "reference", "fused_1b", "peft")
+PROVIDERS = ("base", "fused", "fused_onepass", "addmm", "reference", "fused_1b", "peft")
 _cache = CaseCache()
-
-
-def cases(quick: bool, device: torch.device) -> list[tuple]:
-    """(M, K, N, rank, p, mode) as ``bench_petal_linear.run`` builds them."""
-    cuda = device.type == "cuda"
-    shapes = bench.QUICK_SHAPES if quick else bench.PETALFACE_SHAPES + (bench.CUDA_SQUARE if cuda else bench.CPU_SQUARE)
-    ranks = (RANK, 16) if cuda and not quick else (RANK,)
-    return [(*s, r, p, mode) for s in shapes for r in ranks for p in (0.0, 0.1) for mode in ("fwd", "full")
-            if not (r != RANK and s not in bench.CUDA_SQUARE)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" in metafunc.fixturenames:
-        found = cases(bench_quick(metafunc.config), bench_device(metafunc.config))
+        found = bench.cases(bench_quick(metafunc.config), bench_device(metafunc.config), RANK)
         metafunc.parametrize("case", found, ids=[f"M{m}-K{k}-N{n}-r{r}-p{p}-{mode}" for m, k, n, r, p, mode in found])
 
 
@@ -35,8 +26,8 @@ def test_petal_linear(case, provider, time_provider, request):
 
     def build():
         torch.manual_seed(0)
-        return bench._providers(m, k, n, r, p, mode, device, dtype)[0]
-    providers = _cache.get((case, str(device)), build)
-    if provider not in providers:
-        pytest.skip(f"{provider} unavailable (peft not installed)")
-    time_provider(f"linear M={m} K={k} N={n} r{r} p{p} {mode}", provider, providers[provider])
+        return bench.build_case(m, k, n, r, p, mode, device, dtype)[0]
+    calls = _cache.get((case, str(device)), build)
+    if provider not in calls:
+        pytest.skip(f"{provider} unavailable on {device.type} (fused_onepass: CUDA only; peft: not installed)")
+    time_provider(f"linear M={m} K={k} N={n} r{r} p{p} {mode}", provider, calls[provider])

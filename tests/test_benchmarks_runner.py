@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, merge, plots, report, suites
+import torch
+
+from benchmarks import bench_petal_linear, common, merge, plots, report, suites, tables
 from benchmarks.__main__ import main as runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,15 +38,156 @@ def test_quick_run_writes_well_formed_csv_and_chart(tmp_path, capsys):
     assert body and all(len(r) == len(common.COLUMNS) for r in body)
     rows = [dict(zip(common.COLUMNS, r)) for r in body]
     assert {r["provider"] for r in rows} >= {"base", "fused", "reference"}
-    for r in rows:
-        assert r["suite"] == "linear" and r["device"] == common.device_name("cpu") and r["metric"] == "time"
+    assert "fused_onepass" not in {r["provider"] for r in rows}  # a Triton design: CUDA only
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "full"}
+    time_rows = [r for r in rows if r["metric"] == "time"]
+    tflops_rows = {_measurement(r): r for r in rows if r["metric"] == "tflops"}
+    assert len(time_rows) == len(tflops_rows) == len(rows) / 2
+    for r in time_rows:
+        assert r["suite"] == "linear" and r["device"] == common.device_name("cpu") and r["unit"] == "ms"
         med, q20, q80, ratio = (float(r[k]) for k in ("median", "q20", "q80", "ratio"))
         assert 0 < q20 <= med <= q80 and ratio > 0
         if r["provider"] == r["baseline"]:
             assert ratio == 1.0
+        t = tflops_rows[_measurement(r)]  # every time row has its throughput row
+        assert t["unit"] == "TFLOP/s" and t["ratio"] == t["baseline"] == ""
+        m, k, n = (int(v.split("=")[1]) for v in r["shape"].split()[:3])
+        work = bench_petal_linear.flops(m, k, n, 0 if r["provider"] == "base" else 16, r["mode"])
+        assert float(t["median"]) == pytest.approx(work / med * 1e-9, rel=2e-3)
+        assert float(t["q20"]) == pytest.approx(work / q80 * 1e-9, rel=2e-3)  # slowest time, lowest TFLOP/s
+        assert float(t["q80"]) == pytest.approx(work / q20 * 1e-9, rel=2e-3)
+        assert 0 < float(t["q20"]) <= float(t["median"]) <= float(t["q80"])
     chart = tmp_path / f"linear_{plots.slug(common.device_name('cpu'))}_speedup.png"
     assert chart.read_bytes()[:8] == PNG_MAGIC
     assert (committed.read_bytes() if committed.exists() else None) == before  # --out kept results/ untouched
+
+
+def _measurement(row: dict) -> tuple:
+    return tuple(row[k] for k in ("case", "shape", "dtype", "mode", "provider"))
+
+
+def test_flop_counts_follow_the_docstring_formula():
+    m, k, n = 512, 128, 384
+    base = 2 * m * n * k
+    lora = 2 * m * 16 * (k + n)  # R = 16: two branches of rank 8, or one of rank 16
+    assert bench_petal_linear.flops(m, k, n, 0, "fwd") == bench_petal_linear.flops(m, k, n, 0, "bwd") == base
+    assert bench_petal_linear.flops(m, k, n, 16, "fwd") == base + lora
+    assert bench_petal_linear.flops(m, k, n, 16, "bwd") == base + 2 * lora
+    assert bench_petal_linear.flops(m, k, n, 16, "full") == 2 * base + 3 * lora
+
+
+def test_summary_rows_tflops_from_time_quantiles():
+    samples = {"base": [4.0, 1.0, 2.0], "fused": [3.0, 5.0, 2.0]}
+    rows = common.summary_rows("linear", "cpu", "c", "s", "float32", "fwd", samples, "base",
+                               flops={"base": 2e9, "fused": 3e9})
+    assert [(r["provider"], r["metric"]) for r in rows] == [("base", "time"), ("base", "tflops"),
+                                                            ("fused", "time"), ("fused", "tflops")]
+    base_t = rows[1]
+    assert (base_t["median"], base_t["q20"], base_t["q80"]) == ("1", "0.5", "2")  # 2 GFLOP over 2, 4, 1 ms
+    assert base_t["unit"] == "TFLOP/s" and base_t["ratio"] == base_t["baseline"] == ""
+    assert float(rows[3]["median"]) == pytest.approx(1.0) and rows[2]["ratio"] == "1.5000"
+    assert all(r["metric"] == "time" for r in common.summary_rows("l", "cpu", "c", "s", "f", "m", samples, "base"))
+
+
+class _Counted(torch.autograd.Function):
+    """y = x·w, counting forward and backward calls."""
+    calls: list[str] = []
+
+    @staticmethod
+    def forward(ctx, x, w):
+        _Counted.calls.append("forward")
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, dy):
+        _Counted.calls.append("backward")
+        x, w = ctx.saved_tensors
+        return dy * w, (dy * x).sum(0)
+
+
+@pytest.mark.parametrize("mode", bench_petal_linear.MODES)
+def test_timed_call_modes(mode):
+    _Counted.calls = []
+    w = torch.randn(4, requires_grad=True)
+    seen: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    w.register_hook(grads.append)
+
+    def forward(x, a):
+        seen.append(x)
+        return _Counted.apply(x, w)
+    provider = bench_petal_linear.Provider(forward, (w,), 1)
+    xs = [torch.randn(3, 4, requires_grad=mode != "fwd") for _ in range(2)]
+    call = bench_petal_linear._timed_call(provider, mode, xs, [torch.rand(1)] * 2, [torch.randn(3, 4)] * 2)
+    built = list(_Counted.calls)
+    for _ in range(3):
+        call()
+    timed = _Counted.calls[len(built):]
+    if mode == "bwd":  # graphs built once per input set, outside the timed call; no .grad accumulates
+        assert built == ["forward"] * 2 and timed == ["backward"] * 3
+        assert len(grads) == 3 and w.grad is None and xs[0].grad is None
+    else:
+        assert built == []
+        assert timed == (["forward"] * 3 if mode == "fwd" else ["forward", "backward"] * 3)
+    assert [x is xs[i % 2] for i, x in enumerate(seen)] == [True] * len(seen)  # inputs rotate per provider
+
+
+def test_cuda_providers_force_the_triton_designs():
+    from petal_fast import backend
+    from petal_fast.kernels.petal_linear import DIRECTIONS, design_for
+    layer = bench_petal_linear.PetalLinear(8, 8, rank=2)
+    assert list(bench_petal_linear._fused(layer, torch.device("cpu"))) == ["fused"]
+    on_cuda = bench_petal_linear._fused(layer, torch.device("cuda"))  # builds no CUDA tensor
+    assert list(on_cuda) == ["fused", "fused_onepass"]
+    for name, design in (("fused", "split"), ("fused_onepass", "onepass")):
+        assert on_cuda[name].trainable == (layer.lora_A, layer.lora_B) and on_cuda[name].lora_rank == 4
+        with on_cuda[name].context():
+            assert [design_for(torch.device("cpu"), d) for d in DIRECTIONS] == [design] * len(DIRECTIONS)
+            assert backend.requested_backend() == "triton"
+
+
+def test_cuda_timing_pools_every_do_bench_call(monkeypatch):
+    import triton.testing
+    reps: list[int] = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "all"
+        reps.append(rep)
+        fn()
+        return [1.0, 2.0, 3.0]
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    calls: list[str] = []
+    samples = common.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      "cuda", warmup=1, repeat=10, rep_ms=25)
+    assert samples == {"a": [1.0, 2.0, 3.0] * 2, "b": [1.0, 2.0, 3.0] * 2}
+    assert reps == [25] * 4 and calls == ["a", "b", "a", "b", "a", "b"]  # warm-up, then interleaved rounds
+
+
+def test_tflops_rows_in_tables_report_and_charts(tmp_path):
+    gpu, cpu = "NVIDIA Test GPU", "CPU Test x2 threads"
+    rows = []
+    for device in (gpu, cpu):
+        for provider, ms, ratio in (("base", 1.0, 1.0), ("fused", 1.25, 1.25)):
+            rows += [_row(device, "linear", "M=8 K=4 N=4", provider, ms, ratio),
+                     _row(device, "linear", "M=8 K=4 N=4", provider, 600 / ms, "", "tflops", "TFLOP/s", "")]
+    entries = tables.merged(rows)
+    assert len(entries) == 4 and all(e["time"] and e["tflops"] and not e["memory"] and not e["other"]
+                                     for e in entries)
+    text = tables.format_table(rows)
+    assert "TFLOP/s" in text.splitlines()[0] and "480" in text and "1.25 ms" in text
+    assert report._pivot(rows, "memory") == []
+    assert all("TFLOP/s" not in line for line in report._pivot(rows, "time"))
+
+    results = tmp_path / "results"
+    common.append_rows("linear", rows, path=results / "linear.csv")
+    section = report.render(results, tmp_path)
+    gpu_part, cpu_part = section.split(f"— {gpu}")[1], section.split(f"— {cpu}")[1].split(f"— {gpu}")[0]
+    assert "Achieved TFLOP/s" in gpu_part and "| 600 TFLOP/s | 480 TFLOP/s |" in gpu_part
+    assert "Achieved TFLOP/s" not in cpu_part and "1.25 ms (1.25×)" in cpu_part
+    only_tflops = [r for r in rows if r["metric"] == "tflops"]
+    assert plots.speedup_chart("linear", gpu, only_tflops, tmp_path / "none.png") is None
+    assert plots.make_plots(results) == [results / f"linear_{plots.slug(d)}_speedup.png" for d in (gpu, cpu)]
 
 
 def test_malformed_results_file_is_reported_not_overwritten(tmp_path, capsys):
