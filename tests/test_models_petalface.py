@@ -47,10 +47,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backbone", ["tiny", "vit_tiny"])
-def test_fused_matches_reference(backbone, device):
+def test_fused_matches_reference(backbone, device, monkeypatch):
     """Same model, fused backend (auto: C++ on CPU, Triton on CUDA) in fp32 vs the reference layers
     in fp64, in train mode with dropout (same seed → same masks): embeddings and every adapter
     gradient."""
+    # cuDNN runs fp32 convolutions (the patch embedding) in TF32 by default: ~1e-3 relative error
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = PetalFace(backbone, quality=None, dropout=0.1).to(device)
     randomize_adapters(model)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
