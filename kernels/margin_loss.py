@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 BLOCK_B = 16
 BLOCK_C = 32
 
@@ -143,11 +145,11 @@ def _inv_norms(x: torch.Tensor, eps: float, rows: int = 1 << 16) -> torch.Tensor
 def _splits(B: int, C: int, device: torch.device) -> int:
     """Class splits so that row blocks × splits fill the GPU (≈ 4 programs per SM); 2 in the
     interpreter so the merge of partials is exercised."""
-    tiles = triton.cdiv(C, BLOCK_C)
+    tiles = cdiv(C, BLOCK_C)
     if device.type != "cuda":
         return min(2, tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(4 * sms, triton.cdiv(B, BLOCK_B))))
+    return max(1, min(tiles, cdiv(4 * sms, cdiv(B, BLOCK_B))))
 
 
 def _prep(e: torch.Tensor, w: torch.Tensor, eps: float):
@@ -168,7 +170,7 @@ def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float
     _, _, en, r, meta = _prep(e, w, eps)
     splits = _splits(B, C, e.device)
     m, l, zs = (torch.empty(splits, B, dtype=torch.float32, device=e.device) for _ in range(3))
-    _fwd_kernel[(triton.cdiv(B, BLOCK_B), splits)](en, w, r, labels, m, l, zs, B, C, D, scale, splits, **meta)
+    _fwd_kernel[(cdiv(B, BLOCK_B), splits)](en, w, r, labels, m, l, zs, B, C, D, scale, splits, **meta)
     m_max = m.amax(0)
     m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
     lse = m_safe + (l * torch.exp(m - m_safe)).sum(0).log()
@@ -187,11 +189,11 @@ def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.
     if need_e:
         splits = _splits(B, C, e.device)
         den = torch.zeros(B, D, dtype=torch.float32, device=e.device)
-        _bwd_de_kernel[(triton.cdiv(B, BLOCK_B), splits)](en, w, r, labels, lse, a, b, den, B, C, D, scale, splits,
+        _bwd_de_kernel[(cdiv(B, BLOCK_B), splits)](en, w, r, labels, lse, a, b, den, B, C, D, scale, splits,
                                                           **meta)
         proj = (en * den).sum(1) * (re < 1.0 / eps)
         de = ((den - en * proj.unsqueeze(1)) * re.unsqueeze(1)).to(e.dtype)
     if need_w:
         dw = torch.empty_like(w)
-        _bwd_dw_kernel[(triton.cdiv(C, BLOCK_C),)](en, w, r, labels, lse, a, b, dw, B, C, D, scale, eps, **meta)
+        _bwd_dw_kernel[(cdiv(C, BLOCK_C),)](en, w, r, labels, lse, a, b, dw, B, C, D, scale, eps, **meta)
     return de, dw

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -62,6 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from ._rng import host_key, host_threshold, keep_mask
 
 # ------------------------------------------------------------------------------------- tile table
@@ -187,6 +189,7 @@ def _for_dtype(cfg: dict[str, int], kernel: str, dtype: torch.dtype) -> dict[str
     return cfg
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
@@ -531,7 +534,7 @@ def _check(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor) -> None:
 
 
 def _padded_rank(r_total: int) -> int:
-    return max(16, triton.next_power_of_2(r_total))
+    return max(16, 1 << (r_total - 1).bit_length())
 
 
 def _common(x, a_cat, coef, p, seed):
@@ -546,7 +549,7 @@ def _common(x, a_cat, coef, p, seed):
 
 def _launch_shrink(x, a_cat, u, info, cfg) -> None:
     M, K = x.shape
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]),)
     _shrink_kernel[grid](x, a_cat, u, M, K, a_cat.shape[0], x.stride(0), x.stride(1), a_cat.stride(0),
                          a_cat.stride(1), u.stride(0), RP=info["rp"], PRECISION=info["precision"],
                          **_launch_opts(cfg))
@@ -555,7 +558,7 @@ def _launch_shrink(x, a_cat, u, info, cfg) -> None:
 def _launch_fwd(x, weight, bias, u, b_cat, y, info, cfg) -> None:
     M, K = x.shape
     N = weight.shape[0]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _fwd_kernel[grid](x, weight, bias if bias is not None else weight, u, b_cat, info["coef"], y,
                       M, N, K, u.shape[1], info["rank"], info["rows_per_image"], *info["keys"],
                       info["threshold"], info["keep_scale"],
@@ -568,7 +571,7 @@ def _launch_fwd(x, weight, bias, u, b_cat, y, info, cfg) -> None:
 def _launch_fwd_onepass(x, weight, bias, a_cat, u, b_cat, y, info, cfg) -> None:
     M, K = x.shape
     N = weight.shape[0]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _fwd_onepass_kernel[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, info["coef"], y,
                               M, N, K, u.shape[1], info["rank"], info["rows_per_image"], *info["keys"],
                               info["threshold"], info["keep_scale"],
@@ -581,7 +584,7 @@ def _launch_fwd_onepass(x, weight, bias, a_cat, u, b_cat, y, info, cfg) -> None:
 def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, info, cfg) -> None:
     M, K = x.shape
     N = weight.shape[0]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
     _bwd_onepass_kernel[grid](dy, weight, b_cat, u, info["coef"], a_cat, x, dx, da, db, M, N, K, a_cat.shape[0],
                               info["rank"], info["rows_per_image"],
                               dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_cat.stride(0),
@@ -593,11 +596,11 @@ def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, info, cfg) -
 
 def _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg) -> None:
     M, N = dy.shape
-    m_tiles, n_tiles = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    m_tiles, n_tiles = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
     target = cfg["programs_per_sm"] * _sm_count(dy.device)
-    split = max(1, min(n_tiles, triton.cdiv(target, m_tiles)))
-    tiles_per_split = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, tiles_per_split)
+    split = max(1, min(n_tiles, cdiv(target, m_tiles)))
+    tiles_per_split = cdiv(n_tiles, split)
+    split = cdiv(n_tiles, tiles_per_split)
     if split > 1:
         dt.zero_()
     _bwd_dy_kernel[(m_tiles, split)](dy, b_cat, u, info["coef"], dt, db, M, N, u.shape[1], info["rank"],
@@ -611,7 +614,7 @@ def _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg) -> None:
 def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, info, cfg) -> None:
     M, K = x.shape
     N = weight.shape[0]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
     out = dx if dx is not None else x  # unused pointer when dX is not wanted
     _bwd_dx_kernel[grid](dy, weight, dt, a_cat, x, out, da, M, N, K, a_cat.shape[0],
                          dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),

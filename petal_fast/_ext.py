@@ -5,6 +5,8 @@ per op, and are called as ``torch.ops.petal_fast.<name>``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _error: str | None = None
@@ -18,6 +20,7 @@ def load_error() -> str | None:
     return _error
 
 
+@functools.cache  # ops register once, at import: the answer never changes in a process
 def has_op(name: str) -> bool:
     """Whether ``torch.ops.petal_fast.<name>`` (or ``<name>_fwd``) exists: extension built, op compiled in."""
     if _error is not None:
@@ -31,5 +34,6 @@ def has_op(name: str) -> bool:
     return False
 
 
+@functools.cache
 def op(name: str):
     return getattr(torch.ops.petal_fast, name)

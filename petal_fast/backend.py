@@ -15,6 +15,7 @@ environment variable ``PETAL_FAST_BACKEND`` or, scoped, with ``petal_fast.use_ba
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -63,6 +64,7 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+@functools.cache  # find_spec searches sys.path (~35 µs): once per process, not per layer call
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -71,6 +73,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def implementation(backend: str, op: str, torch_impl) -> tuple:
     """(forward, backward) of ``op`` on a resolved non-reference backend: the torch composition
     module's functions, the C++ ops ``<op>_fwd``/``<op>_bwd``, or ``petal_fast.kernels.<op>``

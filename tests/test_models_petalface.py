@@ -81,23 +81,31 @@ def test_fused_matches_reference(backbone, device, monkeypatch):
 
 @pytest.mark.skipif(not triton_interpreter_ok(), reason="needs Triton with TRITON_INTERPRET=1")
 def test_triton_backend_model_matches_reference():
-    """The Triton kernels inside a whole model (interpreter on CPU tensors; tiny ViT to stay fast)."""
+    """The Triton kernels inside a whole model (interpreter on CPU tensors; tiny ViT to stay fast),
+    judged against the reference layers in float64: as accurate as the reference layers in fp32.
+
+    (With a batch of two, the feature head's BatchNorm makes the output and the adapter gradients
+    ill-conditioned: the fp32 reference itself is up to ~1e-3 from float64, so a fixed fp32-vs-fp32
+    bound was flaky.)
+    """
     model = PetalFace("vit_tiny", quality=None, dropout=0.1)
     randomize_adapters(model)
     images, alpha = torch.randn(2, 3, 36, 36), torch.rand(2)
     target = torch.randn(2, model.embedding_size)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     out = {}
-    for backend in ("triton", "reference"):
-        model.zero_grad()
+    for backend, m, dtype in (("triton", model, torch.float32), ("reference", model, torch.float32),
+                              ("reference", copy.deepcopy(model).double(), torch.float64)):
+        m.zero_grad()
         torch.manual_seed(seed)
         with petal_fast.use_backend(backend):
-            emb = model(images, alpha=alpha)
-            (emb * target).sum().backward()
-        out[backend] = emb.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert rel_err(out["triton"][0], out["reference"][0]) < 1e-5
-    for name, grad in out["reference"][1].items():
-        assert rel_err(out["triton"][1][name], grad) < 1e-4, name
+            emb = m(images.to(dtype), alpha=alpha.to(dtype))
+            (emb * target.to(dtype)).sum().backward()
+        out[backend, dtype] = emb.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    (emb, grads), (emb32, grads32), (emb64, grads64) = out.values()
+    assert rel_err(emb, emb64) <= 3 * rel_err(emb32, emb64) + 1e-6
+    for name, want in grads64.items():
+        assert rel_err(grads[name], want) <= 3 * rel_err(grads32[name], want) + 1e-5, name
 
 
 def test_alpha_reaches_both_branches():

@@ -10,6 +10,8 @@ the dropout seed — never an M×out tensor; dropout masks are regenerated from 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from petal_fast.backend import implementation, resolve
@@ -24,12 +26,16 @@ def _impl(backend: str):
     return implementation(backend, OP, torch_impl)
 
 
+def _concat(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_cat (R × in) and B_cat (out × R), R = branches·r: both branches as one skinny GEMM each."""
+    branches, r, k = lora_A.shape
+    return lora_A.reshape(branches * r, k), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
+
+
 class PetalLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, coef, p, seed, backend):
-        branches, r, k = lora_A.shape
-        a_cat = lora_A.reshape(branches * r, k)
-        b_cat = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
+        a_cat, b_cat = _concat(lora_A, lora_B)
         fwd, _ = _impl(backend)
         y, u = fwd(x, weight, bias, a_cat, b_cat, coef, float(p), int(seed))
         ctx.save_for_backward(x, weight, a_cat, b_cat, coef, u)
@@ -82,14 +88,52 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if rows % alpha.numel():
             raise ValueError(f"alpha has {alpha.numel()} values but x has {rows} rows: the number of rows "
                              "must be a multiple of the number of images (rows_per_image = rows / len(alpha))")
-        finite = torch.isfinite(alpha).all()
-        if alpha.device.type == "cpu":
-            if not finite:
-                raise ValueError("alpha contains non-finite values")
-        else:  # a host check would synchronise the GPU at every layer: assert on the device instead
-            torch._assert_async(finite, "petal_linear: alpha contains non-finite values")
     elif branches != 1:
         raise ValueError(f"branches must be 1 or 2, got {branches}")
+
+
+def check_alpha_values(alpha: torch.Tensor) -> None:
+    """ValueError (CPU) or a device-side assert (CUDA: a host check would synchronise) for a non-finite α."""
+    finite = torch.isfinite(alpha).all()
+    if alpha.device.type == "cpu":
+        if not finite:
+            raise ValueError("alpha contains non-finite values")
+    else:
+        torch._assert_async(finite, "petal_linear: alpha contains non-finite values")
+
+
+# The last α seen, its values checked and its branch weights built: every layer of a model gets the
+# same α tensor in a forward pass, so this runs once per pass instead of once per layer (on CUDA
+# 3–5 kernel launches each). Keyed by identity and version counter: an in-place change of α
+# invalidates it (a write through ``alpha.data`` bypasses the counter and is not seen).
+_alpha_cache: tuple = (None, -1, {})
+_single_branch: dict[tuple, torch.Tensor] = {}  # [[s]] per (scale, dtype, device)
+
+
+def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``branch_coefficients`` (and α's value check) through the caches above."""
+    global _alpha_cache
+    if branches == 1:
+        key = (float(scale), dtype, device)
+        if key not in _single_branch:
+            _single_branch[key] = branch_coefficients(None, 1, scale, dtype, device)
+        return _single_branch[key]
+    try:
+        version = alpha._version
+    except RuntimeError:  # inference-mode tensors have no version counter: no caching
+        check_alpha_values(alpha)
+        return branch_coefficients(alpha, branches, scale, dtype, device)
+    ref, cached_version, table = _alpha_cache
+    if ref is None or ref() is not alpha or cached_version != version:
+        check_alpha_values(alpha)
+        table = {}
+        _alpha_cache = (weakref.ref(alpha), version, table)
+    key = (float(scale), dtype)
+    coef = table.get(key)
+    if coef is None:
+        coef = table[key] = branch_coefficients(alpha, branches, scale, dtype, device)
+    return coef
 
 
 def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
@@ -111,18 +155,23 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout)
     backend = resolve(x.device, OP)
+    branches = lora_A.shape[0]
     if backend == "reference":
+        if branches == 2:
+            check_alpha_values(alpha)
         return reference_petal_linear(x, weight, bias, lora_A, lora_B, alpha, scale, dropout, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the one explicit copy of a non-contiguous input
-    branches = lora_A.shape[0]
     coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    coef = branch_coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device)
+    coef = _coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the Function is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)
         x2 = x2.to(dtype)
-    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-    y = PetalLinearFunction.apply(x2, w, b, lora_A.to(dtype), lora_B.to(dtype), coef, float(dropout),
-                                  int(seed), backend)
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731  (.to costs ~1.5 µs)
+    args = (x2, cast(weight), cast(bias), cast(lora_A), cast(lora_B), coef, float(dropout), int(seed))
+    if torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
+        y = PetalLinearFunction.apply(*args, backend)
+    else:  # inference: no autograd node, nothing saved
+        y, _ = _impl(backend)[0](x2, args[1], args[2], *_concat(args[3], args[4]), *args[5:])
     return y.view(*lead, weight.shape[0])
