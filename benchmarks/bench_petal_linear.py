@@ -14,7 +14,8 @@ Modes, dropout p = 0 and 0.1:
 - ``bwd``  backward only: each rotated input's graph is built once, outside the timing, and a call
            is ``torch.autograd.grad(y, (x, *trainable), dy, retain_graph=True)`` (no ``.grad``
            accumulates); trainable = the provider's LoRA A and B (none for ``base``);
-- ``full`` forward and backward (``y.backward(dy)``) in one call.
+- ``full`` forward and backward in one call, the backward as in ``bwd`` (``autograd.grad``: the
+           gradients a training step with ``zero_grad(set_to_none=True)`` produces, no accumulation).
 Time rows carry the ratio to ``base``.
 
 Every time row is followed by a ``tflops`` row: the model flop count over the time. With M rows,
@@ -163,7 +164,7 @@ def _timed_call(provider: Provider, mode: str, xs: list[torch.Tensor], alphas: l
         def call() -> None:
             i = next(turn) % len(xs)
             with provider.context():
-                provider.forward(xs[i], alphas[i]).backward(dys[i])
+                torch.autograd.grad(provider.forward(xs[i], alphas[i]), (xs[i], *provider.trainable), dys[i])
     elif mode == "bwd":
         with provider.context():
             ys = [provider.forward(x, a) for x, a in zip(xs, alphas)]

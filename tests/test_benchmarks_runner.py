@@ -130,6 +130,8 @@ def test_timed_call_modes(mode):
     else:
         assert built == []
         assert timed == (["forward"] * 3 if mode == "fwd" else ["forward", "backward"] * 3)
+        if mode == "full":  # the gradients are produced, none accumulate into .grad
+            assert len(grads) == 3 and w.grad is None and xs[0].grad is None
     assert [x is xs[i % 2] for i, x in enumerate(seen)] == [True] * len(seen)  # inputs rotate per provider
 
 
