@@ -14,7 +14,7 @@ split (LoRAFusion's choice; 4 launches per step)
               dX = dY W + dT A_cat,  dA = dTᵀ x               (_bwd_dx_kernel: one accumulator)
 one-pass (2 launches per step)
     forward   x Wᵀ and U = x A_catᵀ from the same x tiles, then the same epilogue; the first
-              N-tile's programs store U for backward       (_fwd_onepass_kernel)
+              N-tile's programs store U for backward       (_fwd_kernel, ONEPASS)
     backward  dY W and dU = dY B_cat from the same dY tiles; dB from the same tiles, each N-tile
               added by one K-tile column of programs; then dX and dA as above (_bwd_onepass_kernel;
               p = 0 with dX wanted — otherwise the split kernels run)
@@ -279,53 +279,17 @@ def _expand_bias_store(acc, v, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
+def _fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
                 M, N, K, R, rank, rows_per_image, key0, key1, threshold, keep_scale,
-                s_xm, s_xk, s_wn, s_wk, s_um, s_bn, s_br, s_ym,
-                BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """Split design, one y tile: x Wᵀ, then Σ_k D_k((c_k ⊙ U_k) B_kᵀ) from the stored U, then bias."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, RP)
-    m_ok, n_ok, r_ok = offs_m < M, offs_n < N, offs_r < R
-    rows = offs_m.to(tl.int64)
+                s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_um, s_bn, s_br, s_ym,
+                BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ONEPASS: tl.constexpr,
+                RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """One y tile: x Wᵀ, then Σ_k D_k((c_k ⊙ U_k) B_kᵀ) in the same accumulator, then bias.
 
-    # base GEMM: x Wᵀ
-    x_ptrs = x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * s_wn + offs_k[:, None] * s_wk  # Wᵀ tile (BLOCK_K × BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * s_xk
-        w_ptrs += BLOCK_K * s_wk
-
-    # LoRA expand: V = c ⊙ U (per row, per branch), then V B_catᵀ into the same accumulator
-    ur_ok = m_ok[:, None] & r_ok[None, :]
-    u = tl.load(u_ptr + rows[:, None] * s_um + offs_r[None, :], mask=ur_ok, other=0.0)
-    c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
-    _expand_bias_store(acc, u.to(tl.float32) * c, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m_ok, n_ok,
-                       r_ok, rows, rank, key0, key1, threshold, keep_scale, s_bn, s_br, s_ym,
-                       BRANCHES, HAS_BIAS, DROPOUT, PRECISION)
-
-
-@triton.jit
-def _fwd_onepass_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
-                        M, N, K, R, rank, rows_per_image, key0, key1, threshold, keep_scale,
-                        s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_um, s_bn, s_br, s_ym,
-                        BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, RP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
-    """One-pass design, one y tile: x Wᵀ and U = x A_catᵀ from the same x tiles, then the epilogue.
-
-    U is recomputed by every N-tile (R/BLOCK_N extra tensor-core work) instead of read from a
-    shrink kernel's output; the programs of the first N-tile also store it for backward.
+    Split design: U is read from the shrink kernel's output. One-pass (ONEPASS): U = x A_catᵀ is
+    accumulated from the x tiles the base GEMM loads anyway (recomputed by every N-tile: RP/BLOCK_N
+    extra tensor-core work), and the programs of the first N-tile store it for backward.
     """
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -344,18 +308,23 @@ def _fwd_onepass_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y
         k_ok = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        u = tl.dot(xt, at, u, input_precision=PRECISION)
+        if ONEPASS:
+            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            u = tl.dot(xt, at, u, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * s_ak
         x_ptrs += BLOCK_K * s_xk
         w_ptrs += BLOCK_K * s_wk
-        a_ptrs += BLOCK_K * s_ak
 
+    # LoRA expand: V = c ⊙ U (per row, per branch), then V B_catᵀ into the same accumulator
     ur_ok = m_ok[:, None] & r_ok[None, :]
-    if pid_n == 0:
-        tl.store(u_ptr + rows[:, None] * s_um + offs_r[None, :], u.to(u_ptr.dtype.element_ty), mask=ur_ok)
-    # the stored U is rounded to x's dtype; use the same rounding so both designs give the same y
-    u = u.to(u_ptr.dtype.element_ty).to(tl.float32)
+    u_ptrs = u_ptr + rows[:, None] * s_um + offs_r[None, :]
+    if ONEPASS:
+        if pid_n == 0:
+            tl.store(u_ptrs, u.to(u_ptr.dtype.element_ty), mask=ur_ok)
+        u = u.to(u_ptr.dtype.element_ty).to(tl.float32)  # the stored rounding: both designs give the same y
+    else:
+        u = tl.load(u_ptrs, mask=ur_ok, other=0.0).to(tl.float32)
     c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
     _expand_bias_store(acc, u * c, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m_ok, n_ok, r_ok, rows,
                        rank, key0, key1, threshold, keep_scale, s_bn, s_br, s_ym,
@@ -555,30 +524,17 @@ def _launch_shrink(x, a_cat, u, info, cfg) -> None:
                          **_launch_opts(cfg))
 
 
-def _launch_fwd(x, weight, bias, u, b_cat, y, info, cfg) -> None:
+def _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, cfg, onepass: bool) -> None:
     M, K = x.shape
     N = weight.shape[0]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    _fwd_kernel[grid](x, weight, bias if bias is not None else weight, u, b_cat, info["coef"], y,
+    _fwd_kernel[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, info["coef"], y,
                       M, N, K, u.shape[1], info["rank"], info["rows_per_image"], *info["keys"],
                       info["threshold"], info["keep_scale"],
-                      x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0),
-                      b_cat.stride(0), b_cat.stride(1), y.stride(0),
+                      x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
+                      a_cat.stride(1), u.stride(0), b_cat.stride(0), b_cat.stride(1), y.stride(0),
                       BRANCHES=info["branches"], HAS_BIAS=bias is not None, DROPOUT=info["dropout"],
-                      RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
-
-
-def _launch_fwd_onepass(x, weight, bias, a_cat, u, b_cat, y, info, cfg) -> None:
-    M, K = x.shape
-    N = weight.shape[0]
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    _fwd_onepass_kernel[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, info["coef"], y,
-                              M, N, K, u.shape[1], info["rank"], info["rows_per_image"], *info["keys"],
-                              info["threshold"], info["keep_scale"],
-                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
-                              a_cat.stride(1), u.stride(0), b_cat.stride(0), b_cat.stride(1), y.stride(0),
-                              BRANCHES=info["branches"], HAS_BIAS=bias is not None, DROPOUT=info["dropout"],
-                              RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
+                      ONEPASS=onepass, RP=info["rp"], PRECISION=info["precision"], **_launch_opts(cfg))
 
 
 def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, info, cfg) -> None:
@@ -635,12 +591,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_
     if M == 0:
         return y, u
     if N and design_for(x.device, "fwd") == "onepass":
-        _launch_fwd_onepass(x, weight, bias, a_cat, u, b_cat, y, info,
-                            config_for("fwd_onepass", x.device, x.dtype, table))
+        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, config_for("fwd_onepass", x.device, x.dtype, table),
+                    onepass=True)
         return y, u
     _launch_shrink(x, a_cat, u, info, config_for("shrink", x.device, x.dtype, table))
     if N:
-        _launch_fwd(x, weight, bias, u, b_cat, y, info, config_for("fwd", x.device, x.dtype, table))
+        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, config_for("fwd", x.device, x.dtype, table),
+                    onepass=False)
     return y, u
 
 
@@ -732,10 +689,10 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
     db, da = torch.zeros(n, branches * rank, device=dev), torch.zeros(branches * rank, k, device=dev)
     runs = {
         "shrink": lambda cfg: _launch_shrink(x, a_cat, u, info, cfg),
-        "fwd": lambda cfg: _launch_fwd(x, w, bias, u, b_cat, y, info, cfg),
+        "fwd": lambda cfg: _launch_fwd(x, w, bias, a_cat, u, b_cat, y, info, cfg, onepass=False),
         "bwd_dy": lambda cfg: _launch_bwd_dy(dy, b_cat, u, dt, db, info, cfg),
         "bwd_dx": lambda cfg: _launch_bwd_dx(dy, w, dt, a_cat, x, dx, da, info, cfg),
-        "fwd_onepass": lambda cfg: _launch_fwd_onepass(x, w, bias, a_cat, u, b_cat, y, info, cfg),
+        "fwd_onepass": lambda cfg: _launch_fwd(x, w, bias, a_cat, u, b_cat, y, info, cfg, onepass=True),
         "bwd_onepass": lambda cfg: _launch_bwd_onepass(dy, w, b_cat, u, a_cat, x, dx, da, db, info, cfg),
     }
     if info["dropout"]:
@@ -780,11 +737,11 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int
     fwd = dict(BRANCHES=branches, HAS_BIAS=True, DROPOUT=dropout, RP=rp, PRECISION=precision)
     kernels = {
         "shrink": (_shrink_kernel, dict(RP=rp, PRECISION=precision)),
-        "fwd": (_fwd_kernel, fwd),
+        "fwd": (_fwd_kernel, {**fwd, "ONEPASS": False}),
         "bwd_dy": (_bwd_dy_kernel, dict(BRANCHES=branches, DROPOUT=dropout, ATOMIC_DT=True, RP=rp,
                                          PRECISION=precision)),
         "bwd_dx": (_bwd_dx_kernel, dict(COMPUTE_DX=True, RP=rp, PRECISION=precision)),
-        "fwd_onepass": (_fwd_onepass_kernel, fwd),
+        "fwd_onepass": (_fwd_kernel, {**fwd, "ONEPASS": True}),
         "bwd_onepass": (_bwd_onepass_kernel, dict(BRANCHES=branches, RP=rp, PRECISION=precision)),  # p = 0 only
     }
     table = TILE_CONFIGS.get(arch // 10, TILE_CONFIGS["default"])

@@ -110,29 +110,41 @@ def test_no_input_grad(device, p, design):
     check(*args, scale=1.3, p=p, seed=11, x_grad=False, design=design)
 
 
+LAUNCHERS = {"_launch_shrink": "shrink", "_launch_fwd": "fwd", "_launch_bwd_dy": "bwd_dy",
+             "_launch_bwd_dx": "bwd_dx", "_launch_bwd_onepass": "bwd_onepass"}
+
+
+def spy_launches(monkeypatch) -> list[tuple[str, dict]]:
+    """Record (tile-table kernel name, tile config) of every launch; the launches still run."""
+    log: list[tuple[str, dict]] = []
+    for launcher, name in LAUNCHERS.items():
+        real = getattr(kernels, launcher)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            log.append((_name + ("_onepass" if kw.get("onepass") else ""), args[-1]))
+            return _real(*args, **kw)
+        monkeypatch.setattr(kernels, launcher, spy)
+    return log
+
+
 @pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_design_dispatch(monkeypatch, p):
     """Which kernels each design launches: one-pass forward never runs the shrink; one-pass
     backward (p = 0) never runs the split pair; with dropout backward falls back to split."""
-    launched: list[str] = []
-    for name in ("_launch_shrink", "_launch_fwd", "_launch_fwd_onepass", "_launch_bwd_dy", "_launch_bwd_dx",
-                 "_launch_bwd_onepass"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: (launched.append(_name),
-                                                                                    _real(*a, **k))[1])
+    log = spy_launches(monkeypatch)
     x, w, b, la, lb, al = make((24,), 40, 24, 4, 2, torch.float32, "cpu", images=6)
     x.requires_grad_()
-    for design, fwd, bwd in (("split", ["_launch_shrink", "_launch_fwd"], ["_launch_bwd_dy", "_launch_bwd_dx"]),
-                             ("onepass", ["_launch_fwd_onepass"],
-                              ["_launch_bwd_onepass"] if p == 0 else ["_launch_bwd_dy", "_launch_bwd_dx"])):
-        launched.clear()
+    split_bwd = ["bwd_dy", "bwd_dx"]
+    for design, fwd, bwd in (("split", ["shrink", "fwd"], split_bwd),
+                             ("onepass", ["fwd_onepass"], ["bwd_onepass"] if p == 0 else split_bwd)):
+        log.clear()
         with kernels.use_design(design), petal_fast.use_backend("triton"):
             y = petal_linear(x, w, b, la, lb, al, 1.0, p, 3)
-            assert launched == fwd, design
-            launched.clear()
+            assert [name for name, _ in log] == fwd, design
+            log.clear()
             y.sum().backward()
-        assert launched == bwd, design
+        assert [name for name, _ in log] == bwd, design
 
 
 def test_design_selection(monkeypatch):
@@ -278,22 +290,13 @@ def test_tune_picks_fastest_tiles_and_design(p, monkeypatch):
     candidates = {name: [cfg, {**cfg, "num_warps": 8}] for name, cfg in small.items()}
     fake_ms = {("shrink", 4): 1.0, ("fwd", 4): 5.0, ("fwd_onepass", 4): 5.5, ("bwd_dy", 4): 2.0,
                ("bwd_dx", 4): 5.0, ("bwd_onepass", 4): 6.0}  # num_warps = 8 is 10% faster throughout
-    timed: list[str] = []
+    timed = spy_launches(monkeypatch)
 
     def bench(fn):
         fn()  # the launch itself must work
         name, cfg = timed[-1]
         return fake_ms[name, 4] * (0.9 if cfg["num_warps"] == 8 else 1.0)
 
-    for name, launcher in (("shrink", "_launch_shrink"), ("fwd", "_launch_fwd"), ("fwd_onepass", "_launch_fwd_onepass"),
-                           ("bwd_dy", "_launch_bwd_dy"), ("bwd_dx", "_launch_bwd_dx"),
-                           ("bwd_onepass", "_launch_bwd_onepass")):
-        real = getattr(kernels, launcher)
-
-        def spy(*args, _real=real, _name=name):
-            timed.append((_name, args[-1]))
-            return _real(*args)
-        monkeypatch.setattr(kernels, launcher, spy)
     best, designs = kernels.tune(40, 24, 40, rank=4, dtype=torch.float32, p=p, device="cpu",
                                  candidates=candidates, bench=bench)
     assert all(cfg["num_warps"] == 8 for cfg in best.values())
