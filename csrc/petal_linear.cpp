@@ -39,15 +39,15 @@ Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& a_cat, const Tensor
   return d;
 }
 
-// Rows per block. Small W: a block of the widest operand (~1 MiB) stays in L2 across all the
-// GEMMs that read it. Large W (> 8 MiB): each block streams W again, so blocks grow to ≥ 256 rows,
-// where the re-read is amortised (measured: 64-row blocks at 4096×4096 cost 1.4× the base GEMM).
-// PETAL_FAST_CPU_BLOCK_ROWS overrides the choice (for re-tuning).
-int64_t block_rows(const Dims& d, int64_t elem) {
+// Rows per block. A block of the widest operand (~1 MiB) stays in L2 across all the GEMMs that
+// read it. When the blocks also run the base GEMM and W is large (> 8 MiB), each block streams W
+// again, so blocks grow to ≥ 256 rows, where the re-read is amortised (measured: 64-row blocks at
+// 4096×4096 cost 1.4× the base GEMM). PETAL_FAST_CPU_BLOCK_ROWS overrides the choice (for re-tuning).
+int64_t block_rows(const Dims& d, int64_t elem, bool blocks_read_w) {
   if (const char* env = std::getenv("PETAL_FAST_CPU_BLOCK_ROWS")) return std::max<int64_t>(1, std::atoll(env));
   int64_t rows = (int64_t{1} << 20) / (std::max(d.N, d.K) * elem);
   rows = std::max<int64_t>(16, std::min<int64_t>(512, rows / 16 * 16));
-  if (d.N * d.K * elem > (int64_t{8} << 20)) rows = std::max<int64_t>(rows, 256);
+  if (blocks_read_w && d.N * d.K * elem > (int64_t{8} << 20)) rows = std::max<int64_t>(rows, 256);
   int64_t per_thread = (d.M + at::get_num_threads() - 1) / at::get_num_threads();
   return std::max<int64_t>(1, std::min(rows, per_thread));
 }
@@ -55,10 +55,10 @@ int64_t block_rows(const Dims& d, int64_t elem) {
 // Row blocks pay while W stays cache-resident from block to block; a large W is better served by one
 // multi-threaded BLAS call per GEMM over all rows (measured on the 2-core EPYC, fp32, p = 0:
 // 1600×1536→4608 blocked 1.41× the frozen base vs 1.05× whole; 25600×384→1152 blocked 1.12× vs 1.18×).
-// Dropout always takes the blocked path: the masked branch products then exist one block at a time.
-// PETAL_FAST_CPU_PATH=blocked|whole overrides the choice at p = 0 (for re-tuning).
-bool use_row_blocks(const Dims& d, int64_t elem, double p) {
-  if (p > 0.0) return true;
+// With dropout and a large W only the base GEMM (x Wᵀ, dY W) is one whole call; the masked LoRA
+// products still run per row block, so no M × out product or mask is ever materialised.
+// PETAL_FAST_CPU_PATH=blocked|whole overrides the choice (for re-tuning).
+bool use_row_blocks(const Dims& d, int64_t elem) {
   if (const char* env = std::getenv("PETAL_FAST_CPU_PATH")) return std::string(env) != "whole";
   return d.N * d.K * elem <= (int64_t{4} << 20);
 }
@@ -133,15 +133,21 @@ std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, co
   Tensor u = at::empty({d.M, d.R}, x.options());
   const Tensor wt = w.t(), at_ = a_cat.t(), bt = b_cat.t();
   const Tensor& cf = coef;
-  if (!use_row_blocks(d, x.element_size(), p)) {
+  const bool blocked = use_row_blocks(d, x.element_size());
+  auto base = [&](Tensor out, const Tensor& in) {  // b + x Wᵀ
+    if (bias.has_value()) at::addmm_out(out, *bias, in, wt);
+    else at::mm_out(out, in, wt);
+  };
+  if (!blocked) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::mm_out(u, x, at_);
-    if (bias.has_value()) at::addmm_out(y, *bias, x, wt);
-    else at::mm_out(y, x, wt);
-    y.addmm_(row_scale(u, d, cf, 0), bt);  // the expand accumulates into the base output
-    return {y, u};
+    base(y, x);
+    if (p == 0.0) {
+      at::mm_out(u, x, at_);
+      y.addmm_(row_scale(u, d, cf, 0), bt);  // the expand accumulates into the base output
+      return {y, u};
+    }
   }
-  const int64_t rows = block_rows(d, x.element_size());
+  const int64_t rows = block_rows(d, x.element_size(), blocked);
   const int64_t blocks = (d.M + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain kernels, no autograd
@@ -150,8 +156,7 @@ std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, co
       Tensor xb = x.narrow(0, r0, n), yb = y.narrow(0, r0, n), ub = u.narrow(0, r0, n);
       at::mm_out(ub, xb, at_);
       Tensor vb = row_scale(ub, d, cf, r0);
-      if (bias.has_value()) at::addmm_out(yb, *bias, xb, wt);
-      else at::mm_out(yb, xb, wt);
+      if (blocked) base(yb, xb);
       if (p == 0.0) {
         yb.addmm_(vb, bt);  // the expand accumulates into the base output
       } else {
@@ -176,7 +181,8 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
   const bool fp32 = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   const auto acc = fp32 ? x.options() : x.options().dtype(at::kFloat);  // reductions over M in fp32
   const Tensor b_acc = b_cat.to(acc.dtype()), a_acc = a_cat.to(acc.dtype());
-  if (!use_row_blocks(d, x.element_size(), p)) {
+  const bool blocked = use_row_blocks(d, x.element_size());
+  if (!blocked && p == 0.0) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Tensor dy_acc = dy.to(acc.dtype());
     const Tensor du = at::mm(dy_acc, b_acc);                              // dU = dY·B_cat
@@ -189,7 +195,11 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
     }
     return {dx, da.to(a_cat.scalar_type()), db.to(b_cat.scalar_type())};
   }
-  const int64_t rows = block_rows(d, x.element_size());
+  if (!blocked && need_x) {  // dropout with a large W: dY W as one call, the LoRA terms per block
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::mm_out(dx, dy, w);
+  }
+  const int64_t rows = block_rows(d, x.element_size(), blocked);
   const int64_t blocks = (d.M + rows - 1) / rows;
   const int threads = at::get_num_threads();
   std::vector<Tensor> db_part(threads), da_part(threads);
@@ -222,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
       da_part[t].addmm_(dtb.t(), xb.to(acc.dtype()));
       if (need_x) {
         Tensor dxb = dx.narrow(0, r0, n);
-        at::mm_out(dxb, dyb, w);
+        if (blocked) at::mm_out(dxb, dyb, w);
         dxb.addmm_(dtb.to(x.scalar_type()), a_cat);  // LoRA term in the same output as dY·W
       }
     }
