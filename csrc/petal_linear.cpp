@@ -199,6 +199,17 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::mm_out(dx, dy, w);
   }
+  // Dropout: each branch's GEMMs keep all R columns, the other branch's zeroed (branch_cols), rather
+  // than r-wide slices: MKL on the 2-core EPYC takes ~300 µs for a 224×1152 block times 1152×8 and
+  // 108 µs times 1152×16, so the r = 8 slices cost more than twice the flops of the full width.
+  std::vector<Tensor> branch_cols, b_branch;
+  if (p > 0.0)
+    for (int64_t k = 0; k < d.branches; ++k) {
+      Tensor cols = at::zeros({1, d.R}, acc);
+      cols.narrow(1, k * d.r, d.r).fill_(1);
+      branch_cols.push_back(cols);
+      b_branch.push_back(b_acc * cols);
+    }
   const int64_t rows = block_rows(d, x.element_size(), blocked);
   const int64_t blocks = (d.M + rows - 1) / rows;
   const int threads = at::get_num_threads();
@@ -220,12 +231,12 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
         dub = at::mm(dyb_acc, b_acc);              // dU = dY·B_cat (both branches)
         db_part[t].addmm_(dyb_acc.t(), vb);        // dB += dYᵀ·(c ⊙ U)
       } else {
-        dub = at::empty({n, d.R}, acc);
+        dub = at::zeros({n, d.R}, acc);
         Tensor dyk = at::empty_like(dyb_acc);
         for (int64_t k = 0; k < d.branches; ++k) {
           masked(dyk, dyb_acc, r0, seed, k, p, /*accumulate=*/false);
-          dub.narrow(1, k * d.r, d.r).copy_(at::mm(dyk, b_acc.narrow(1, k * d.r, d.r)));
-          db_part[t].narrow(1, k * d.r, d.r).addmm_(dyk.t(), vb.narrow(1, k * d.r, d.r));
+          dub.addmm_(dyk, b_branch[k]);                            // dU_k = D_k(dY)·B_k
+          db_part[t].addmm_(dyk.t(), vb * branch_cols[k]);         // dB_k += D_k(dY)ᵀ·(c_k ⊙ U_k)
         }
       }
       Tensor dtb = row_scale(dub, d, cf, r0);      // dT = c ⊙ dU
