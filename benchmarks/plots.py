@@ -35,12 +35,15 @@ def speedup_chart(name: str, device: str, rows: list[dict], path: Path) -> Path 
     timed = [r for r in tables.latest(rows) if r.get("metric") == "time" and tables.num(r.get("ratio")) is not None]
     if not timed:
         return None
-    modes = list(dict.fromkeys(r.get("mode", "") for r in timed))
+    modes = sorted(dict.fromkeys(r.get("mode", "") for r in timed), key=tables.mode_rank)
+    # one x order for every panel: the (shape, case, dtype) groups as they first appear in the results
+    order = {g: i for i, g in enumerate(dict.fromkeys((r["shape"], r.get("case", ""), r.get("dtype", ""))
+                                                      for r in timed))}
     fig, axes = plt.subplots(len(modes), 1, squeeze=False, figsize=(1, 1))
     widest = 0
     for ax, mode in zip(axes[:, 0], modes):
         mrows = [r for r in timed if r.get("mode", "") == mode]
-        groups = list(dict.fromkeys((r["shape"], r.get("case", ""), r.get("dtype", "")) for r in mrows))
+        groups = sorted({(r["shape"], r.get("case", ""), r.get("dtype", "")) for r in mrows}, key=order.get)
         providers = list(dict.fromkeys(r["provider"] for r in mrows))
         widest = max(widest, len(groups) * max(1, len(providers)))
         value = {(r["shape"], r.get("case", ""), r.get("dtype", ""), r["provider"]): 1.0 / float(r["ratio"])

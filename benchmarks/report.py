@@ -24,6 +24,15 @@ def is_gpu(device: str) -> bool:
     return not device.startswith("CPU")
 
 
+def _in_reading_order(cells: dict[tuple, dict]) -> dict[tuple, dict]:
+    """Keys (shape, case, dtype, mode) grouped by shape/case/dtype in order of first appearance, the
+    modes of a group as fwd, bwd, full (a later run adding a mode would otherwise list it last)."""
+    first: dict[tuple, int] = {}
+    for key in cells:
+        first.setdefault(key[:3], len(first))
+    return dict(sorted(cells.items(), key=lambda kv: (first[kv[0][:3]], tables.mode_rank(kv[0][3]))))
+
+
 def _pivot(rows: list[dict], metric: str) -> list[str]:
     """Markdown table: one line per (shape, case, dtype, mode), one column per provider.
 
@@ -49,7 +58,7 @@ def _pivot(rows: list[dict], metric: str) -> list[str]:
         cells.setdefault(key, {})[r["provider"]] = text
     lines = ["| shape | case | dtype | mode | " + " | ".join(providers) + " |",
              "|" + " --- |" * (4 + len(providers))]
-    for (shape, case, dtype, mode), row in cells.items():
+    for (shape, case, dtype, mode), row in _in_reading_order(cells).items():
         lines.append(f"| {shape} | {case} | {dtype} | {mode} | " + " | ".join(row.get(p, "—") for p in providers)
                      + " |")
     return lines

@@ -22,6 +22,13 @@ def load_dir(results: Path) -> dict[str, list[dict]]:
     return {p.stem: read_rows(p) for p in sorted(Path(results).glob("*.csv"))}
 
 
+MODE_ORDER = ("fwd", "bwd", "full")  # how modes are listed in tables and charts
+
+
+def mode_rank(mode: str) -> int:
+    return MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER)
+
+
 def latest(rows: list[dict]) -> list[dict]:
     """The last row for each measurement key, in the order keys first appeared."""
     last: dict[tuple, dict] = {}
@@ -46,7 +53,9 @@ def num(text: str) -> float | None:
 
 
 def provenance(rows: list[dict]) -> str:
-    """``"commit abc1234, 2026-01-02"`` (every commit, the date or date range) of some rows."""
+    """``"commit abc1234, 2026-01-02"`` (every commit, the date or date range) of the rows shown:
+    the latest per measurement key, not the runs they superseded."""
+    rows = latest(rows)
     commits = sorted({r.get("commit", "") for r in rows} - {""})
     dates = sorted(r.get("date", "")[:10] for r in rows if r.get("date"))
     when = dates[0] if dates and dates[0] == dates[-1] else (f"{dates[0]} to {dates[-1]}" if dates else "?")
