@@ -8,6 +8,8 @@
 # push the whole run past 9 minutes; a stage that fails or runs out of time is reported at the
 # end and the others still run. Suites run one process each: a crash loses only that suite's rows.
 # Exit status: 0 when every stage passed, 1 otherwise, 2 on bad usage.
+# Needs no build or install: with no .venv it uses the host's python3 (its torch and Triton) on
+# the plain checkout (petal_fast finds kernels/ itself; the C++ CPU backend is not needed on CUDA).
 # Smoke-testing the script itself without a GPU: DEVICE=cpu QUICK=1 bash benchmarks/gpu_suite.sh OUTDIR
 # (skips the GPU tests, runs the --quick cases on CPU).
 set -uo pipefail
@@ -77,7 +79,10 @@ stage() {  # stage NAME COMMAND...: run under the stage's time limit, log to OUT
 }
 
 if [[ $DEVICE == cuda ]]; then
-    stage gpu_tests "$PY" -m pytest -m gpu -q --junitxml="$OUT/gpu_tests.xml" tests
+    # the GPU tests are dominated by Triton compiles (one per kernel specialisation): with
+    # pytest-xdist, 4 workers compile in parallel on the host's cores while sharing the GPU
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+    stage gpu_tests "$PY" -m pytest -m gpu -q $XDIST --junitxml="$OUT/gpu_tests.xml" tests
 else
     SPENT[gpu_tests]=0 STATUS[gpu_tests]="skipped (DEVICE=$DEVICE)"
 fi

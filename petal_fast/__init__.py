@@ -7,7 +7,16 @@ Quality-weighted two-branch LoRA (:class:`PetalLinear`), margin-softmax losses
 ``petal_fast.quality`` is both the quality package (``petal_fast.quality.brisque(images)``) and,
 called, the context manager that hands α to PetalLinear layers (``with petal_fast.quality(alpha):``).
 """
-from .backend import requested_backend, use_backend
+import importlib.util as _util
+from pathlib import Path as _Path
+
+# Installed, `kernels/` is the subpackage petal_fast.kernels (setup.py's package_dir). In a plain
+# source checkout (e.g. `python3 -m pytest -m gpu` on a GPU host whose torch is not this venv's)
+# nothing maps it: let the repository root serve as a second search path for subpackages.
+if _util.find_spec("petal_fast.kernels") is None and (_Path(__file__).resolve().parent.parent / "kernels").is_dir():
+    __path__.append(str(_Path(__file__).resolve().parent.parent))
+
+from .backend import requested_backend, use_backend  # noqa: E402
 from .nn import (InjectionReport, PetalLinear, adapter_state_dict, inject_petal, load_adapter_state_dict,
                  merge_petal, parameter_counts, quality, unmerge_petal)
 from .nn.margin import MarginSoftmaxLoss

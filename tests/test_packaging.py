@@ -1,0 +1,24 @@
+"""The package from a plain source checkout, with nothing installed (as on a GPU host that runs
+``python3 -m pytest -m gpu`` with its own torch): ``petal_fast.kernels`` is the repository's ``kernels/``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_kernels_subpackage_from_a_source_checkout():
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in repr(f)]  # as if not installed\n"
+            "import petal_fast, petal_fast.kernels.petal_linear as k\n"
+            "print(petal_fast.__file__); print(k.__file__)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    package, kernels = out.stdout.split()
+    assert Path(package) == REPO / "petal_fast" / "__init__.py"
+    assert Path(kernels) == REPO / "kernels" / "petal_linear.py"
