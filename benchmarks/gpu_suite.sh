@@ -27,6 +27,13 @@ DEVICE="${DEVICE:-cuda}"
 QUICK_FLAG=$([[ -n "${QUICK:-}" ]] && echo --quick || true)
 unset TRITON_INTERPRET  # real kernels on the GPU, never the interpreter
 
+# Packages the host lacks come as wheels in .whl/ (README, "GPU runs"): the `brisque` distribution holds
+# BRISQUE's trained SVR model. They go to a scratch folder, never into the host's environment.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/petal_fast_site .whl/*.whl || exit 2
+    export PYTHONPATH="/tmp/petal_fast_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 if [[ $DEVICE == cuda ]] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "error: torch sees no CUDA device; this script measures the GPU path" >&2
     exit 2
