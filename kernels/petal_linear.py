@@ -389,6 +389,24 @@ def _bwd_dy_kernel(dy_ptr, b_ptr, u_ptr, coef_ptr, dt_ptr, db_ptr,
 
 
 @triton.jit
+def _dx_da_store(acc, dt, a_ptr, x_ptr, dx_ptr, da_ptr, rows, offs_k, offs_r, m_ok, k_ok, r_ok, K,
+                 s_ar, s_ak, s_xm, s_xk, s_dxm, COMPUTE_DX: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward epilogue of a (BLOCK_M × BLOCK_K) tile: dX = acc + dT A_cat stored (acc = dY W),
+    and this tile's share dTᵀ x atomically added to dA."""
+    if COMPUTE_DX:
+        a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_k[None, :] * s_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)              # A_cat tile (RP × BLOCK_K)
+        acc = tl.dot(dt, a, acc, input_precision=PRECISION)
+        tl.store(dx_ptr + rows[:, None] * s_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
+    xt = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :],
+                 other=0.0)
+    da = tl.dot(tl.trans(dt), xt, input_precision=PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da, mask=r_ok[:, None] & k_ok[None, :],
+                  sem="relaxed")
+
+
+@triton.jit
 def _bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
                    M, N, K, R,
                    s_dym, s_dyn, s_wn, s_wk, s_ar, s_ak, s_xm, s_xk, s_dxm,
@@ -406,10 +424,10 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     dt = tl.load(dt_ptr + rows[:, None] * RP + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     dt = dt.to(x_ptr.dtype.element_ty)
 
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if COMPUTE_DX:
         dy_ptrs = dy_ptr + rows[:, None] * s_dym + offs_n[None, :] * s_dyn
         w_ptrs = w_ptr + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk        # W tile (BLOCK_N × BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n_ok = offs_n < N - n0
             dyt = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
@@ -417,17 +435,8 @@ def _bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
             acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
             dy_ptrs += BLOCK_N * s_dyn
             w_ptrs += BLOCK_N * s_wn
-        a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_k[None, :] * s_ak,
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)              # A_cat tile (RP × BLOCK_K)
-        acc = tl.dot(dt, a, acc, input_precision=PRECISION)
-        tl.store(dx_ptr + rows[:, None] * s_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & k_ok[None, :])
-
-    xt = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :],
-                 other=0.0)
-    da = tl.dot(tl.trans(dt), xt, input_precision=PRECISION)
-    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da, mask=r_ok[:, None] & k_ok[None, :],
-                  sem="relaxed")
+    _dx_da_store(acc, dt, a_ptr, x_ptr, dx_ptr, da_ptr, rows, offs_k, offs_r, m_ok, k_ok, r_ok, K,
+                 s_ar, s_ak, s_xm, s_xk, s_dxm, COMPUTE_DX, PRECISION)
 
 
 @triton.jit
@@ -479,16 +488,8 @@ def _bwd_onepass_kernel(dy_ptr, w_ptr, b_ptr, u_ptr, coef_ptr, a_ptr, x_ptr, dx_
         b_ptrs += BLOCK_N * s_bn
 
     dt = (du * c).to(x_ptr.dtype.element_ty)
-    a = tl.load(a_ptr + offs_r[:, None] * s_ar + offs_k[None, :] * s_ak,
-                mask=r_ok[:, None] & k_ok[None, :], other=0.0)                  # A_cat tile (RP × BLOCK_K)
-    acc = tl.dot(dt, a, acc, input_precision=PRECISION)
-    tl.store(dx_ptr + rows[:, None] * s_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & k_ok[None, :])
-    xt = tl.load(x_ptr + rows[:, None] * s_xm + offs_k[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :],
-                 other=0.0)
-    da = tl.dot(tl.trans(dt), xt, input_precision=PRECISION)
-    tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da, mask=r_ok[:, None] & k_ok[None, :],
-                  sem="relaxed")
+    _dx_da_store(acc, dt, a_ptr, x_ptr, dx_ptr, da_ptr, rows, offs_k, offs_r, m_ok, k_ok, r_ok, K,
+                 s_ar, s_ak, s_xm, s_xk, s_dxm, True, PRECISION)
 
 
 # ------------------------------------------------------------------------------------- launchers

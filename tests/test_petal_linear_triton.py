@@ -85,19 +85,10 @@ FP16_CASES = ("base", "dropout", "tokens_3d", "one_branch_no_bias")
 
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_forward_backward_fp32(case, device, design):
+@pytest.mark.parametrize("case,dtype", [(c, torch.float32) for c in CASES] + [(c, torch.float16) for c in FP16_CASES])
+def test_forward_backward(case, dtype, device, design):
     shape, k, n, rank, branches, images, alpha, p, bias = CASES[case]
-    args = make(shape, k, n, rank, branches, torch.float32, device, images=images, bias=bias, alpha=alpha)
-    check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())), design=design)
-
-
-@pytest.mark.parametrize("design", DESIGNS)
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", FP16_CASES)
-def test_forward_backward_fp16(case, device, design):
-    shape, k, n, rank, branches, images, alpha, p, bias = CASES[case]
-    args = make(shape, k, n, rank, branches, torch.float16, device, images=images, bias=bias, alpha=alpha)
+    args = make(shape, k, n, rank, branches, dtype, device, images=images, bias=bias, alpha=alpha)
     check(*args, scale=0.7, p=p, seed=int(torch.randint(0, 2**31 - 1, ())), design=design)
 
 

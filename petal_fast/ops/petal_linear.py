@@ -169,9 +169,9 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         dtype = torch.get_autocast_dtype(x.device.type)
         x2 = x2.to(dtype)
     cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731  (.to costs ~1.5 µs)
-    args = (x2, cast(weight), cast(bias), cast(lora_A), cast(lora_B), coef, float(dropout), int(seed))
-    if torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
-        y = PetalLinearFunction.apply(*args, backend)
+    w, b, la, lb = cast(weight), cast(bias), cast(lora_A), cast(lora_B)
+    if torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad):
+        y = PetalLinearFunction.apply(x2, w, b, la, lb, coef, float(dropout), int(seed), backend)
     else:  # inference: no autograd node, nothing saved
-        y, _ = _impl(backend)[0](x2, args[1], args[2], *_concat(args[3], args[4]), *args[5:])
+        y, _ = _impl(backend)[0](x2, w, b, *_concat(la, lb), coef, float(dropout), int(seed))
     return y.view(*lead, weight.shape[0])
