@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One command on a CUDA host: the GPU test subset and every benchmark suite at full size on CUDA,
-# with CSVs, charts and a performance report written to OUTDIR, in under 9 minutes on one H100.
+# with CSVs, charts and a performance report written to OUTDIR, in under 8 minutes on one H100/H200.
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR
 #
 # Each stage runs under its own time limit (the budget printed first), so one slow stage cannot
-# push the whole run past 9 minutes; a stage that fails or runs out of time is reported at the
+# push the whole run past its total; a stage that fails or runs out of time is reported at the
 # end and the others still run. Suites run one process each: a crash loses only that suite's rows.
 # Exit status: 0 when every stage passed, 1 otherwise, 2 on bad usage.
 # Needs no build or install: with no .venv it uses the host's python3 (its torch and Triton) on
@@ -39,22 +39,19 @@ if [[ $DEVICE == cuda ]] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.c
     exit 2
 fi
 
-# Stage budgets in seconds, sum 520 s; with ~10 s of start-up checks the run fits 9 minutes (540 s).
-# Sized for one H100 from the suites' full CUDA case lists (loss 8 shapes with memory, quality
-# batch 64 at 120x120, e2e the paper's Swin at batch 64) and do_bench's 50 ms per sample; charts
-# (plots + report) take ~6 s on a 2-core CPU.
+# Stage budgets in seconds, sum 460 s (~7.7 min), so that a 15-minute device lease holds this run,
+# the machine's start and a short second run. Sized for one H100/H200 from the suites' full CUDA case
+# lists; a stage that runs out of time keeps the rows it appended before the limit.
+# gpu_tests: dominated by Triton compiles (one per kernel specialisation), 8 pytest-xdist workers.
 # linear: 7 shapes (6 PETALface + 8192x4096x4096, the latter at r = 8 and 16) x p 0, 0.1 x modes
-#   fwd, bwd, full = 48 cases, x 7 providers (base, fused, fused_onepass, addmm, reference,
-#   fused_1b, peft) x 2 do_bench rounds = 672 do_bench calls. At do_bench's rep 50 ms (+ ~30 ms of
-#   warm-up, runtime estimate and L2 flushes) that is 672 x 80 ms = 54 s of timing alone, so the
-#   linear suite uses rep 25 ms (bench_petal_linear.CUDA_REP_MS): 672 x 55 ms = 37 s; + per-case
-#   set-up (layers, PEFT, rotated inputs, bwd graphs, 2 warm-up calls per provider) 48 x 0.3 s = 15 s;
-#   + start-up (torch, CUDA context, peft import) 10 s; + Triton compiles the gpu_tests stage did
-#   not leave in the disk cache (two designs x p = 0/0.1 x R = 16/32 and one branch) ~30 s
-#   = ~92 s -> 110 s. Rows are appended per case, the 8192x4096x4096 goal shape first, so a
-#   timeout keeps every case measured before it.
-STAGES=(gpu_tests linear loss quality e2e charts)
-declare -A BUDGET=([gpu_tests]=140 [linear]=110 [loss]=120 [quality]=50 [e2e]=80 [charts]=20)
+#   fwd, bwd, full = 48 cases x 7 providers x 2 do_bench rounds at rep 25 ms (+ ~30 ms warm-up and
+#   L2 flushes) = 37 s of timing + 48 x 0.3 s set-up + 10 s start-up + ~30 s of compiles = ~92 s,
+#   goal shape first.
+# tune: the pruned tile search (QUICK_CANDIDATES, 8 tiles x 6 kernels, a compile each) at the goal
+#   shape, bf16, r = 8 x 2 branches; prints the H200 TILE_CONFIGS / DEFAULT_DESIGN entries.
+# loss, quality, e2e: shortened from their full lists by the stage limit where needed.
+STAGES=(gpu_tests linear tune loss quality e2e charts)
+declare -A BUDGET=([gpu_tests]=120 [linear]=100 [tune]=75 [loss]=70 [quality]=30 [e2e]=50 [charts]=15)
 declare -A SPENT STATUS
 
 echo "petal_fast GPU suite -> $OUT"
@@ -87,15 +84,20 @@ stage() {  # stage NAME COMMAND...: run under the stage's time limit, log to OUT
 
 if [[ $DEVICE == cuda ]]; then
     # the GPU tests are dominated by Triton compiles (one per kernel specialisation): with
-    # pytest-xdist, 4 workers compile in parallel on the host's cores while sharing the GPU
-    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4" || true)
+    # pytest-xdist, 8 workers compile in parallel on the host's cores while sharing the GPU
+    XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
     stage gpu_tests "$PY" -m pytest -m gpu -q $XDIST --junitxml="$OUT/gpu_tests.xml" tests
 else
     SPENT[gpu_tests]=0 STATUS[gpu_tests]="skipped (DEVICE=$DEVICE)"
 fi
-for suite in linear loss quality e2e; do
-    stage "$suite" "$PY" -m benchmarks --suite "$suite" --device "$DEVICE" $QUICK_FLAG --out "$OUT" --no-plots
-done
+bench() { stage "$1" "$PY" -m benchmarks --suite "$1" --device "$DEVICE" $QUICK_FLAG --out "$OUT" --no-plots; }
+bench linear
+if [[ $DEVICE == cuda ]]; then
+    stage tune "$PY" -m petal_fast.kernels.petal_linear --tune --quick
+else
+    SPENT[tune]=0 STATUS[tune]="skipped (DEVICE=$DEVICE)"
+fi
+for suite in loss quality e2e; do bench "$suite"; done
 stage charts bash -c '"$0" -m benchmarks.plots --results "$1" && "$0" -m benchmarks.report --results "$1" --output "$1/PERFORMANCE.md"' "$PY" "$OUT"
 
 echo

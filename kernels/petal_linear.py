@@ -653,6 +653,27 @@ CANDIDATES = {
 }
 CANDIDATES["fwd_onepass"] = CANDIDATES["fwd"]
 CANDIDATES["bwd_onepass"] = CANDIDATES["bwd_dx"]
+# A pruned search (~8 tiles a kernel, around the table's entry) that fits a short GPU lease:
+# each candidate costs a compile (~1-2 s) more than its timing.
+QUICK_CANDIDATES = {
+    "shrink": [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=s)
+               for bm, bk, w, s in ((64, 128, 4, 3), (32, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4),
+                                    (64, 128, 4, 4), (128, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 4))],
+    "fwd": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                                     (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                                     (128, 128, 64, 8, 3), (128, 256, 32, 8, 4))],
+    "bwd_dy": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, programs_per_sm=ps)
+               for bm, bn, w, s, ps in ((64, 128, 8, 3, 2), (64, 128, 4, 3, 2), (128, 128, 8, 3, 1),
+                                        (32, 128, 4, 3, 4), (64, 64, 4, 2, 2), (128, 64, 8, 2, 2),
+                                        (64, 128, 8, 2, 4), (128, 128, 8, 2, 2))],
+    "bwd_dx": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in ((128, 64, 128, 8, 4), (128, 64, 128, 8, 3), (128, 32, 128, 8, 4),
+                                        (128, 64, 256, 8, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4),
+                                        (128, 32, 256, 8, 3), (128, 64, 128, 4, 3))],
+}
+QUICK_CANDIDATES["fwd_onepass"] = QUICK_CANDIDATES["fwd"]
+QUICK_CANDIDATES["bwd_onepass"] = QUICK_CANDIDATES["bwd_dx"]
 # the kernels each design launches per direction (their best times add up)
 DESIGN_KERNELS = {("split", "fwd"): ("shrink", "fwd"), ("onepass", "fwd"): ("fwd_onepass",),
                   ("split", "bwd"): ("bwd_dy", "bwd_dx"), ("onepass", "bwd"): ("bwd_onepass",)}
@@ -707,6 +728,11 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
                 timings.append((bench(lambda: run(cfg)), cfg))
             except triton.runtime.errors.OutOfResources:
                 continue  # too much shared memory / registers for this GPU
+            except Exception as err:  # noqa: BLE001 - a tile that fails to compile is no candidate
+                print(f"{name} {cfg}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        if not timings:
+            print(f"{name}: no candidate ran")
+            continue
         best_ms[name], best[name] = min(timings, key=lambda t: t[0])
         print(f"{name:11s} {best_ms[name] * 1e3:9.1f} us  {best[name]}")
     designs: dict[str, str] = {}
@@ -779,6 +805,7 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=2, choices=(1, 2))
     parser.add_argument("--dtype", default="bfloat16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--quick", action="store_true", help="the pruned QUICK_CANDIDATES search (~1 min on an H100)")
     parser.add_argument("--compile-check", type=int, metavar="ARCH",
                         help="compile the table's kernels for sm_ARCH (e.g. 90) without a GPU and print shared memory")
     args = parser.parse_args()
@@ -792,7 +819,8 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("--tune needs a CUDA GPU")
-    best, designs = tune(args.m, args.k, args.n, args.rank, args.branches, getattr(torch, args.dtype), args.dropout)
+    best, designs = tune(args.m, args.k, args.n, args.rank, args.branches, getattr(torch, args.dtype), args.dropout,
+                          candidates=QUICK_CANDIDATES if args.quick else None)
     major = torch.cuda.get_device_capability()[0]
     print(f"\n# {torch.cuda.get_device_name()} — paste into TILE_CONFIGS:\n{major}: {{")
     for name, cfg in best.items():
