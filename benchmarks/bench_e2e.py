@@ -82,6 +82,11 @@ def peak_memory(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _keep(rows: list[dict], new: list[dict]) -> None:
+    append_rows(SUITE, new)
+    rows += new
+
+
 def run(quick: bool = False, device: str | None = None) -> list[dict]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -98,27 +103,27 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
         train = {"petal_fast": train_step_fn(model, images, labels, None),
                  "reference": train_step_fn(reference, images, labels, "reference")}
         samples = time_interleaved(train, device, warmup=1, repeat=repeat)
-        rows += summary_rows(SUITE, device, "train_step", shape, str(dtype).replace("torch.", ""),
+        phase = summary_rows(SUITE, device, "train_step", shape, str(dtype).replace("torch.", ""),
                              "fwd+loss+bwd+adamw", samples, "reference", notes)
         if cuda:
-            time_row = rows[-1]
+            time_row = phase[-1]
             for name, fn in train.items():
-                rows.append({**time_row, "provider": name, "metric": "peak_memory",
-                             "median": f"{peak_memory(fn, device):.1f}", "q20": "", "q80": "", "unit": "MiB",
-                             "ratio": ""})
+                phase.append({**time_row, "provider": name, "metric": "peak_memory",
+                              "median": f"{peak_memory(fn, device):.1f}", "q20": "", "q80": "", "unit": "MiB",
+                              "ratio": ""})
+        _keep(rows, phase)  # appended per phase: a stage time limit keeps what was measured
         alpha = {"petal_fast": lambda: model.alpha(images),
                  "reference": lambda: _with_backend("reference", reference.alpha, images)}
         samples = time_interleaved(alpha, device, warmup=1, repeat=repeat)
-        rows += summary_rows(SUITE, device, "quality_alpha", shape, str(dtype).replace("torch.", ""),
-                             "brisque->alpha", samples, "reference", "the quality part of train_step")
+        _keep(rows, summary_rows(SUITE, device, "quality_alpha", shape, str(dtype).replace("torch.", ""),
+                                 "brisque->alpha", samples, "reference", "the quality part of train_step"))
         model.eval(), reference.eval()
         infer = {"petal_fast": inference_fn(model, images, None),
                  "reference": inference_fn(reference, images, "reference")}
         samples = time_interleaved(infer, device, warmup=1, repeat=repeat)
-        rows += summary_rows(SUITE, device, "inference", shape, str(dtype).replace("torch.", ""),
-                             "embed(flip=True)", samples, "reference", "alpha from BRISQUE per image and mirror")
+        _keep(rows, summary_rows(SUITE, device, "inference", shape, str(dtype).replace("torch.", ""),
+                                 "embed(flip=True)", samples, "reference", "alpha from BRISQUE per image and mirror"))
         del model, reference
-    append_rows(SUITE, rows)
     return rows
 
 

@@ -53,6 +53,11 @@ fi
 STAGES=(gpu_tests linear tune loss quality e2e charts)
 declare -A BUDGET=([gpu_tests]=120 [linear]=100 [tune]=75 [loss]=70 [quality]=30 [e2e]=50 [charts]=15)
 declare -A SPENT STATUS
+# A rerun can pick stages and budgets: ONLY="gpu_tests linear" BUDGET_linear=150 bash benchmarks/gpu_suite.sh OUT
+for s in "${STAGES[@]}"; do
+    var="BUDGET_$s"; [[ -n "${!var:-}" ]] && BUDGET[$s]=${!var}
+    [[ -z "${ONLY:-}" || " $ONLY " == *" $s "* ]] || { BUDGET[$s]=0; SPENT[$s]=0; STATUS[$s]="skipped (ONLY)"; }
+done
 
 echo "petal_fast GPU suite -> $OUT"
 echo "time budget (s):"
@@ -69,6 +74,7 @@ printf '  %-10s %4d\n' total "$total"
 
 stage() {  # stage NAME COMMAND...: run under the stage's time limit, log to OUT/NAME.log
     local name=$1; shift
+    [[ ${STATUS[$name]:-} == skipped* ]] && return
     local t0=$SECONDS rc
     echo
     echo "== $name (budget ${BUDGET[$name]} s) =="

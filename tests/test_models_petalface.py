@@ -55,6 +55,14 @@ def test_fused_matches_reference(backbone, device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = PetalFace(backbone, quality=None, dropout=0.1).to(device)
     randomize_adapters(model)
+    # Only PetalLinear's counter-hash masks are the same in fp32 and fp64. CUDA's nn.Dropout draws
+    # its Philox mask per vectorised chunk whose width depends on the dtype (on an H200 the Swin
+    # feature head's dropout alone gave 0.78 relative error between the two): turn the others off.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attn_drop"):
+            m.attn_drop = 0.0
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     size = model.backbone.img_size
     images, alpha = torch.randn(3, 3, size, size, device=device), torch.rand(3, device=device)
