@@ -85,15 +85,20 @@ from ._rng import host_key, host_threshold, keep_mask
 #                60 B (sm_80). sm_80 bf16: fwd_onepass 34 KB / 249 regs, bwd_onepass 40 KB / 255 regs.
 # The Hopper entry is timed (see it); Ampere and the default entry have never run: re-tune there.
 TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
-    # Hopper: H100 / H200 (228 KB shared memory per SM). The fastest of QUICK_CANDIDATES on an H200
-    # (Triton 3.6, bf16, 8192×4096→4096, r = 8 × 2 branches): shrink 27 µs, fwd 483 µs, bwd_dy 38 µs,
-    # bwd_dx 496 µs, fwd_onepass 508 µs, bwd_onepass 663 µs (cuBLAS x Wᵀ: 353 µs).
+    # Hopper: H100 / H200 (228 KB shared memory per SM). p = 0 tiles: the fastest of QUICK_CANDIDATES
+    # on an H200 (Triton 3.6, bf16, 8192×4096→4096, r = 8 × 2 branches, p = 0): shrink 27 µs, fwd
+    # 483 µs, bwd_dx 496 µs, fwd_onepass 508 µs, bwd_onepass 663 µs (cuBLAS x Wᵀ: 353 µs). With
+    # dropout the 128×256 forward tiles ran 4-7× slower in the benchmark (the mask hashing spills):
+    # the 128×128 tiles stay for p > 0. bwd_dy keeps its first tile: the search's pick (128×128, one
+    # program per SM, 38 µs alone) came with a 0.37 ms slower backward in the benchmark, not yet explained.
     9: {
         "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=4),
         "fwd": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        "bwd_dy": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, programs_per_sm=1),
+        "fwd_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, programs_per_sm=2),
         "bwd_dx": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
         "fwd_onepass": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
+        "fwd_onepass_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
         "bwd_onepass": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3),
     },
     8: {  # Ampere / Ada: A100 (164 KB), RTX 30xx/40xx (100 KB) — sized for the smaller
@@ -181,10 +186,16 @@ def _generation(device: torch.device) -> object:
 
 
 def config_for(kernel: str, device: torch.device, dtype: torch.dtype,
-               table: dict | None = None) -> dict[str, int]:
-    """The tile configuration of ``kernel`` on ``device`` for inputs of ``dtype``."""
-    cfg = dict((table or TILE_CONFIGS[_generation(device)])[kernel])
+               table: dict | None = None, dropout: bool = False) -> dict[str, int]:
+    """The tile configuration of ``kernel`` on ``device`` for inputs of ``dtype``; with dropout the
+    table's ``<kernel>_dropout`` entry where it has one (the mask hashing needs registers that a
+    larger p = 0 tile does not leave)."""
+    cfg = _entry(table or TILE_CONFIGS[_generation(device)], kernel, dropout)
     return _for_dtype(cfg, kernel, dtype) if device.type == "cuda" else cfg
+
+
+def _entry(table: dict, kernel: str, dropout: bool) -> dict[str, int]:
+    return dict(table.get(f"{kernel}_dropout", table[kernel]) if dropout else table[kernel])
 
 
 def _for_dtype(cfg: dict[str, int], kernel: str, dtype: torch.dtype) -> dict[str, int]:
@@ -602,13 +613,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_
     if M == 0:
         return y, u
     if N and design_for(x.device, "fwd") == "onepass":
-        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, config_for("fwd_onepass", x.device, x.dtype, table),
-                    onepass=True)
+        cfg = config_for("fwd_onepass", x.device, x.dtype, table, info["dropout"])
+        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, cfg, onepass=True)
         return y, u
     _launch_shrink(x, a_cat, u, info, config_for("shrink", x.device, x.dtype, table))
     if N:
-        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, config_for("fwd", x.device, x.dtype, table),
-                    onepass=False)
+        cfg = config_for("fwd", x.device, x.dtype, table, info["dropout"])
+        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, info, cfg, onepass=False)
     return y, u
 
 
@@ -784,7 +795,7 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int
     table = TILE_CONFIGS.get(arch // 10, TILE_CONFIGS["default"])
     rows = []
     for name, (fn, consts) in kernels.items():
-        cfg = _for_dtype(dict(table[name]), name, dtype)
+        cfg = _for_dtype(_entry(table, name, dropout), name, dtype)
         opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
         cfg.pop("programs_per_sm", None)
         consts = {**consts, **cfg, **{a: 1 for a in unit if a in fn.arg_names}}

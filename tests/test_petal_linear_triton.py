@@ -236,7 +236,8 @@ def test_odd_shapes_gpu(dtype, design, p):
 def test_tile_table_is_complete():
     """Every GPU generation names legal tiles for every kernel; float32 halves the reduction block."""
     for generation, table in kernels.TILE_CONFIGS.items():
-        assert set(table) == set(kernels.REDUCTION_BLOCK), generation
+        assert set(kernels.REDUCTION_BLOCK) <= set(table), generation
+        assert all(k.removesuffix("_dropout") in kernels.REDUCTION_BLOCK for k in table), generation
         for name, cfg in table.items():
             for key, value in cfg.items():
                 if key.startswith("BLOCK_"):
@@ -247,6 +248,11 @@ def test_tile_table_is_complete():
     half = kernels.config_for("fwd", cuda, torch.float32, table=gpu_like)
     assert half["BLOCK_K"] == gpu_like["fwd"]["BLOCK_K"] // 2 and half["BLOCK_M"] == gpu_like["fwd"]["BLOCK_M"] // 2
     assert kernels.config_for("bwd_dy", cuda, torch.bfloat16, table=gpu_like) == gpu_like["bwd_dy"]
+    # dropout takes the table's <kernel>_dropout tile where there is one, else the kernel's own
+    with_dropout = {**gpu_like, "fwd_dropout": dict(gpu_like["fwd"], BLOCK_N=32)}
+    assert kernels.config_for("fwd", cuda, torch.bfloat16, table=with_dropout, dropout=True)["BLOCK_N"] == 32
+    assert kernels.config_for("fwd", cuda, torch.bfloat16, table=with_dropout) == gpu_like["fwd"]
+    assert kernels.config_for("bwd_dx", cuda, torch.bfloat16, table=with_dropout, dropout=True) == gpu_like["bwd_dx"]
 
 
 @pytest.mark.skipif(not triton_interpreter_ok(), reason="needs TRITON_INTERPRET=1")
