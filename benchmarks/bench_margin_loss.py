@@ -72,7 +72,8 @@ def _peak_extra_bytes(B: int, C: int, backend: str, device) -> int:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         fns = _providers(B, C, device, torch.bfloat16, [n for n, b in BACKENDS.items() if b == backend])
-        base = torch.cuda.memory_allocated() + 2 * 2 * (B + C) * D  # inputs held + their gradients
+        # the inputs are in memory_allocated already; add the bf16 gradients the step must produce
+        base = torch.cuda.memory_allocated() + 2 * (B + C) * D
         torch.cuda.reset_peak_memory_stats()
         next(iter(fns.values()))()
         return torch.cuda.max_memory_allocated() - base
