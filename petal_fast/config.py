@@ -125,6 +125,7 @@ class TrainConfig:
         lo, hi = self.data.resolution
         if not 1 <= lo <= hi:
             raise ConfigError(f"data.resolution must be (low, high) pixels with 1 <= low <= high; got {self.data.resolution!r}")
+        self._check_backbone()
         if not self.targets or not all(self.targets):
             raise ConfigError(f"targets must name at least one layer (e.g. ['attn.qkv']); got {self.targets!r}")
         if self.device != "auto":
@@ -142,6 +143,25 @@ class TrainConfig:
         if self.loss == "combined" and self.margins is None:
             raise ConfigError("loss=combined needs margins=[m1, m2, m3]")
         return self
+
+    def _check_backbone(self) -> None:
+        from petal_fast.models.presets import SWIN_PRESETS, VIT_PRESETS
+        table = VIT_PRESETS if self.backbone.startswith("vit") else SWIN_PRESETS
+        key = self.backbone if self.backbone in table else self.backbone.split("_", 1)[-1]
+        if key not in table:
+            names = sorted(SWIN_PRESETS) + sorted(f"vit_{k}" if not k.startswith("vit") else k for k in VIT_PRESETS)
+            raise ConfigError(f"backbone must be one of {', '.join(names)}; got {self.backbone!r}")
+        for name, value in self.backbone_overrides.items():
+            if name not in table[key]:
+                raise ConfigError(f"backbone_overrides.{name} is not a field of the {self.backbone!r} backbone; "
+                                  f"known: {', '.join(table[key])}")
+            default = table[key][name]
+            hint = tuple[int, ...] if isinstance(default, tuple) else type(default)
+            ok, converted = _conform(value, hint)
+            if not ok or (isinstance(converted, (int, float)) and not converted >= 0) \
+                    or (isinstance(converted, tuple) and not all(v >= 1 for v in converted)):
+                raise ConfigError(f"backbone_overrides.{name} must be {_type_name(hint)} like {default!r}; got {value!r}")
+            self.backbone_overrides[name] = converted
 
     def margin_args(self) -> tuple[str, tuple[float, ...] | None]:
         """(loss name, margins) for MarginSoftmaxLoss from ``loss``/``margin``/``margins``."""

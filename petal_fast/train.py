@@ -609,9 +609,13 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.
     path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
     raw = safe_load(path)
     meta = raw.get("metadata", {}) if isinstance(raw, dict) else {}
-    if "config" not in meta:
-        raise ValueError(f"{path} has no training config in its metadata: was it written by petal-fast train?")
-    cfg = load_config(None, **meta["config"])
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) \
+            or not isinstance(raw.get("state_dict"), dict):
+        raise ValueError(f"{path} has no training config and state dict: was it written by petal-fast train?")
+    try:
+        cfg = load_config(None, **meta["config"])
+    except ValueError as err:
+        raise ValueError(f"{path}: the saved training config is not valid here: {err}") from None
     head = {k: v for k, v in raw["state_dict"].items() if k == "head.weight"}
     num_classes = int(head["head.weight"].shape[0]) if head else None
     model = build_training_model(cfg, num_classes, torch.device(device))

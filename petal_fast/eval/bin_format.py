@@ -93,10 +93,19 @@ def _check_lengths(data: bytes, path: str) -> None:
     """Walk the pickle's opcodes without building anything: every declared length (bytes, strings,
     frames) must fit in the file; a truncated or corrupt stream is named with its byte offset."""
     size = len(data)
+    memo = 0  # picklers number memo entries 0, 1, 2, …: a larger index would make the unpickler grow its memo
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
             if op.name == "FRAME" and arg > size - pos:
                 raise ValueError(f"frame at byte {pos} declares {arg} bytes but the file has {size - pos - 9} left")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if arg > memo:
+                    raise ValueError(f"memo index {arg} at byte {pos} skips ahead of the {memo} entries stored so far")
+                memo = max(memo, arg + 1)
+            elif op.name == "MEMOIZE":
+                memo += 1
+            elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg >= memo:
+                raise ValueError(f"memo index {arg} at byte {pos} was never stored")
     except ValueError as e:  # pickletools reports short reads ("expected n bytes ... only m remain") as ValueError
         raise ValueError(f"{path}: not a readable verification .bin pickle ({size} bytes): {e}") from None
     except Exception as e:  # noqa: BLE001 - any other malformed-stream error

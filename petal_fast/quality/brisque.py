@@ -163,6 +163,6 @@ def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
     if n:
         warnings.warn(f"BRISQUE: {n} of {scores.numel()} images are degenerate (constant or flat: no local "
                       "contrast, BRISQUE is undefined); scored +inf, the worst quality, so their α is 0 "
-                      "(the low-quality branch)", DegenerateImageWarning, stacklevel=3)
+                      "(the low-quality branch)", DegenerateImageWarning, stacklevel=4)
         scores = scores.masked_fill(bad, DEGENERATE_SCORE)
     return scores
