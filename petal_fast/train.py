@@ -13,6 +13,7 @@ position, α calibration and config; a resumed run reproduces an uninterrupted o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -420,14 +421,22 @@ class Trainer:
         unknown = [k for k in state["model"] if k not in self.model.state_dict()]
         if unknown:
             raise ValueError(f"{path} does not fit this model; unknown keys: {unknown[:5]}")
+        # a checkpoint that fails half-way must leave model, optimizer, schedule and RNG as they were
+        backup = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                  copy.deepcopy(self.optimizer.state_dict()), self.scheduler.state_dict(), checkpointing.rng_state())
         try:
             self.model.load_state_dict(state["model"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.step, self.skipped = int(state["step"]), int(state["skipped"])
             checkpointing.set_rng_state(state["rng"])
+            self.step, self.skipped = int(state["step"]), int(state["skipped"])
             return int(state["epoch"]), int(state["step_in_epoch"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            self.model.load_state_dict(backup[0])
+            self.optimizer.load_state_dict(backup[1])
+            self.scheduler.load_state_dict(backup[2])
+            checkpointing.set_rng_state(backup[3])
+            self.step, self.skipped = 0, 0
             raise checkpointing.CheckpointFileError(
                 f"checkpoint {path} does not fit this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                 "start over with resume=false or use a new output folder") from None

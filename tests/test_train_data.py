@@ -172,3 +172,38 @@ def test_stale_temporary_files_are_cleaned_on_next_start(tmp_path):
     assert _train(*_run_words(out, "max_steps=1")) == 0
     assert not any(p.exists() for p in stale) and mine.exists() and foreign.exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name and p not in (mine, foreign)]
+
+
+def test_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    """A readable checkpoint whose optimizer state does not fit: refused, model and optimizer untouched."""
+    from petal_fast.config import load_config
+    from petal_fast.models import trainable_state_dict
+    from petal_fast.train import Trainer
+    words = _run_words(tmp_path / "run", "max_steps=1", "progress=false")
+    assert _train(*words) == 0
+    last = tmp_path / "run" / checkpointing.LAST
+    state = checkpointing.load(last)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]  # one group too few
+    checkpointing.atomic_save(state, last)
+    trainer = Trainer(load_config(None, [*TINY, *words]))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(checkpointing.CheckpointFileError, match="does not fit this run"):
+        trainer.fit()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and trainer.step == 0
+    assert not trainer.optimizer.state and torch.equal(torch.get_rng_state(), rng)
+    assert trainable_state_dict(trainer.model).keys()
+
+
+def test_eval_with_bad_files_exits_with_message(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(*_run_words(out, "max_steps=1")) == 0
+    capsys.readouterr()
+    (tmp_path / "bad.bin").write_bytes(b"\x80\x04\x95" + struct.pack("<Q", 2**62) + b"N.")
+    assert main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "bad.bin"), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.bin" in err and "Traceback" not in err
+    (out / "model.pt").write_bytes(b"\0" * 64)
+    assert main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "bad.bin")]) == 2
+    assert "model.pt" in capsys.readouterr().err
