@@ -422,8 +422,10 @@ class Trainer:
         if unknown:
             raise ValueError(f"{path} does not fit this model; unknown keys: {unknown[:5]}")
         # a checkpoint that fails half-way must leave model, optimizer, schedule and RNG as they were
-        backup = ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                  copy.deepcopy(self.optimizer.state_dict()), self.scheduler.state_dict(), checkpointing.rng_state())
+        backup = ({k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                   for k, v in self.model.state_dict().items()},
+                  copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scheduler.state_dict()),
+                  checkpointing.rng_state())
         try:
             self.model.load_state_dict(state["model"], strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
