@@ -20,7 +20,10 @@ def report_errors(prog: str, fn: Callable[..., int], *args: Any) -> int:
     except USER_ERRORS as err:
         if os.environ.get("PETAL_FAST_DEBUG"):
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message only
+            message = next(line for line in reversed(message.splitlines()) if line.strip()).strip()
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
 
 

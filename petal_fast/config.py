@@ -124,7 +124,8 @@ class TrainConfig:
             raise ConfigError(f"margins must be three finite numbers (m1, m2, m3); got {self.margins!r}")
         lo, hi = self.data.resolution
         if not 1 <= lo <= hi:
-            raise ConfigError(f"data.resolution must be (low, high) pixels with 1 <= low <= high; got {self.data.resolution!r}")
+            raise ConfigError("data.resolution must be (low, high) pixels with 1 <= low <= high; "
+                              f"got {self.data.resolution!r}")
         self._check_backbone()
         if not self.targets or not all(self.targets):
             raise ConfigError(f"targets must name at least one layer (e.g. ['attn.qkv']); got {self.targets!r}")
@@ -274,7 +275,8 @@ def _apply(cfg: Any, key: str, value: Any, full: str | None = None, raw: str | N
             _apply(current, rest, value, full, raw)
     elif dataclasses.is_dataclass(current):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {full!r} is a table of keys ({', '.join(f.name for f in dataclasses.fields(current))}); "
+            keys = ", ".join(f.name for f in dataclasses.fields(current))
+            raise ConfigError(f"config key {full!r} is a table of keys ({keys}); "
                               f"got {value!r}: set {full}.<key>=value instead")
         for k, v in value.items():
             _apply(current, str(k), v, f"{full}.{k}")

@@ -440,7 +440,8 @@ class Trainer:
             checkpointing.set_rng_state(backup[3])
             self.step, self.skipped = 0, 0
             raise checkpointing.CheckpointFileError(
-                f"checkpoint {path} does not fit this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"checkpoint {path} does not fit this run ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); "
                 "start over with resume=false or use a new output folder") from None
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:

@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -198,3 +199,35 @@ def test_image_folder_corrupt_and_empty_images(tmp_path, contents, data):
         for i in range(len(ds)):
             ds[i]
     _expect_clean_failure_or_success(read_all, str(root))
+
+
+@FUZZ
+@example(shape=[0, 4, 3], dtype=np.uint8, as_list=False).via("a 0-pixel image")
+@example(shape=[], dtype=np.uint8, as_list=False).via("a scalar")
+@given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=5),
+       dtype=st.sampled_from([np.uint8, np.float32, np.int64, np.bool_]), as_list=st.booleans())
+def test_to_tensor_refuses_what_is_not_images(shape, dtype, as_list):
+    from petal_fast.data import to_tensor
+    arr = np.zeros(shape, dtype=dtype)
+    try:
+        out = to_tensor([arr, arr] if as_list else arr)
+    except ValueError as err:
+        assert "images" in str(err)
+        return
+    assert out.dim() == 4 and out.shape[1] == 3 and out.dtype == torch.float32 and 0 <= out.min() <= out.max() <= 1
+
+
+def test_worker_error_reaches_the_cli_as_one_line(tmp_path, capsys):
+    """A corrupt image read in a DataLoader worker: the CLI prints the reader's message, not the worker traceback."""
+    from petal_fast.cli import main
+    blob, index = _pack_bytes(tmp_path)
+    offsets = [int(line.split("\t")[1]) for line in index.splitlines()]
+    b = bytearray(blob)
+    b[offsets[3] + 8 + 24:offsets[3] + 8 + 40] = b"\0" * 16  # record 3's PNG signature and header
+    (tmp_path / "w.rec").write_bytes(bytes(b))
+    (tmp_path / "w.idx").write_text(index)
+    code = main(["train", "mode=lora", "backbone=tiny", "batch_size=2", "max_steps=3", "progress=false",
+                 "data.kind=recordio", f"data.path={tmp_path / 'w.rec'}", "data.num_workers=2",
+                 f"output={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "w.rec: record 3" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -87,7 +87,8 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         # unbind on the qkv axis: its backward stacks the three gradients straight into qkv's layout
         qkv = self.qkv(x)  # explicit head size: a -1 is ambiguous for an empty batch
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(bw, n, 3, self.num_heads, qkv.shape[-1] // (3 * self.num_heads)).unbind(2))
+        head_dim = qkv.shape[-1] // (3 * self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(bw, n, 3, self.num_heads, head_dim).unbind(2))
         bias = self.position_bias().unsqueeze(0)  # 1, heads, N, N
         if mask is not None:
             bias = bias + mask.unsqueeze(1)  # nW, heads, N, N

@@ -31,7 +31,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x)  # explicit head size: a -1 is ambiguous for an empty batch
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.num_heads, qkv.shape[-1] // (3 * self.num_heads)).unbind(2))
+        head_dim = qkv.shape[-1] // (3 * self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.num_heads, head_dim).unbind(2))
         out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 

@@ -17,8 +17,8 @@ from .alpha import (MODES, BrisqueQuality, CallableQuality, FeatureNormQuality, 
 from .brisque import DegenerateImageWarning, brisque, brisque_features, check_images
 
 __all__ = ["MODES", "BrisqueQuality", "CallableQuality", "FeatureNormQuality", "QualitySource", "QualityToAlpha",
-           "ResolutionQuality", "DegenerateImageWarning", "alpha_from_quality", "brisque", "brisque_features", "calibrate", "check_images",
-           "make_source"]
+           "ResolutionQuality", "DegenerateImageWarning", "alpha_from_quality", "brisque", "brisque_features",
+           "calibrate", "check_images", "make_source"]
 
 
 class _CallableModule(types.ModuleType):
