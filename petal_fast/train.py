@@ -144,7 +144,7 @@ def check_same_run(path: Path, saved: Any, cfg: TrainConfig) -> None:
                          f"use a new output folder, or resume=false to start over in {path.parent} (overwrites it)")
     diff = config_differences(saved, cfg)
     if diff:
-        listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, b_a in diff.items() for a, b in [b_a])
+        listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
         raise ConfigError(
             f"output folder {path.parent} holds a run with another config ({path.name}), differing in "
             f"{', '.join(diff)} ({listed}). Resuming would continue that run and ignore the new values. Either "
