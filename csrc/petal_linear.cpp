@@ -32,9 +32,11 @@ Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& a_cat, const Tensor
   TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(1) == x.size(1), "petal_linear: A_cat must be (R, K)");
   TORCH_CHECK(coef.dim() == 2, "petal_linear: coef must be (images, branches)");
   Dims d{x.size(0), x.size(1), w.size(0), a_cat.size(0), coef.size(0), coef.size(1), 0, 0};
-  TORCH_CHECK(d.M % d.images == 0, "petal_linear: rows must be a multiple of images");
+  TORCH_CHECK(d.branches > 0, "petal_linear: coef must have at least one branch column");
+  // An empty batch (0 images) has 0 rows; every integer division below needs a non-zero divisor.
+  TORCH_CHECK(d.images > 0 ? d.M % d.images == 0 : d.M == 0, "petal_linear: rows must be a multiple of images");
   TORCH_CHECK(d.R % d.branches == 0, "petal_linear: R must be a multiple of branches");
-  d.rpi = d.M / d.images;
+  d.rpi = d.images > 0 ? d.M / d.images : 0;
   d.r = d.R / d.branches;
   return d;
 }
@@ -45,7 +47,8 @@ Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& a_cat, const Tensor
 // 4096×4096 cost 1.4× the base GEMM). PETAL_FAST_CPU_BLOCK_ROWS overrides the choice (for re-tuning).
 int64_t block_rows(const Dims& d, int64_t elem, bool blocks_read_w) {
   if (const char* env = std::getenv("PETAL_FAST_CPU_BLOCK_ROWS")) return std::max<int64_t>(1, std::atoll(env));
-  int64_t rows = (int64_t{1} << 20) / (std::max(d.N, d.K) * elem);
+  if (d.M == 0) return 1;  // no rows: no blocks (callers return before using this)
+  int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, std::max(d.N, d.K) * elem);
   rows = std::max<int64_t>(16, std::min<int64_t>(512, rows / 16 * 16));
   if (blocks_read_w && d.N * d.K * elem > (int64_t{8} << 20)) rows = std::max<int64_t>(rows, 256);
   // as many blocks per thread on every thread (parallel_for hands each thread a contiguous range):
@@ -135,6 +138,7 @@ std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, co
   const Dims d = dims_of(x, w, a_cat, coef);
   Tensor y = at::empty({d.M, d.N}, x.options());
   Tensor u = at::empty({d.M, d.R}, x.options());
+  if (d.M == 0) return {y, u};  // empty batch: empty outputs, no GEMM, no block arithmetic
   const Tensor wt = w.t(), at_ = a_cat.t(), bt = b_cat.t();
   const Tensor& cf = coef;
   const bool blocked = use_row_blocks(d, x.element_size());
@@ -181,6 +185,8 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
   const Tensor dy = dy_in.contiguous();
   TORCH_CHECK(dy.size(0) == d.M && dy.size(1) == d.N, "petal_linear_bwd: dy must be (M, N)");
   Tensor dx = need_x ? at::empty({d.M, d.K}, x.options()) : Tensor();
+  if (d.M == 0)  // empty batch: nothing flows back; the adapter gradients are exact zeros
+    return {dx, at::zeros_like(a_cat), at::zeros_like(b_cat)};
   const Tensor& cf = coef;
   const bool fp32 = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   const auto acc = fp32 ? x.options() : x.options().dtype(at::kFloat);  // reductions over M in fp32

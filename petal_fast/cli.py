@@ -2,8 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pickle
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+# User mistakes and bad input: wrong config values (ConfigError), malformed data (RecordIOError, …),
+# unreadable checkpoints, missing files. Their messages name the key or file; a traceback adds nothing.
+USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+
+
+def report_errors(prog: str, fn: Callable[..., int], *args: Any) -> int:
+    """``fn(*args)``; a user error is printed as ``prog: error: message`` and exits with status 2 (no
+    traceback; ``PETAL_FAST_DEBUG=1`` re-raises it)."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as err:
+        if os.environ.get("PETAL_FAST_DEBUG"):
+            raise
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message only
+            message = next(line for line in reversed(message.splitlines()) if line.strip()).strip()
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _eval(argv: Sequence[str]) -> int:
@@ -56,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(rest)
     if cmd == "demo":
         from petal_fast.demo import main as demo_main
-        return demo_main(rest)
+        return report_errors("petal-fast demo", demo_main, rest)
     if cmd == "eval":
-        return _eval(rest)
+        return report_errors("petal-fast eval", _eval, rest)
     return _bench(rest)
 
 

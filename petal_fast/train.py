@@ -13,6 +13,7 @@ position, α calibration and config; a resumed run reproduces an uninterrupted o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petal_fast import checkpointing
-from petal_fast.config import TrainConfig, load_config
+from petal_fast.config import ConfigError, TrainConfig, load_config
 from petal_fast.nn import PetalLinear
 
 __all__ = ["Trainer", "TrainResult", "main", "train"]
@@ -55,8 +56,9 @@ def _resolve_device(name: str) -> torch.device:
 
 # --- data ----------------------------------------------------------------------------------------
 def build_dataset(cfg: TrainConfig, image_size: int):
-    """The training set named by ``cfg.data`` (degraded to low resolution when ``data.degrade``)."""
-    from petal_fast.data import Degrade, DegradedFaces, ImageFolderFaces, RecordIO, SyntheticFaces
+    """The training set named by ``cfg.data`` (degraded to low resolution when ``data.degrade``);
+    RecordIO and ImageFolder images of any size come out at the model's ``image_size``."""
+    from petal_fast.data import Degrade, DegradedFaces, ImageFolderFaces, RecordIO, ResizedFaces, SyntheticFaces
     d = cfg.data
     if d.kind == "synthetic":
         ds = SyntheticFaces(d.num_identities, d.images_per_identity, size=d.size or image_size, seed=d.seed,
@@ -67,14 +69,87 @@ def build_dataset(cfg: TrainConfig, image_size: int):
     else:
         ds = ImageFolderFaces(d.path)
     if d.degrade:
-        ds = DegradedFaces(ds, Degrade(resolution=tuple(d.resolution)), seed=cfg.seed)
+        out_size = None if d.kind == "synthetic" else image_size
+        ds = DegradedFaces(ds, Degrade(out_size=out_size, resolution=tuple(d.resolution)), seed=cfg.seed)
+    elif d.kind != "synthetic":
+        ds = ResizedFaces(ds, image_size)
     return ds
 
 
 def dataset_labels(ds) -> np.ndarray | None:
+    """Every label of the data set when it holds them in memory (not RecordIO: see :func:`dataset_num_classes`)."""
     inner = getattr(ds, "dataset", ds)
     labels = getattr(inner, "labels", None)
     return None if labels is None else np.asarray(labels)
+
+
+def dataset_num_classes(ds) -> int | None:
+    """The data set's class count: its ``num_classes`` (a RecordIO pack's header, or its scanned labels),
+    else 1 + its largest label; None when it says neither."""
+    inner = ds
+    while getattr(inner, "num_classes", None) is None and hasattr(inner, "dataset"):
+        inner = inner.dataset
+    n = getattr(inner, "num_classes", None)
+    if n is not None:
+        return int(n)
+    labels = dataset_labels(ds)
+    return int(labels.max()) + 1 if labels is not None and labels.size else None
+
+
+def resolve_num_classes(cfg: TrainConfig, ds) -> int:
+    """``num_classes`` from the config, else from the data; an error if neither gives one or they disagree."""
+    from_data = dataset_num_classes(ds)
+    labels = dataset_labels(ds)
+    top = int(labels.max()) if labels is not None and labels.size else None
+    if cfg.num_classes is None:
+        if from_data is None:
+            raise ConfigError("cannot tell how many classes the training data has: set num_classes=<number of identities>")
+        return from_data
+    if top is not None and top >= cfg.num_classes:
+        raise ConfigError(f"num_classes={cfg.num_classes} but the data has labels up to {top}: "
+                          f"set num_classes >= {top + 1} (or leave it unset to take it from the data)")
+    if from_data is not None and from_data > cfg.num_classes:
+        raise ConfigError(f"num_classes={cfg.num_classes} but the data declares {from_data} classes: set "
+                          f"num_classes >= {from_data} (or leave it unset to take it from the data)")
+    return cfg.num_classes
+
+
+# Keys that do not change what a run computes: a resumed run may differ from the saved one in these.
+RESUME_FREE = ("output", "resume", "progress", "log_every", "save_every", "device", "data.num_workers")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "backbone_overrides":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, current value)} for every key that changes the run (keys the saved config
+    lacks take their defaults: files written before a key existed ran with its default)."""
+    old = _flatten(TrainConfig().to_dict()) | _flatten(saved)
+    new = _flatten(cfg.to_dict())
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if k not in RESUME_FREE and old.get(k) != new.get(k)}
+
+
+def check_same_run(path: Path, saved: Any, cfg: TrainConfig) -> None:
+    """Refuse to continue (or overwrite) the run saved at ``path`` unless its config equals ``cfg``."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds no training config, so it cannot be told whether it belongs to this run: "
+                         f"use a new output folder, or resume=false to start over in {path.parent} (overwrites it)")
+    diff = config_differences(saved, cfg)
+    if diff:
+        listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ConfigError(
+            f"output folder {path.parent} holds a run with another config ({path.name}), differing in "
+            f"{', '.join(diff)} ({listed}). Resuming would continue that run and ignore the new values. Either "
+            f"choose a new output folder (output=<new folder>), or start over in this one with resume=false "
+            f"(its checkpoint and model.pt are overwritten).")
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -192,9 +267,10 @@ class TrainResult:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        final = f"{self.final_loss:.4f}" if self.losses else "— (no step run: the run in output was already complete)"
         rows = [("steps", f"{self.steps}"), ("skipped (non-finite)", f"{self.skipped}"),
                 ("images", f"{self.images}"), ("time", f"{self.seconds:.1f} s"),
-                ("throughput", f"{self.images_per_second:.1f} img/s"), ("final loss", f"{self.final_loss:.4f}"),
+                ("throughput", f"{self.images_per_second:.1f} img/s"), ("final loss", final),
                 ("trainable", f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / max(1, self.total):.3f}%)"),
                 ("output", self.output)]
         width = max(len(k) for k, _ in rows)
@@ -213,11 +289,16 @@ class Trainer:
         self.image_size = image_size_of(model) if model is not None else preset_image_size(cfg)
         self.dataset = dataset if dataset is not None else build_dataset(cfg, self.image_size)
         labels = dataset_labels(self.dataset)
-        self.num_classes = int(labels.max()) + 1 if labels is not None else None
+        if model is None:
+            self.num_classes = resolve_num_classes(cfg, self.dataset)
+        else:
+            self.num_classes = getattr(getattr(model, "head", None), "num_classes", None)
         torch.manual_seed(cfg.seed)  # the model's init must not depend on how the data was built
         self.model = model if model is not None else build_training_model(cfg, self.num_classes, self.device)
         head = getattr(self.model, "head", None)
-        if head is not None and labels is not None and labels.max() >= head.num_classes:
+        if head is None:
+            raise ValueError("the model has no margin head to train: build it with num_classes")
+        if labels is not None and labels.size and labels.max() >= head.num_classes:
             raise ValueError(f"the data has labels up to {int(labels.max())} but the margin head has "
                              f"{head.num_classes} classes: set num_classes or check the data set")
         if cfg.sharded_head and self.world > 1:
@@ -314,22 +395,54 @@ class Trainer:
             dist.barrier()
 
     def resume(self) -> tuple[int, int]:
+        """Continue from ``<output>/checkpoint_last.pt`` if ``resume`` and it exists — only when it was
+        written by a run with the same config (:data:`RESUME_FREE` keys aside); otherwise refuse,
+        before anything is loaded or written."""
         name = f"checkpoint_last.rank{self.rank}.pt" if self.world > 1 and self.cfg.sharded_head else checkpointing.LAST
         path = self.output / name
-        if not (self.cfg.resume and path.exists()):
+        if not self.cfg.resume:
+            return 0, 0
+        if not path.exists():
+            model_pt = self.output / "model.pt"
+            if model_pt.exists():  # a finished run whose checkpoint is gone: do not overwrite it silently
+                from petal_fast.models import safe_load
+                meta = safe_load(model_pt).get("metadata", {})
+                check_same_run(model_pt, meta.get("config") if isinstance(meta, dict) else None, self.cfg)
             return 0, 0
         state = checkpointing.load(path)
+        check_same_run(path, state.get("config"), self.cfg)
+        missing = [k for k in ("model", "optimizer", "scheduler", "step", "skipped", "epoch", "step_in_epoch", "rng")
+                   if k not in state]
+        if missing:
+            raise checkpointing.CheckpointFileError(f"checkpoint {path} lacks {', '.join(missing)}: it was not written "
+                                                    "by petal-fast train; start over with resume=false")
         if state.get("world", 1) != self.world:
             raise ValueError(f"{path} was written by {state.get('world')} processes, this run has {self.world}")
-        missing = [k for k in state["model"] if k not in self.model.state_dict()]
-        if missing:
-            raise ValueError(f"{path} does not fit this model; unknown keys: {missing[:5]}")
-        self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.skipped = int(state["step"]), int(state["skipped"])
-        checkpointing.set_rng_state(state["rng"])
-        return int(state["epoch"]), int(state["step_in_epoch"])
+        unknown = [k for k in state["model"] if k not in self.model.state_dict()]
+        if unknown:
+            raise ValueError(f"{path} does not fit this model; unknown keys: {unknown[:5]}")
+        # a checkpoint that fails half-way must leave model, optimizer, schedule and RNG as they were
+        backup = ({k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                   for k, v in self.model.state_dict().items()},
+                  copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scheduler.state_dict()),
+                  checkpointing.rng_state())
+        try:
+            self.model.load_state_dict(state["model"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            checkpointing.set_rng_state(state["rng"])
+            self.step, self.skipped = int(state["step"]), int(state["skipped"])
+            return int(state["epoch"]), int(state["step_in_epoch"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            self.model.load_state_dict(backup[0])
+            self.optimizer.load_state_dict(backup[1])
+            self.scheduler.load_state_dict(backup[2])
+            checkpointing.set_rng_state(backup[3])
+            self.step, self.skipped = 0, 0
+            raise checkpointing.CheckpointFileError(
+                f"checkpoint {path} does not fit this run ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); "
+                "start over with resume=false or use a new output folder") from None
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
         """One optimisation step; returns (loss, applied). Non-finite loss/grad → skipped, nothing updated."""
@@ -337,7 +450,8 @@ class Trainer:
         head = getattr(self.model, "head", None)
         if head is not None and (labels.min() < 0 or labels.max() >= head.num_classes):
             raise ValueError(f"label out of range [0, {head.num_classes}): got {labels.min().item()}…"
-                             f"{labels.max().item()}; no update was made")
+                             f"{labels.max().item()}; no update was made. The data set holds more classes than "
+                             f"the head: set num_classes (or check the data set's labels)")
         # BatchNorm statistics a skipped step must not keep (a NaN batch would poison them)
         stats = {n: b.detach().clone() for n, b in self.model.named_buffers()
                  if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -400,14 +514,17 @@ class Trainer:
         the schedule still spans the whole run, so a later resume continues it exactly)."""
         cfg = self.cfg
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
+        start_epoch, start_in_epoch = self.resume()  # first: a refused resume changes nothing
         self.output.mkdir(parents=True, exist_ok=True)
-        start_epoch, start_in_epoch = self.resume()
-        if self.step == 0:
+        checkpointing.clean_stale_tmp(self.output)  # temporary files of a process killed mid-write
+        fresh = self.step == 0
+        if fresh:
             self.calibrate()
         result = TrainResult(output=str(self.output))
         result.trainable = sum(p.numel() for p in self.params)
         result.total = sum(p.numel() for p in self.model.parameters())
-        log = open(self.output / "log.jsonl", "a") if self.rank == 0 else None
+        # a fresh start replaces the log of an earlier attempt; a resumed run continues it
+        log = open(self.output / "log.jsonl", "w" if fresh else "a") if self.rank == 0 else None
         writer = _tensorboard(self.output) if self.rank == 0 else None
         bar = _progress(total=self.total_steps, initial=self.step, enabled=cfg.progress and self.rank == 0)
         set_train_mode(self.model, cfg)
@@ -423,7 +540,9 @@ class Trainer:
                     result.losses.append(loss)
                     result.images += images.shape[0] * self.world
                     done = i + 1 == self.steps_per_epoch
-                    if (cfg.save_every and self.step % cfg.save_every == 0) or (done and not cfg.save_every):
+                    # also at the last step: a run ended by max_steps mid-epoch must be resumable too
+                    if (cfg.save_every and self.step % cfg.save_every == 0) or (done and not cfg.save_every) \
+                            or self.step == self.total_steps:
                         self.save(epoch + 1 if done else epoch, 0 if done else i + 1)
                     if log is not None and (self.step % cfg.log_every == 0 or not applied):
                         rec = {"step": self.step, "epoch": epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
@@ -449,7 +568,9 @@ class Trainer:
         result.steps, result.skipped = self.step, self.skipped
         result.final_loss = result.losses[-1] if result.losses else float("nan")
         full_head = self.full_head_weight() if self.sharded and self.step >= self.total_steps else None
-        if self.rank == 0 and self.step >= self.total_steps:
+        # a rerun of a finished run trains nothing and leaves its model.pt as it is
+        rewrite = bool(result.losses) or not (self.output / "model.pt").exists()
+        if self.rank == 0 and self.step >= self.total_steps and rewrite:
             from petal_fast.models import full_state_dict, trainable_state_dict
             weights = trainable_state_dict(self.model) if cfg.mode in ("lora", "petalface") \
                 else full_state_dict(self.model)
@@ -457,9 +578,9 @@ class Trainer:
                 weights["head.weight"] = full_head
             checkpointing.atomic_save({"state_dict": weights, "metadata": {"config": cfg.to_dict()}},
                                       self.output / "model.pt")
-            (self.output / "summary.json").write_text(json.dumps(
+            checkpointing.atomic_write_text(json.dumps(
                 {k: v for k, v in vars(result).items() if k != "losses"} | {"images_per_second": result.images_per_second},
-                indent=2))
+                indent=2), self.output / "summary.json")
         return result
 
 
@@ -500,9 +621,13 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.
     path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
     raw = safe_load(path)
     meta = raw.get("metadata", {}) if isinstance(raw, dict) else {}
-    if "config" not in meta:
-        raise ValueError(f"{path} has no training config in its metadata: was it written by petal-fast train?")
-    cfg = load_config(None, **meta["config"])
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) \
+            or not isinstance(raw.get("state_dict"), dict):
+        raise ValueError(f"{path} has no training config and state dict: was it written by petal-fast train?")
+    try:
+        cfg = load_config(None, **meta["config"])
+    except ValueError as err:
+        raise ValueError(f"{path}: the saved training config is not valid here: {err}") from None
     head = {k: v for k, v in raw["state_dict"].items() if k == "head.weight"}
     num_classes = int(head["head.weight"].shape[0]) if head else None
     model = build_training_model(cfg, num_classes, torch.device(device))
@@ -520,6 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", help="TOML or JSON config file (see configs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 mode=lora data.path=x.rec")
     args = ap.parse_args(argv)
+    from petal_fast.cli import report_errors
+    return report_errors("petal-fast train", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     trainer, result = train(cfg)
     if trainer.rank == 0:

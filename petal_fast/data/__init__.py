@@ -6,7 +6,8 @@ from .degrade import Degrade, DegradedFaces, DegradeParams, degrade, gaussian_bl
 from .image_folder import ImageFolderFaces
 from .loader import collate_faces, make_loader, to_tensor
 from .recordio import RecordIO, RecordIOError, write_recordio
+from .resized import ResizedFaces
 from .synthetic import SyntheticFaces
 
 __all__ = ["Degrade", "DegradeParams", "DegradedFaces", "ImageFolderFaces", "RecordIO", "RecordIOError",
-           "SyntheticFaces", "collate_faces", "degrade", "gaussian_blur", "make_loader", "to_tensor", "write_recordio"]
+           "ResizedFaces", "SyntheticFaces", "collate_faces", "degrade", "gaussian_blur", "make_loader", "to_tensor", "write_recordio"]

@@ -16,8 +16,9 @@ def to_tensor(images) -> torch.Tensor:
                              "(e.g. Degrade(out_size=...)) before batching")
         images = np.stack(arrays)
     arr = torch.as_tensor(np.asarray(images))
-    if arr.dtype != torch.uint8 or arr.shape[-1] != 3 or arr.dim() not in (3, 4):
-        raise ValueError(f"images must be H×W×3 or N×H×W×3 uint8, got shape {tuple(arr.shape)} dtype {arr.dtype}")
+    if arr.dtype != torch.uint8 or arr.dim() not in (3, 4) or arr.shape[-1] != 3 or 0 in arr.shape[-3:-1]:
+        raise ValueError(f"images must be H×W×3 or N×H×W×3 uint8 with H, W >= 1, got shape {tuple(arr.shape)} "
+                         f"dtype {arr.dtype}")
     if arr.dim() == 3:
         arr = arr.unsqueeze(0)
     return arr.permute(0, 3, 1, 2).float().div_(255.0)

@@ -8,6 +8,8 @@ array). Pair p is images 2p and 2p+1.
 Pickles can run code, so the file is read by an unpickler that resolves only the globals this format
 needs: numpy's array and scalar reconstruction, protocols 2–5 (object dtype refused), and ``_codecs.encode`` with
 latin-1 (how protocol-2 pickles written by Python 3 store ``bytes``). Anything else is refused.
+Before unpickling, every length the pickle declares (byte strings, frames) is checked against the
+file's real size, so a corrupt or crafted length is an error, never a huge allocation.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import codecs
 import io
 import os
 import pickle
+import pickletools
 
 import numpy as np
 from PIL import Image
@@ -86,6 +89,29 @@ def _as_bytes(item, path: str, i: int) -> bytes:
     raise ValueError(f"{path}: image {i} is a {type(item).__name__}, expected encoded image bytes")
 
 
+def _check_lengths(data: bytes, path: str) -> None:
+    """Walk the pickle's opcodes without building anything: every declared length (bytes, strings,
+    frames) must fit in the file; a truncated or corrupt stream is named with its byte offset."""
+    size = len(data)
+    memo = 0  # picklers number memo entries 0, 1, 2, …: a larger index would make the unpickler grow its memo
+    try:
+        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            if op.name == "FRAME" and arg > size - pos:
+                raise ValueError(f"frame at byte {pos} declares {arg} bytes but the file has {size - pos - 9} left")
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if arg > memo:
+                    raise ValueError(f"memo index {arg} at byte {pos} skips ahead of the {memo} entries stored so far")
+                memo = max(memo, arg + 1)
+            elif op.name == "MEMOIZE":
+                memo += 1
+            elif op.name in ("GET", "BINGET", "LONG_BINGET") and arg >= memo:
+                raise ValueError(f"memo index {arg} at byte {pos} was never stored")
+    except ValueError as e:  # pickletools reports short reads ("expected n bytes ... only m remain") as ValueError
+        raise ValueError(f"{path}: not a readable verification .bin pickle ({size} bytes): {e}") from None
+    except Exception as e:  # noqa: BLE001 - any other malformed-stream error
+        raise ValueError(f"{path}: not a readable verification .bin pickle ({type(e).__name__}: {e})") from None
+
+
 def load_bin(path: str, image_size: int | tuple[int, int] | None = None,
              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read a verification ``.bin`` → (images (2P, H, W, 3) uint8 RGB, issame (P,) bool).
@@ -93,19 +119,26 @@ def load_bin(path: str, image_size: int | tuple[int, int] | None = None,
     ``image_size`` resizes every image (bilinear) to that square size or (H, W); without it all
     images must share one size.
     """
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"verification .bin not found: {path}")
     with open(path, "rb") as f:
-        try:
-            obj = RestrictedUnpickler(f, path).load()
-        except UnsafePickleError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable verification .bin pickle ({type(e).__name__}: {e})") from None
+        data = f.read()
+    _check_lengths(data, path)
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(data), path).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable verification .bin pickle ({type(e).__name__}: {e})") from None
     if not (isinstance(obj, tuple) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
     bins, issame = obj
-    issame = np.asarray(issame)
+    if not isinstance(bins, (list, tuple, np.ndarray)):
+        raise ValueError(f"{path}: bins must be a list of encoded images, got {type(bins).__name__}")
+    try:
+        issame = np.asarray(issame)
+    except Exception as e:  # ragged or odd objects
+        raise ValueError(f"{path}: issame_list is not a list of booleans ({type(e).__name__}: {e})") from None
     if issame.ndim != 1 or issame.dtype.kind not in "bi":
         raise ValueError(f"{path}: issame_list must be a 1-D list of booleans, got shape {issame.shape} dtype {issame.dtype}")
     issame = issame.astype(bool)

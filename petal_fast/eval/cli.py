@@ -71,7 +71,7 @@ def _labels(ds) -> np.ndarray:
     if hasattr(ds, "labels"):
         return np.asarray(ds.labels)
     if isinstance(ds, RecordIO):
-        return np.array([ds.read_label(i) for i in range(len(ds))])
+        return ds.scan_labels()
     return np.array([ds[i][1] for i in range(len(ds))])
 
 
@@ -84,7 +84,10 @@ def open_labelled(spec: str, image_size: int):
                 k, _, v = kv.partition("=")
                 if k not in opts:
                     raise ValueError(f"unknown synthetic option {k!r} in {spec!r}; known: {sorted(opts)}")
-                opts[k] = int(v)
+                try:
+                    opts[k] = int(v)
+                except ValueError:
+                    raise ValueError(f"synthetic option {k} in {spec!r} must be an integer, got {v!r}") from None
         ds = SyntheticFaces(opts["ids"], opts["per_id"], opts["size"], opts["seed"], identity_offset=opts["offset"]).load(True)
         return ds, "synthetic"
     if spec.endswith(".rec"):

@@ -60,9 +60,17 @@ class LoadReport:
 def safe_load(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
     """Read a checkpoint file without executing code: safetensors, or ``torch.load(weights_only=True)``."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own types for corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes): {err}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -72,6 +80,10 @@ def safe_load(path: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
             "(torch.load weights_only=True, or safetensors). If you trust the file, load it yourself with "
             "torch.load(path, weights_only=False) and pass the state dict, or re-save its tensors with "
             "torch.save(state_dict) / safetensors.") from err
+    except Exception as err:  # noqa: BLE001 - truncated zip, wrong format, …: name the file and the problem
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint ({size} bytes): {first}. The file is truncated, "
+                              "corrupt or not a torch checkpoint (torch.save / safetensors)") from None
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -86,7 +86,9 @@ class WindowAttention(nn.Module):
         """x: (B·nW, N, C); mask: (nW, N, N) or None."""
         bw, n, c = x.shape
         # unbind on the qkv axis: its backward stacks the three gradients straight into qkv's layout
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(bw, n, 3, self.num_heads, -1).unbind(2))
+        qkv = self.qkv(x)  # explicit head size: a -1 is ambiguous for an empty batch
+        head_dim = qkv.shape[-1] // (3 * self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(bw, n, 3, self.num_heads, head_dim).unbind(2))
         bias = self.position_bias().unsqueeze(0)  # 1, heads, N, N
         if mask is not None:
             bias = bias + mask.unsqueeze(1)  # nW, heads, N, N
@@ -154,7 +156,7 @@ class PatchMerging(nn.Module):
         b, _, c = x.shape
         # Swin's order [x(0,0), x(1,0), x(0,1), x(1,1)] (row, column offsets) as one permuted copy
         # instead of four strided slices and a cat (and four zero-filled slice gradients backward).
-        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, -1, 4 * c)
+        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
         return self.reduction(self.norm(x))
 
 

@@ -30,7 +30,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.num_heads, -1).unbind(2))
+        qkv = self.qkv(x)  # explicit head size: a -1 is ambiguous for an empty batch
+        head_dim = qkv.shape[-1] // (3 * self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.num_heads, head_dim).unbind(2))
         out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 

@@ -30,11 +30,17 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
     listing the offending keys.
     """
     own = {}
+    merged = []
     for name, module in model.named_modules():
         if isinstance(module, PetalLinear):
             prefix = f"{name}." if name else ""
             for key in ADAPTER_KEYS:
                 own[prefix + key] = getattr(module, key)
+            if module.merged:
+                merged.append(name or "<model>")
+    if merged:  # W holds the old adapters' ΔW: new adapters would make unmerge_ subtract the wrong ΔW
+        raise RuntimeError(f"cannot load adapters into merged layers ({', '.join(merged[:5])}"
+                           f"{' …' if len(merged) > 5 else ''}): call unmerge_petal(model) first; nothing was loaded")
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if strict and (missing or unexpected):

@@ -53,6 +53,10 @@ class PetalLinear(nn.Module):
         self.reset_adapters()
         self._merged_alpha: float | None = None
         self._is_merged = False
+        # A merged layer's weight already holds the adapters: saving it with them would double them on
+        # reload, so its state dict is refused; a loaded state dict is always an unmerged one.
+        self.register_state_dict_pre_hook(_refuse_merged_state_dict)
+        self._register_load_state_dict_pre_hook(_loaded_is_unmerged, with_module=True)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, scale: float = 1.0, dropout: float = 0.0,
@@ -116,3 +120,20 @@ class PetalLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scale={self.scale}, dropout={self.dropout}, branches={self.branches}, "
                 f"bias={self.bias is not None}")
+
+
+def _refuse_merged_state_dict(module: PetalLinear, prefix: str, keep_vars: bool) -> None:
+    if module.merged:
+        name = prefix[:-1] or "PetalLinear"
+        raise RuntimeError(
+            f"{name} is merged (alpha={module._merged_alpha}): its weight holds W + ΔW while lora_A/lora_B still "
+            "hold the adapters, so saving both would apply the adapters twice when reloaded. Call unmerge_() "
+            "(unmerge_petal(model)) before saving, or save only the adapters (adapter_state_dict(model)); "
+            "to deploy a merged model, torch.save(model) keeps the merged state with it.")
+
+
+def _loaded_is_unmerged(module: PetalLinear, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                        errors) -> None:
+    # Saved state dicts never hold a merged weight (refused above): the layer becomes an unmerged one.
+    if module.merged and f"{prefix}weight" in state_dict:
+        module._merged_alpha, module._is_merged = None, False

@@ -14,11 +14,11 @@ import types
 
 from .alpha import (MODES, BrisqueQuality, CallableQuality, FeatureNormQuality, QualitySource, QualityToAlpha,
                     ResolutionQuality, alpha_from_quality, calibrate, make_source)
-from .brisque import brisque, brisque_features, check_images
+from .brisque import DegenerateImageWarning, brisque, brisque_features, check_images
 
 __all__ = ["MODES", "BrisqueQuality", "CallableQuality", "FeatureNormQuality", "QualitySource", "QualityToAlpha",
-           "ResolutionQuality", "alpha_from_quality", "brisque", "brisque_features", "calibrate", "check_images",
-           "make_source"]
+           "ResolutionQuality", "DegenerateImageWarning", "alpha_from_quality", "brisque", "brisque_features",
+           "calibrate", "check_images", "make_source"]
 
 
 class _CallableModule(types.ModuleType):

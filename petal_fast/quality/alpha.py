@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,6 +33,11 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
     ``oriented``: ``clamp(0.5 + slope·o·(q − tau), 0, 1)``, ``o = 1 if higher_is_better else −1``.
     ``paper``: ``0.5 + (q − tau)``, unclamped, ignoring ``slope`` and ``higher_is_better``
     (the released PETALface code with raw BRISQUE scores).
+
+    Undefined quality (NaN, e.g. from a custom source) counts as the worst: α = 0, the low-quality
+    branch, with one warning giving the count. Infinite quality takes the limit of the oriented
+    formula (BRISQUE's +inf for a degenerate image → 0); in ``paper`` mode any non-finite α becomes 0.
+    α is always finite.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -40,13 +46,18 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
     if not q.is_floating_point():
         q = q.double()
     tau = torch.as_tensor(tau, dtype=q.dtype, device=q.device)
+    undefined = torch.isnan(q)
+    if bool(undefined.any()):
+        warnings.warn(f"{int(undefined.sum())} of {q.numel()} quality values are NaN (undefined): treated as the "
+                      "worst quality, α = 0", RuntimeWarning, stacklevel=2)
     if mode == "paper":
-        return 0.5 + (q - tau)
+        alpha = 0.5 + (q - tau)
+        return alpha.masked_fill(~torch.isfinite(alpha), 0.0)
     slope = torch.as_tensor(slope, dtype=q.dtype, device=q.device)
     if not bool(torch.all(slope > 0)):
         raise ValueError(f"slope must be > 0 (orientation is set by higher_is_better), got {slope.tolist()}")
     sign = 1.0 if higher_is_better else -1.0
-    return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0)
+    return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0).masked_fill(undefined, 0.0)
 
 
 class QualitySource(nn.Module):
@@ -256,8 +267,14 @@ def calibrate(source: str | QualitySource | Callable[..., torch.Tensor] | Qualit
     q = torch.cat(values) if values else torch.empty(0, dtype=torch.float64)
     if q.numel() == 0:
         raise ValueError("calibrate: data yielded no images")
-    if not bool(torch.isfinite(q).all()):
-        raise ValueError(f"calibrate: {int((~torch.isfinite(q)).sum())} non-finite quality values")
+    finite = torch.isfinite(q)
+    if not bool(finite.any()):
+        raise ValueError(f"calibrate: all {q.numel()} images have a non-finite quality (degenerate images, e.g. "
+                         "blank or constant); calibrate on real training images")
+    if not bool(finite.all()):  # degenerate images have no quality to calibrate on: τ from the others
+        warnings.warn(f"calibrate: {int((~finite).sum())} of {q.numel()} images have a non-finite quality "
+                      "(degenerate) and are left out of τ", RuntimeWarning, stacklevel=2)
+        q = q[finite]
     module.tau.fill_(torch.quantile(q, 0.5).item())
     if slope == "spread":
         spread = (torch.quantile(q, 0.9) - torch.quantile(q, 0.1)).item()

@@ -11,8 +11,17 @@ BRISQUE's local variance ``E[Y²] − μ²`` loses most of its digits in flat re
 Input contract: ``(B, C, H, W)``, C = 1 (gray) or 3 (RGB), H, W ≥ 16, uint8 (0 … 255) or float in
 [0, 1]. Float tensors outside [0, 1] are rejected — the released PETALface code fed [−1, 1]
 images to its IQA; convert with ``(x + 1) / 2`` first.
+
+Degenerate images: BRISQUE fits distributions to the local contrast of an image; a constant (blank,
+black) or otherwise flat image has none, its features are undefined (0/0) and the SVR returns NaN
+(the ``brisque`` package too). :func:`brisque` scores such an image ``+inf`` — worse than any real
+image, so the quality → α mapping gives it α = 0 (all weight on the low-quality branch) — and warns
+once per call with the number of such images (:class:`DegenerateImageWarning`). Their rows of
+:func:`brisque_features` stay NaN: the features do not exist.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -22,6 +31,11 @@ from petal_fast.backend import resolve
 from . import ggd, resize, svr
 
 OP = "brisque_score"
+DEGENERATE_SCORE = float("inf")  # the score of an image without local contrast: the worst quality
+
+
+class DegenerateImageWarning(UserWarning):
+    """Some images have no local contrast (constant, blank): BRISQUE is undefined, scored as the worst."""
 MIN_SIZE = 16
 LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
 
@@ -128,12 +142,27 @@ def _run(images: torch.Tensor, features: bool) -> torch.Tensor:
     if backend == "cpp" and images.dim() == 4 and images.shape[0] > 0:
         check_images(images, value_range=(0.0, 1.0))  # shape and dtype now; the range from the C++ pass
         scores, feats = _cpp_score(images)
-        return feats if features else scores
+        return feats if features else degenerate_to_worst(scores)
     check_images(images)
     if images.shape[0] == 0:
         return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
     if backend == "reference":
         from petal_fast.reference import brisque as ref
-        return ref.brisque_features(images) if features else ref.brisque(images, svr.load_model(str(images.device)))
+        if features:
+            return ref.brisque_features(images)
+        return degenerate_to_worst(ref.brisque(images, svr.load_model(str(images.device))))
     f = _features(images, backend)
-    return f if features else svr.predict(f, svr.load_model(str(images.device)))
+    return f if features else degenerate_to_worst(svr.predict(f, svr.load_model(str(images.device))))
+
+
+def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
+    """Scores of degenerate images (NaN: undefined features) → :data:`DEGENERATE_SCORE`; one warning
+    with their number. Shared by every backend, after its features and SVR."""
+    bad = ~torch.isfinite(scores)
+    n = int(bad.sum())
+    if n:
+        warnings.warn(f"BRISQUE: {n} of {scores.numel()} images are degenerate (constant or flat: no local "
+                      "contrast, BRISQUE is undefined); scored +inf, the worst quality, so their α is 0 "
+                      "(the low-quality branch)", DegenerateImageWarning, stacklevel=4)
+        scores = scores.masked_fill(bad, DEGENERATE_SCORE)
+    return scores
