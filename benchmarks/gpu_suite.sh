@@ -42,7 +42,8 @@ fi
 # Stage budgets in seconds, sum 460 s (~7.7 min), so that a 15-minute device lease holds this run,
 # the machine's start and a short second run. Sized for one H100/H200 from the suites' full CUDA case
 # lists; a stage that runs out of time keeps the rows it appended before the limit.
-# gpu_tests: dominated by Triton compiles (one per kernel specialisation), 8 pytest-xdist workers.
+# gpu_tests: dominated by Triton compiles (one per kernel specialisation), 8 pytest-xdist workers;
+#   -v names every test as it ends, so a stage cut at its limit still says which one failed.
 # linear: 7 shapes (6 PETALface + 8192x4096x4096, the latter at r = 8 and 16) x p 0, 0.1 x modes
 #   fwd, bwd, full = 48 cases x 7 providers x 2 do_bench rounds at rep 25 ms (+ ~30 ms warm-up and
 #   L2 flushes) = 37 s of timing + 48 x 0.3 s set-up + 10 s start-up + ~30 s of compiles = ~92 s,
@@ -92,7 +93,7 @@ if [[ $DEVICE == cuda ]]; then
     # the GPU tests are dominated by Triton compiles (one per kernel specialisation): with
     # pytest-xdist, 8 workers compile in parallel on the host's cores while sharing the GPU
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-    stage gpu_tests "$PY" -m pytest -m gpu -q $XDIST --junitxml="$OUT/gpu_tests.xml" tests
+    stage gpu_tests "$PY" -m pytest -m gpu -v $XDIST --junitxml="$OUT/gpu_tests.xml" tests
 else
     SPENT[gpu_tests]=0 STATUS[gpu_tests]="skipped (DEVICE=$DEVICE)"
 fi
