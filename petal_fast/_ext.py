@@ -124,7 +124,8 @@ def _try_aot(st: Status) -> bool:
     if spec is None or spec.origin is None:
         st.notes.append("petal_fast._C not built (an isolated build has no torch to compile against)")
         return False
-    built_for = _aot_built_for(Path(spec.origin))
+    sidecar = _aot_sidecar(Path(spec.origin))
+    built_for = sidecar.get("torch")
     if built_for is not None and built_for != torch.__version__:
         # importing would run its op registrations against the wrong torch; the JIT build replaces it
         st.notes.append(f"petal_fast._C was built for torch {built_for}, this is torch {torch.__version__}")
@@ -134,17 +135,17 @@ def _try_aot(st: Status) -> bool:
     except ImportError as err:  # built against another torch: undefined symbol and the like
         st.notes.append(f"petal_fast._C does not import: {_first_line(err)}")
         return False
-    st.source, st.path, st.built_for = "aot", spec.origin, built_for or getattr(_C, "built_for_torch", None)
-    st.compiler = getattr(_C, "compiler", None)
+    st.source, st.path, st.built_for, st.compiler = "aot", spec.origin, built_for, sidecar.get("compiler")
     return True
 
 
-def _aot_built_for(library: Path) -> str | None:
-    """The torch version setup.py recorded next to the extension (``_C.json``), if any."""
+def _aot_sidecar(library: Path) -> dict:
+    """What setup.py recorded next to the extension (``_C.json``: torch version, compiler), if anything."""
     try:
-        return json.loads(library.with_name("_C.json").read_text())["torch"]
-    except (OSError, ValueError, KeyError):
-        return None
+        recorded = json.loads(library.with_name("_C.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _jit(st: Status) -> None:

@@ -75,7 +75,9 @@ def _cpu_row(op: str) -> tuple[str, str]:
     if chosen is None:
         return "none", error or "unknown"
     if chosen != "cpp" and "cpp" in supported:
-        return chosen, f"CPU cpp: {_ext.load_error() or 'op missing from the compiled library'}"
+        if _ext.status().source is None:
+            return chosen, "CPU cpp: compiled CPU ops unavailable (above)"
+        return chosen, "CPU cpp: op missing from the compiled library (rebuild: PETAL_FAST_BUILD=always)"
     return chosen, ""
 
 
@@ -125,7 +127,7 @@ def report() -> tuple[str, bool]:
         f"torch        {torch.__version__}",
         f"CUDA         {_cuda_line()}",
         f"triton       {triton_version or 'unavailable: ' + str(triton_error)}",
-        f"compiler     {f'{cxx[1]}  ({cxx[0]})' if cxx else 'none: ' + _build.missing_compiler_message()}",
+        f"compiler     {f'{cxx[1]}  ({cxx[0]})' if cxx else 'none on PATH (CXX, else c++)'}",
         f"threads      torch {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op, "
         f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
         f"backend      PETAL_FAST_BACKEND={os.environ.get('PETAL_FAST_BACKEND') or 'auto'}",
