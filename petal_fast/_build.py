@@ -20,7 +20,7 @@ MODES = ("auto", "never", "always")
 
 
 def cxx_flags(platform: str = sys.platform) -> list[str]:
-    return ["/O2", "/std:c++20", "/openmp"] if platform == "win32" else ["-O3", "-std=c++20", "-fopenmp"]
+    return ["/O2", "/std:c++20", "/openmp"] if platform == "win32" else ["-O3", "-DNDEBUG", "-std=c++20", "-fopenmp"]
 
 
 def ld_flags(platform: str = sys.platform) -> list[str]:
