@@ -162,7 +162,12 @@ def _jit(st: Status) -> None:
     build_dir = root / f"torch-{torch.__version__}-{key}"
     library = build_dir / f"{_build.JIT_NAME}.so"
     meta = {"torch": torch.__version__, "compiler": cxx[1], "key": key, "python": sys.version.split()[0]}
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{build_dir.name}.lock").touch()
+    except OSError as err:
+        raise BuildError(f"cannot write the build cache {root} ({err.strerror or err}); set PETAL_FAST_CACHE_DIR "
+                         "to a writable folder") from err
     with _file_lock(root / f"{build_dir.name}.lock"):
         if _cached(build_dir, meta) and library.exists():
             try:

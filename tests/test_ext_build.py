@@ -58,6 +58,14 @@ def test_no_compiler_says_what_to_install(monkeypatch, tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing attempted
 
 
+def test_unwritable_cache_names_the_setting(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    monkeypatch.setenv("PETAL_FAST_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(_ext.BuildError, match="cannot write the build cache .*PETAL_FAST_CACHE_DIR"):
+        _ext._jit(_ext.Status(mode="auto"))
+
+
 def test_aot_built_for_another_torch_is_not_imported(monkeypatch, tmp_path):
     """setup.py records the torch it built against beside _C; a mismatch skips _C before importing
     it (its static op registrations would otherwise run against the wrong torch)."""
