@@ -52,3 +52,13 @@ def test_bad_interval_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("PETAL_FAST_PROGRESS_INTERVAL", value)
     with pytest.raises(ValueError, match="PETAL_FAST_PROGRESS_INTERVAL"):
         progress(total=3, file=io.StringIO())
+
+
+def test_every_progress_bar_goes_through_the_helper():
+    """tqdm is imported only by petal_fast/progress.py, so no bar floods a log."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    offenders = [str(path.relative_to(repo)) for folder in ("petal_fast", "kernels", "benchmarks")
+                 for path in (repo / folder).rglob("*.py")
+                 if path.name != "progress.py" and ("from tqdm" in path.read_text() or "import tqdm" in path.read_text())]
+    assert offenders == []
