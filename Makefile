@@ -5,12 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-$(BIN)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(BIN)/.installed: pyproject.toml setup.py petal_fast/_build.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH)" numpy ninja pybind11
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
-	$(BIN)/python -c "import petal_fast._C" || (echo "C++ backend failed to build" && exit 1)
+	$(BIN)/python -m petal_fast.info --require-fast > /dev/null || (echo "compiled CPU ops unavailable (see above)" && exit 1)
 	touch $@
 
 setup: $(BIN)/.installed

@@ -3,7 +3,7 @@
     python -m benchmarks [--suite linear,loss,quality,e2e] [--quick] [--device cpu|cuda] [--out DIR]
 
 Each suite is one per-op script (``benchmarks/bench_*.py``) whose providers are timed interleaved
-in this process (DESIGN §5). Rows are appended to ``<out>/<suite>.csv`` (default
+in this process (docs/design.md §5). Rows are appended to ``<out>/<suite>.csv`` (default
 ``benchmarks/results/``; a ``--quick`` smoke run defaults to ``benchmarks/results/quick/`` so that
 the committed results hold full measurements only). At the end: one table per suite (shape,
 provider, median, q20–q80, ratio to the suite's baseline, peak memory where measured) and PNG

@@ -17,10 +17,10 @@ import contextlib
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from benchmarks.common import append_rows, print_table, summary_rows, time_interleaved
 from petal_fast import use_backend
+from petal_fast.progress import progress
 from petal_fast.quality import brisque
 
 SUITE = "brisque"
@@ -72,7 +72,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
     package = _package() if device.type == "cpu" else None
     repeat = 3 if quick else 5
     rows = []
-    for b, h, w in tqdm(shapes, desc="brisque", unit="shape"):
+    for b, h, w in progress(shapes, desc="brisque", unit="shape"):
         images = _images(b, h, w, device)
         providers = {}
         if package is not None:

@@ -17,11 +17,11 @@ import contextlib
 import copy
 
 import torch
-from tqdm import tqdm
 
 from benchmarks.common import append_rows, print_table, summary_rows, time_interleaved
 from petal_fast import use_backend
 from petal_fast.models import PetalFace
+from petal_fast.progress import progress
 
 SUITE = "e2e"
 # (preset, batch, classes)
@@ -94,7 +94,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     repeat = 3 if quick else (10 if cuda else 5)
     rows: list[dict] = []
-    for preset, batch, classes in tqdm(cases, desc="e2e cases"):
+    for preset, batch, classes in progress(cases, desc="e2e cases"):
         model, reference, images, labels = build(preset, classes, batch, device, dtype)
         shape = f"{preset} B={batch} C={classes} {model.backbone.img_size}px"
         report = model.parameter_report()

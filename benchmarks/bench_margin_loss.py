@@ -18,11 +18,11 @@ import contextlib
 import textwrap
 
 import torch
-from tqdm import tqdm
 
 from benchmarks.common import append_rows, base_row, peak_rss_subprocess, print_table, summary_rows, time_interleaved
 from petal_fast import use_backend
 from petal_fast.ops.margin_loss import margin_softmax_loss
+from petal_fast.progress import progress
 
 SUITE = "margin_loss"
 LOSS = "arcface"
@@ -98,7 +98,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
     shapes = QUICK if quick else (FULL_CUDA if device.type == "cuda" else FULL_CPU)
     repeat = 3 if quick or device.type == "cpu" else 10
     rows = []
-    for B, C in tqdm(shapes, desc="margin loss", unit="shape"):
+    for B, C in progress(shapes, desc="margin loss", unit="shape"):
         names = ["fused"]
         if B * C * 4 * 6 <= MATERIALISED_LIMIT:
             names.insert(0, "materialised")

@@ -39,10 +39,10 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from benchmarks.common import append_rows, print_table, summary_rows, time_interleaved
 from petal_fast import PetalLinear, use_backend
+from petal_fast.progress import progress
 from petal_fast.reference import released_petal_linear
 
 SUITE = "linear"
@@ -51,7 +51,7 @@ MODES = ("fwd", "bwd", "full")
 PETALFACE_SHAPES = [(25600, 384, 1152), (6400, 768, 2304), (1600, 1536, 4608),
                     (3200, 384, 1152), (800, 768, 2304), (200, 1536, 4608)]
 CPU_SQUARE = [(2048, 4096, 4096)]
-CUDA_SQUARE = [(8192, 4096, 4096)]  # the DESIGN §6 goal shape: measured first, so a timeout keeps it
+CUDA_SQUARE = [(8192, 4096, 4096)]  # the docs/design.md §6 goal shape: measured first, so a timeout keeps it
 QUICK_SHAPES = [(512, 128, 384), (64, 256, 768)]
 TOKENS_PER_IMAGE = {384: 400, 768: 100, 1536: 25}  # windows×tokens per image at each Swin stage
 CUDA_REP_MS = 25  # do_bench time per round on CUDA: the case list must fit gpu_suite.sh's budget
@@ -202,7 +202,7 @@ def run(quick: bool = False, device: str | None = None, rank: int = 8) -> list[d
     dtype = torch.bfloat16 if cuda else torch.float32
     repeat = 3 if quick else (10 if cuda else 7)
     rows = []
-    for m, k, n, r, p, mode in tqdm(cases(quick, device, rank), desc="PetalLinear", unit="case"):
+    for m, k, n, r, p, mode in progress(cases(quick, device, rank), desc="PetalLinear", unit="case"):
         torch.manual_seed(0)
         calls, work, images = build_case(m, k, n, r, p, mode, device, dtype)
         samples = time_interleaved(calls, device, warmup=2, repeat=repeat, rep_ms=CUDA_REP_MS)

@@ -1,4 +1,4 @@
-"""Shared benchmark machinery (DESIGN §5): interleaved timing, medians/quantiles, result rows.
+"""Shared benchmark machinery (docs/design.md §5): interleaved timing, medians/quantiles, result rows.
 
 Every result row names device, dtype, shape, provider, commit, date and versions, and is
 appended to ``benchmarks/results/<suite>.csv`` (columns ``COLUMNS``).

@@ -1,4 +1,4 @@
-// Fused margin-softmax core on the CPU (DESIGN §1.3): per row i, over the classes j ≠ labels_i,
+// Fused margin-softmax core on the CPU (docs/design.md §1.3): per row i, over the classes j ≠ labels_i,
 //   z_ij = s·⟨e_i/‖e_i‖, w_j/‖w_j‖⟩,  lse_i = log Σ exp z_ij,  zsum_i = Σ z_ij
 // never holding a B×C tensor. Class chunks of W run in parallel (at::parallel_for); each chunk is
 // one single-threaded BLAS GEMM into a B×n fp32 tile plus vectorised ATen passes over the tile

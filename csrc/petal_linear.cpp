@@ -1,4 +1,4 @@
-// PetalLinear on the CPU (DESIGN §1.1):
+// PetalLinear on the CPU (docs/design.md §1.1):
 //   y = b + x Wᵀ + Σ_k c_k ⊙ D_k(U_k B_kᵀ),  U = x A_catᵀ (M × R),  c = [s(1−α), sα] per image.
 // Row-blocked: each block of rows is read once while it is hot in cache, for every GEMM that
 // needs it (base, shrink, expand in the same output; backward: dY·W, dY·B_cat, dYᵀ·V, dTᵀ·x),

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused margin-softmax core (DESIGN §1.3): per row i over classes j ≠ y_i,
+"""Triton kernels of the fused margin-softmax core (docs/design.md §1.3): per row i over classes j ≠ y_i,
 
     z_ij = s·⟨ê_i, w_j⟩·r_j  (r_j = 1/max(‖w_j‖, ε)),   lse_i = log Σ exp z_ij,   zsum_i = Σ z_ij
 

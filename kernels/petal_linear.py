@@ -1,4 +1,4 @@
-"""Fused Triton kernels for PetalLinear, forward and backward (DESIGN §1.1).
+"""Fused Triton kernels for PetalLinear, forward and backward (docs/design.md §1.1).
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
@@ -713,7 +713,7 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
     ``bench`` (a callable timing a function in ms; default ``triton.testing.do_bench``) exist so
     the search itself can be tested in the interpreter.
     """
-    from tqdm import tqdm
+    from petal_fast.progress import progress
 
     if bench is None:
         from triton.testing import do_bench as bench
@@ -744,7 +744,7 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
     best_ms: dict[str, float] = {}
     for name, run in runs.items():
         timings = []
-        for cfg in tqdm(candidates[name], desc=f"tune {name}"):
+        for cfg in progress(candidates[name], desc=f"tune {name}"):
             try:
                 timings.append((bench(lambda: run(cfg)), cfg))
             except triton.runtime.errors.OutOfResources:

@@ -2,7 +2,7 @@
 
 Quality-weighted two-branch LoRA (:class:`PetalLinear`), margin-softmax losses
 (:class:`MarginSoftmaxLoss`), batched BRISQUE (:mod:`petal_fast.quality`), the PETALface model
-(:mod:`petal_fast.models`) and its training script. See the README and DESIGN.md.
+(:mod:`petal_fast.models`) and its training script. See the README and docs/design.md.
 
 ``petal_fast.quality`` is both the quality package (``petal_fast.quality.brisque(images)``) and,
 called, the context manager that hands α to PetalLinear layers (``with petal_fast.quality(alpha):``).

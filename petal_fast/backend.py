@@ -1,10 +1,11 @@
-"""Backend selection (DESIGN §3).
+"""Backend selection (docs/design.md §3).
 
 Every fused op has the same signature on every backend:
 
 - ``triton``    — Triton kernels from ``petal_fast.kernels`` (CUDA tensors; CPU tensors only under
                   ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU);
-- ``cpp``       — the C++ extension ``petal_fast._C`` built from ``csrc/`` (CPU tensors);
+- ``cpp``       — the compiled ops from ``csrc/`` (CPU tensors): the extension ``petal_fast._C`` or
+                  the just-in-time build of :mod:`petal_fast._ext`;
 - ``torch``     — a plain torch composition with the same memory behaviour as the fused paths;
 - ``reference`` — the literal formula from ``petal_fast.reference`` (float64-capable test oracle).
 
@@ -102,9 +103,9 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
         if device.type == "cpu" and "cpp" in supported:
             if _ext.has_op(op):
                 return "cpp"
-            warn_once(f"nocpp-{op}", f"petal_fast: C++ backend for {op!r} is not built "
-                      f"({_ext.load_error() or 'op missing'}); using the torch fallback. "
-                      "Rebuild with `pip install --no-build-isolation -e .`.")
+            warn_once(f"nocpp-{op}", f"petal_fast: compiled CPU op {op!r} unavailable "
+                      f"({_ext.load_error() or 'op missing from the compiled library'}); using the torch "
+                      "fallback. `petal-fast info` shows this again.")
         if device.type == "cuda" and "triton" in supported:
             warn_once(f"notriton-{op}", f"petal_fast: Triton is not installed; {op!r} uses the torch fallback")
         return "torch" if "torch" in supported else "reference"
@@ -114,8 +115,8 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
         if device.type != "cpu":
             raise ValueError(f"{op}: the cpp backend runs on CPU tensors, got {device}")
         if not _ext.has_op(op):
-            raise RuntimeError(f"{op}: the C++ extension is not available ({_ext.load_error() or 'op missing'}); "
-                               "build it with `pip install --no-build-isolation -e .`")
+            raise RuntimeError(f"{op}: the C++ extension is not available "
+                               f"({_ext.load_error() or 'op missing from the compiled library'})")
     if want == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' requested but Triton is not installed (pip install triton)")

@@ -1,4 +1,4 @@
-"""``petal-fast`` console commands: train, demo, eval, bench."""
+"""``petal-fast`` console commands: train, demo, eval, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -65,9 +65,10 @@ def _bench(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "train a model (see configs/)", "demo": "the paper's comparison on synthetic faces",
-                "eval": "evaluate a trained model", "bench": "run the benchmarks (source checkout)"}
+                "eval": "evaluate a trained model", "bench": "run the benchmarks (source checkout)",
+                "info": "versions, and which backend each op runs on CPU / CUDA here"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: petal-fast {train,demo,eval,bench} [options]\n")
+        print("usage: petal-fast {train,demo,eval,bench,info} [options]\n")
         for name, text in commands.items():
             print(f"  {name:6s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -80,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_errors("petal-fast demo", demo_main, rest)
     if cmd == "eval":
         return report_errors("petal-fast eval", _eval, rest)
+    if cmd == "info":
+        from petal_fast.info import main as info_main
+        return info_main(rest)
     return _bench(rest)
 
 

@@ -602,8 +602,8 @@ def _allreduce_sum_hook(state, bucket):
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    from petal_fast.progress import progress
+    return progress(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
 
 def _tensorboard(output: Path):

@@ -16,7 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (DESIGN §4)."""
+    """‖out − ref‖ / ‖ref‖ in float64 (docs/design.md §4)."""
     out, ref = out.detach().double(), ref.detach().double()
     denom = ref.norm().item()
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)

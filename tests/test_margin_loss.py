@@ -129,7 +129,7 @@ def test_frozen_weight_or_embeddings(backend):
 
 
 def test_reference_matches_literal_formula():
-    """The oracle itself against a per-row transcription of DESIGN §1.3 (ArcFace, smoothing)."""
+    """The oracle itself against a per-row transcription of docs/design.md §1.3 (ArcFace, smoothing)."""
     e, w, labels = make_inputs(5, 9, 16, torch.float64)
     s, m2, eps_ls = 64.0, 0.5, 0.1
     got = ref.margin_softmax_loss(e, w, labels, "arcface", scale=s, label_smoothing=eps_ls, reduction="none")

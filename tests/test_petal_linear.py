@@ -1,4 +1,4 @@
-"""PetalLinear (issue 2): every CPU backend against the float64 reference, gradients, dropout, errors."""
+"""PetalLinear: every CPU backend against the float64 reference, gradients, dropout, errors."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""The training script (issue 8): exact resume, DDP equivalence, crash safety, non-finite skips, errors."""
+"""The training script: exact resume, DDP equivalence, crash safety, non-finite skips, errors."""
 from __future__ import annotations
 
 import json

@@ -265,8 +265,8 @@ def write_recordio(rec_path: str, items, idx_path: str | None = None, image_form
     """
     idx_path = idx_path or os.path.splitext(rec_path)[0] + ".idx"
     if progress:
-        from tqdm import tqdm
-        items = tqdm(items, desc=f"packing {os.path.basename(rec_path)}", unit="img")
+        from petal_fast.progress import progress as progress_bar
+        items = progress_bar(items, desc=f"packing {os.path.basename(rec_path)}", unit="img")
     offsets: dict[int, int] = {}
     ranges: dict[int, list[int]] = {}
     with open(rec_path, "wb") as f:

@@ -308,12 +308,12 @@ class SyntheticFaces:
             with ProcessPoolExecutor(num_workers) as pool:
                 parts = pool.map(self.render, chunks)
                 if progress:
-                    from tqdm import tqdm
-                    parts = tqdm(parts, total=len(chunks), desc="synthetic faces", unit="chunk")
+                    from petal_fast.progress import progress as progress_bar
+                    parts = progress_bar(parts, total=len(chunks), desc="synthetic faces", unit="chunk")
                 return np.concatenate(list(parts))
         if progress:
-            from tqdm import tqdm
-            chunks = tqdm(chunks, desc="synthetic faces", unit="chunk")
+            from petal_fast.progress import progress as progress_bar
+            chunks = progress_bar(chunks, desc="synthetic faces", unit="chunk")
         return np.concatenate([self.render(c) for c in chunks])
 
     def load(self, progress: bool = False, num_workers: int = 0) -> "SyntheticFaces":

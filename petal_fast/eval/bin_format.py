@@ -148,8 +148,8 @@ def load_bin(path: str, image_size: int | tuple[int, int] | None = None,
     images = []
     indices = range(2 * len(issame))
     if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc=f"decoding {os.path.basename(path)}", unit="img")
+        from petal_fast.progress import progress
+        indices = progress(indices, desc=f"decoding {os.path.basename(path)}", unit="img")
     for i in indices:
         data = _as_bytes(bins[i], path, i)
         try:

@@ -33,8 +33,8 @@ def embed_images(embed_fn: EmbedFn, images, batch_size: int = 64, flip: bool = T
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, n, batch_size)
     if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="embedding", unit="batch")
+        from petal_fast.progress import progress
+        starts = progress(starts, desc="embedding", unit="batch")
     out = []
     for s in starts:
         chunk = [images[i] for i in range(s, min(s + batch_size, n))]

@@ -14,7 +14,7 @@ The paper's abstract quotes 0.48%; the released configuration gives 0.670%.
 
 To reproduce the released checkpoints' embeddings exactly, build with ``paper_compat=True`` (the
 shifted-window mask is not applied, as in the release) and ``alpha_mode="paper"``; the defaults
-apply the mask and use the oriented, bounded quality → α mapping (DESIGN §1.2).
+apply the mask and use the oriented, bounded quality → α mapping (docs/design.md §1.2).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Owns the class centres ``weight`` (C×D) and, for AdaFace, the moving averages μ (``norm_mean``)
 and σ (``norm_std``) of the embedding norms. ``forward(embeddings, labels)`` returns the mean loss
 (``reduction="none"``: per-row losses) through ``petal_fast.ops.margin_loss``, which never
-materialises the B×C logits (DESIGN §1.3).
+materialises the B×C logits (docs/design.md §1.3).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Class-sharded (model-parallel) margin-softmax head, as insightface's Partial FC (DESIGN §1.3).
+"""Class-sharded (model-parallel) margin-softmax head, as insightface's Partial FC (docs/design.md §1.3).
 
 Rank r of a ``world``-sized group owns the class centres [start_r, start_r + C_r) (C split as
 evenly as possible, the first C mod world ranks one class more). Per step:

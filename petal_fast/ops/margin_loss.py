@@ -1,6 +1,6 @@
 """Fused margin-softmax loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor.
 
-DESIGN §1.3. With z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
+docs/design.md §1.3. With z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
 logit (``petal_fast.reference.margin.target_logit``), the loss is split as
 
     lse_i  = log( exp t_i + Σ_{j≠y_i} exp z_ij ),     zsum_i = t_i + Σ_{j≠y_i} z_ij

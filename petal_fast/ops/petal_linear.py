@@ -1,4 +1,4 @@
-"""The fused PetalLinear op: one ``autograd.Function``, dispatched by backend (DESIGN §1.1, §3).
+"""The fused PetalLinear op: one ``autograd.Function``, dispatched by backend (docs/design.md §1.1, §3).
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 

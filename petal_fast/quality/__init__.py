@@ -1,4 +1,4 @@
-"""petal_fast.quality — image quality on the device and the quality → α mapping (DESIGN §1.2).
+"""petal_fast.quality — image quality on the device and the quality → α mapping (docs/design.md §1.2).
 
     from petal_fast.quality import brisque, calibrate, QualityToAlpha
     scores = brisque(images)                    # (B, C, H, W) in [0, 1] or uint8 → (B,), lower = better

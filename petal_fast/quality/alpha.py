@@ -1,4 +1,4 @@
-"""Quality → α, PETALface's per-image branch weight (DESIGN §1.2), with calibration.
+"""Quality → α, PETALface's per-image branch weight (docs/design.md §1.2), with calibration.
 
     oriented (default):  α = clamp(0.5 + k · o · (s − τ), 0, 1)
     paper:               α = 0.5 + (s − τ)                      (released code: unclamped, unoriented)
@@ -255,9 +255,9 @@ def calibrate(source: str | QualitySource | Callable[..., torch.Tensor] | Qualit
     batches, total = _batches(data, batch_size)
     if max_batches is not None:
         total = min(total, max_batches) if total is not None else max_batches
-    from tqdm.auto import tqdm
+    from petal_fast.progress import progress as progress_bar
     values = []
-    for i, batch in enumerate(tqdm(batches, total=total, desc=f"calibrating {src.name}", disable=not progress)):
+    for i, batch in enumerate(progress_bar(batches, total=total, desc=f"calibrating {src.name}", disable=not progress)):
         if max_batches is not None and i >= max_batches:
             break
         images, context = batch_fn(batch) if batch_fn is not None else _split_batch(batch, src.context)

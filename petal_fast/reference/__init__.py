@@ -1,6 +1,6 @@
 """Plain-PyTorch implementations written to mirror the formulas: the test oracle.
 
-Imports only torch. Each function is the literal formula of DESIGN.md, float64-capable.
+Imports only torch. Each function is the literal formula of docs/design.md, float64-capable.
 """
 from .petal_linear import branch_weights, petal_linear, released_petal_linear
 from .rng import dropout_mask

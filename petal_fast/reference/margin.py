@@ -1,6 +1,6 @@
 """Margin-softmax losses, materialised insightface-style: the test oracle and the benchmarks' baseline.
 
-DESIGN §1.3. Only the target logit of a normalised-cosine softmax changes:
+docs/design.md §1.3. Only the target logit of a normalised-cosine softmax changes:
 
     cos θ_ij = ⟨e_i/‖e_i‖, w_j/‖w_j‖⟩,   logit_ij = s·cos θ_ij  (j ≠ y_i)
     combined:  logit_iy = s·(cos(m1·θ_iy + m2) − m3)   CosFace (1, 0, 0.4), ArcFace (1, 0.5, 0)

@@ -1,4 +1,4 @@
-"""PetalLinear, literally (DESIGN §1.1) — the test oracle and the benchmarks' "reference".
+"""PetalLinear, literally (docs/design.md §1.1) — the test oracle and the benchmarks' "reference".
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 

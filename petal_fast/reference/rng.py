@@ -1,4 +1,4 @@
-"""The counter-based dropout mask shared by every backend (DESIGN §1.1, dropout D₁, D₂).
+"""The counter-based dropout mask shared by every backend (docs/design.md §1.1, dropout D₁, D₂).
 
 A dropout mask is a pure function of (seed, branch, row, column), so the backward pass — and
 every backend, the Triton kernels included — regenerates exactly the mask the forward drew,
