@@ -93,9 +93,22 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
     ``supported`` lists the backends the op implements. An explicitly forced backend that cannot
     run here raises; ``auto`` degrades to ``torch`` with one warning per op.
     """
+    want = requested_backend()  # traced under torch.compile: Dynamo guards on the context / environment
+    if torch.compiler.is_compiling():
+        return _resolve_constant(device.type, op, supported, want)
+    return _resolve(device.type, op, supported, want)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(device_type: str, op: str, supported: tuple[str, ...], want: str) -> str:
+    """``_resolve`` as a constant of a traced graph: what is built and installed does not change in a process."""
+    return _resolve(device_type, op, supported, want)
+
+
+def _resolve(device_type: str, op: str, supported: tuple[str, ...], want: str) -> str:
     from petal_fast import _ext  # late: _ext imports this module
 
-    want = requested_backend()
+    device = torch.device(device_type)
     if want == "auto":
         if device.type == "cuda" and "triton" in supported and triton_available():
             return "triton"
