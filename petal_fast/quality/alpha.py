@@ -43,7 +43,9 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
     if mode == "paper":
         return 0.5 + (q - tau)
     slope = torch.as_tensor(slope, dtype=q.dtype, device=q.device)
-    if not bool(torch.all(slope > 0)):
+    if torch.compiler.is_compiling():  # a device-side assert: no host sync, no graph break
+        torch._assert_async(torch.all(slope > 0), "slope must be > 0 (orientation is set by higher_is_better)")
+    elif not bool(torch.all(slope > 0)):
         raise ValueError(f"slope must be > 0 (orientation is set by higher_is_better), got {slope.tolist()}")
     sign = 1.0 if higher_is_better else -1.0
     return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0)
