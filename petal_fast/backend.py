@@ -25,7 +25,17 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("reference", "torch", "cpp", "triton")
-_local = threading.local()
+
+
+class _Stack(threading.local):
+    """A per-thread stack that always exists (a lazily created one would change what a compiled
+    graph's guards see after the first ``with`` block, and force a recompile)."""
+
+    def __init__(self) -> None:
+        self.stack: list = []
+
+
+_local = _Stack()
 _warned: set[str] = set()
 
 
@@ -38,7 +48,7 @@ def _check(name: str) -> str:
 
 def requested_backend() -> str:
     """The backend asked for: innermost ``use_backend`` context, else ``PETAL_FAST_BACKEND``, else auto."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     return _check(os.environ.get("PETAL_FAST_BACKEND", "auto") or "auto")
@@ -48,9 +58,7 @@ def requested_backend() -> str:
 def use_backend(name: str) -> Iterator[str]:
     """Force every petal_fast op inside the ``with`` block onto backend ``name``."""
     name = _check(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield name

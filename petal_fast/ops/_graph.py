@@ -1,10 +1,13 @@
 """What the ops need to stay inside one graph under ``torch.compile`` / ``torch.export``.
 
-- ``value_check``: validation that needs tensor *values* (α finite, labels in range). In eager
-  mode on CPU it is the plain ``ValueError`` it always was; on CUDA, and whenever Dynamo traces the
-  call (compile, export), it is ``torch._assert_async`` — a device-side assert, no host sync and no
-  data-dependent branch, so no graph break. Shape and dtype checks stay plain Python errors:
-  they depend on sizes only, which Dynamo guards on.
+- ``value_check``: validation that needs tensor *values* (α finite, labels in range). On CPU
+  tensors it is the plain ``ValueError`` it always was (the values are on the host: no sync); on
+  CUDA tensors it is ``torch._assert_async`` (a device-side assert: no host sync). It only ever runs
+  eagerly: in eager mode before the op, and in a traced graph inside the opaque operator bodies
+  (``validate=True``), so a traced graph holds no data-dependent branch and no graph break.
+  (Not ``torch._assert_async`` in the traced graph itself: Inductor's CPU code can fuse it into an
+  OpenMP-parallel loop, where the failure terminates the process instead of raising.) Shape and
+  dtype checks stay plain Python errors: they depend on sizes only, which Dynamo guards on.
 - ``seed_tensor``: dropout seeds travel as a 1-element int64 CPU tensor, not a Python int, so a
   new seed per step is new data for a compiled graph rather than a new constant (a recompile).
 """
@@ -19,15 +22,15 @@ def compiling() -> bool:
 
 
 def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> None:
-    """Fail with ``message`` unless the boolean 0-d tensor ``ok`` is true.
+    """Fail with ``message`` unless the boolean 0-d tensor ``ok`` is true (call it eagerly only).
 
     ``sync``: raise a host-side ``ValueError`` (reads the value: a device sync on CUDA); default:
-    only for CPU tensors in eager mode. Otherwise ``torch._assert_async`` (a RuntimeError naming
-    ``message``, raised when the device reaches it).
+    only for CPU tensors. Otherwise ``torch._assert_async`` (a RuntimeError naming ``message``,
+    raised when the device reaches it).
     """
     if sync is None:
         sync = ok.device.type == "cpu"
-    if compiling() or not sync:
+    if not sync:
         torch._assert_async(ok, message)
     elif not bool(ok):
         raise ValueError(message)

@@ -33,14 +33,15 @@ import torch
 from petal_fast.backend import resolve
 from petal_fast.reference import margin as ref
 
-from ._graph import compiling, value_check
+from ._graph import compiling
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
 def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs."""
-    return fused_margin_core(e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale), backend)
+    return fused_margin_core(e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale), backend,
+                             validate)
 
 
 def combine(lse_nt: torch.Tensor, zsum_nt: torch.Tensor, t: torch.Tensor, num_classes: int,
@@ -77,15 +78,16 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
         raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
                          f"({labels.device}) must be on one device")
     classes = weight.shape[0] if num_classes is None else num_classes
-    if compiling():  # value checks as device-side asserts: no host sync, no graph break
-        value_check(((labels >= 0) & (labels < classes)).all(), f"labels must be in [0, num_classes={classes})")
-        value_check(torch.isfinite(embeddings).all(), "embeddings contain non-finite values (NaN or inf)")
+    if compiling():  # traced: the values are checked inside the operator (fused_core(validate=True))
+        pass
     elif labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= classes:
             raise ValueError(f"labels must be in [0, num_classes={classes}), got values in [{lo}, {hi}]")
         if not bool(torch.isfinite(embeddings).all()):
             raise ValueError("embeddings contain non-finite values (NaN or inf)")
+    if compiling():  # the numbers below are module settings, checked in eager mode and at construction;
+        return         # torch.compile(dynamic=True) may trace them as symbolic floats
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -133,7 +135,7 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     if backend == "reference":
         return ref.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
                                        reduction, norm_mean, norm_std, h)
-    lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend)
+    lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend, validate=compiling())
     zhat = None
     if loss == "adaface":
         zhat = ref.adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)

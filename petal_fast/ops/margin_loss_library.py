@@ -1,11 +1,12 @@
 """The fused margin-softmax core as PyTorch operators (``torch.library``).
 
-    petal_fast::fused_margin_core(e, w, labels, scale, backend) -> (lse, zsum, cos_t)
+    petal_fast::fused_margin_core(e, w, labels, scale, backend, validate) -> (lse, zsum, cos_t)
         lse_i  = log Σ_{j≠y_i} exp(s·cos θ_ij),   zsum_i = Σ_{j≠y_i} s·cos θ_ij,   cos_t_i = ⟨ê_i, ŵ_{y_i}⟩
     petal_fast::fused_margin_core_backward(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend)
         -> (dE | empty, dW | empty)
 
-``backend``: "torch" | "cpp" | "triton" (a constant in a traced graph). ``labels`` outside [0, C)
+``backend``: "torch" | "cpp" | "triton" (a constant in a traced graph). ``validate``: check inside
+the operator that labels are in [0, C) and embeddings finite (how a traced graph checks values). ``labels`` outside [0, C)
 exclude nothing and give cos_t = 0 (rows whose target class lives on another rank). The target
 path's dW is added into the rows of the fused dW in place (never a second C×D gradient). Fake
 implementations allocate what the real ones return; ``register_autograd`` wires the backward op;
@@ -21,6 +22,7 @@ from petal_fast.backend import implementation
 from petal_fast.reference import margin as ref
 
 from . import _margin_loss_torch as torch_impl
+from ._graph import value_check
 
 OP = "margin_loss"
 NAME = "petal_fast::fused_margin_core"
@@ -41,7 +43,11 @@ def _target(e: Tensor, w: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 @torch.library.custom_op(NAME, mutates_args=())
-def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str,
+                      validate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    if validate:
+        value_check(((labels >= 0) & (labels < w.shape[0])).all(), f"labels must be in [0, num_classes={w.shape[0]})")
+        value_check(torch.isfinite(e).all(), "embeddings contain non-finite values (NaN or inf)")
     acc = torch_impl.acc_dtype(e.dtype)
     if e.shape[0] == 0:
         return tuple(e.new_empty(0, dtype=acc) for _ in range(3))
@@ -53,7 +59,7 @@ def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backen
 
 
 @fused_margin_core.register_fake
-def _(e, w, labels, scale, backend):
+def _(e, w, labels, scale, backend, validate=False):
     acc = torch_impl.acc_dtype(e.dtype)
     return tuple(e.new_empty(e.shape[0], dtype=acc) for _ in range(3))
 
@@ -83,7 +89,7 @@ def _(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    e, w, labels, scale, backend = inputs
+    e, w, labels, scale, backend, _validate = inputs
     ctx.save_for_backward(e, w, labels, output[0])
     ctx.scale, ctx.backend = scale, backend
 
@@ -94,7 +100,7 @@ def _backward(ctx, g_lse, g_zsum, g_cos):
     need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     de, dw = fused_margin_core_backward(e, w, labels, lse, zero(g_lse), zero(g_zsum), zero(g_cos), ctx.scale,
                                         need_e, need_w, ctx.backend)
-    return (de if need_e else None), (dw if need_w else None), None, None, None
+    return (de if need_e else None), (dw if need_w else None), None, None, None, None
 
 
 fused_margin_core.register_autograd(_backward, setup_context=_setup_context)

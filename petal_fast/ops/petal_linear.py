@@ -12,7 +12,8 @@ Gradients: x, lora_A, lora_B always; α too when it requires grad, on every back
 (dy/dα_i = s·(branch_hr − branch_lr) summed over image i's rows and outputs, dropout applied).
 Double backward through the fused backends raises; the reference backend is plain autograd.
 Under torch.compile / torch.export the α cache below is bypassed (it is Python state) and α's
-finiteness is a device-side assert (``_graph.value_check``); in eager mode on CPU it stays a ValueError.
+finiteness is checked inside the operator (``validate=True``: a ValueError on CPU, a device-side
+assert on CUDA; see ``_graph.value_check``); in eager mode it is checked once per α tensor.
 """
 from __future__ import annotations
 
@@ -89,9 +90,7 @@ def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype
                   device: torch.device) -> torch.Tensor:
     """``branch_coefficients`` (and α's value check) through the caches above."""
     global _alpha_cache
-    if compiling():  # Python state is not traced: compute (the compiler may share it across layers)
-        if branches == 2:
-            check_alpha_values(alpha)
+    if compiling():  # Python state is not traced: compute (α is checked inside the operator)
         return branch_coefficients(alpha, branches, scale, dtype, device)
     if branches == 1:
         key = (float(scale), dtype, device)
@@ -140,7 +139,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     backend = resolve(x.device, OP)
     branches = lora_A.shape[0]
     if backend == "reference":
-        if branches == 2:
+        if branches == 2 and not compiling():  # traced, the oracle checks nothing (no opaque op to do it)
             check_alpha_values(alpha)
         if isinstance(seed, torch.Tensor):
             seed = int(seed.item())
@@ -159,7 +158,8 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     seed_t = seed_tensor(seed) if dropout > 0.0 else _NO_SEED
     if compiling() or (torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad
                                                     or coef.requires_grad)):
-        y, _ = fused_petal_linear(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend)
+        y, _ = fused_petal_linear(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend,
+                                  compiling() and branches == 2)
     else:  # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
         y, _ = forward_impl(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend)
     return y.view(*lead, weight.shape[0])

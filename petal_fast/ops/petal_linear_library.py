@@ -1,13 +1,14 @@
 """PetalLinear as PyTorch operators (``torch.library``): what ``torch.compile`` and ``torch.export`` see.
 
-    petal_fast::fused_petal_linear(x, W, b?, A_cat, B_cat, coef, p, seed, backend) -> (y, U)
+    petal_fast::fused_petal_linear(x, W, b?, A_cat, B_cat, coef, p, seed, backend, validate) -> (y, U)
         y = b + x Wᵀ + Σ_k D_k((coef[:, k] ⊙ U_k) B_kᵀ),   U = x A_catᵀ  (M × R, unscaled)
     petal_fast::fused_petal_linear_backward(dy, x, W, A_cat, B_cat, coef, U, p, seed, need_x, need_coef, backend)
         -> (dX | empty, dA_cat, dB_cat, dcoef | empty)
         dcoef[i, k] = Σ_{rows m of image i} ⟨D_k(dy)_m B_k, U_k,m⟩   (only when coef needs a gradient)
 
 One operator pair for every non-reference backend (``backend``: "torch" | "cpp" | "triton", a
-string argument: a constant in a traced graph). Each has a fake implementation that allocates exactly
+string argument: a constant in a traced graph). ``validate``: check that ``coef`` (α's branch
+weights) is finite inside the operator — how a traced graph checks α (see ``_graph.value_check``). Each has a fake implementation that allocates exactly
 what the real one returns, and ``register_autograd`` makes the backward op the forward's gradient.
 The seed is a 1-element int64 CPU tensor (read on the host inside the op: no device sync).
 
@@ -31,6 +32,7 @@ from petal_fast.backend import implementation
 from petal_fast.reference.rng import dropout_mask
 
 from . import _petal_linear_torch as torch_impl
+from ._graph import value_check
 
 OP = "petal_linear"
 NAME = "petal_fast::fused_petal_linear"
@@ -45,8 +47,10 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                 coef: Tensor, p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+                 coef: Tensor, p: float, seed: Tensor, backend: str, validate: bool = False) -> tuple[Tensor, Tensor]:
     """The operator's body; eager inference calls it directly (the dispatcher costs ~35 µs a call)."""
+    if validate:
+        value_check(torch.isfinite(coef).all(), "petal_linear: alpha contains non-finite values")
     if x.shape[0] == 0:  # no kernel is launched on an empty batch
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, a_cat.shape[0]))
     fwd, _ = _impl(backend)
@@ -55,12 +59,13 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tenso
 
 @torch.library.custom_op(NAME, mutates_args=())
 def fused_petal_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                       coef: Tensor, p: float, seed: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return forward_impl(x, weight, bias, a_cat, b_cat, coef, p, seed, backend)
+                       coef: Tensor, p: float, seed: Tensor, backend: str,
+                       validate: bool = False) -> tuple[Tensor, Tensor]:
+    return forward_impl(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate)
 
 
 @fused_petal_linear.register_fake
-def _(x, weight, bias, a_cat, b_cat, coef, p, seed, backend):
+def _(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate=False):
     m = x.shape[0]
     return x.new_empty((m, weight.shape[0])), x.new_empty((m, a_cat.shape[0]))
 
@@ -103,7 +108,7 @@ def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, a_cat, b_cat, coef, p, seed, backend = inputs
+    x, weight, bias, a_cat, b_cat, coef, p, seed, backend, _validate = inputs
     ctx.save_for_backward(x, weight, a_cat, b_cat, coef, output[1], seed)
     ctx.p, ctx.backend = p, backend
 
@@ -114,7 +119,7 @@ def _backward(ctx, dy: Tensor, du: Tensor):
     dx, da, db, dc = fused_petal_linear_backward(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, ctx.p, seed,
                                                  need[0], need[5], ctx.backend)
     return (dx if need[0] else None, None, None, da if need[3] else None, db if need[4] else None,
-            dc if need[5] else None, None, None, None)
+            dc if need[5] else None, None, None, None, None)
 
 
 fused_petal_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -43,9 +43,8 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
     if mode == "paper":
         return 0.5 + (q - tau)
     slope = torch.as_tensor(slope, dtype=q.dtype, device=q.device)
-    if torch.compiler.is_compiling():  # a device-side assert: no host sync, no graph break
-        torch._assert_async(torch.all(slope > 0), "slope must be > 0 (orientation is set by higher_is_better)")
-    elif not bool(torch.all(slope > 0)):
+    # traced (torch.compile), the slope is not re-checked: QualityToAlpha and calibrate check it when set
+    if not torch.compiler.is_compiling() and not bool(torch.all(slope > 0)):
         raise ValueError(f"slope must be > 0 (orientation is set by higher_is_better), got {slope.tolist()}")
     sign = 1.0 if higher_is_better else -1.0
     return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0)
