@@ -52,6 +52,7 @@ def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backen
     if e.shape[0] == 0:
         return tuple(e.new_empty(0, dtype=acc) for _ in range(3))
     fwd, _ = _impl(backend)
+    e, w, labels = e.contiguous(), w.contiguous(), labels.contiguous()  # the kernels take dense row-major inputs
     lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS)
     owned, _, e_acc, w_t, re, rw = _target(e, w, labels)
     cos_t = ((e_acc * re.unsqueeze(1)) * (w_t * rw.unsqueeze(1))).sum(1) * owned
@@ -69,8 +70,9 @@ def fused_margin_core_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor
                                g_cos: Tensor, scale: float, need_e: bool, need_w: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
     if e.shape[0] == 0:
-        return (torch.empty_like(e) if need_e else e.new_empty(0)), (torch.zeros_like(w) if need_w else w.new_empty(0))
+        return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_zeros(w.shape) if need_w else w.new_empty(0))
     _, bwd = _impl(backend)
+    e, w, labels, lse, g_lse, g_zsum, g_cos = (t.contiguous() for t in (e, w, labels, lse, g_lse, g_zsum, g_cos))
     de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w)
     owned, rows, e_acc, w_t, re, rw = _target(e, w, labels)  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
     g = (g_cos.to(e_acc.dtype) * owned).unsqueeze(1)
@@ -85,7 +87,7 @@ def fused_margin_core_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor
 
 @fused_margin_core_backward.register_fake
 def _(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend):
-    return (torch.empty_like(e) if need_e else e.new_empty(0)), (torch.empty_like(w) if need_w else w.new_empty(0))
+    return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_empty(w.shape) if need_w else w.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output) -> None:

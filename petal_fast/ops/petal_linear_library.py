@@ -54,7 +54,8 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tenso
     if x.shape[0] == 0:  # no kernel is launched on an empty batch
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, a_cat.shape[0]))
     fwd, _ = _impl(backend)
-    return fwd(x, weight, bias, a_cat, b_cat, coef, float(p), int(seed.item()))
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels take dense row-major inputs)
+    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), int(seed.item()))
 
 
 @torch.library.custom_op(NAME, mutates_args=())
@@ -90,21 +91,23 @@ def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Te
                                 u: Tensor, p: float, seed: Tensor, need_x: bool, need_coef: bool,
                                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if x.shape[0] == 0:
-        return (torch.empty_like(x) if need_x else _empty(x), torch.zeros_like(a_cat), torch.zeros_like(b_cat),
-                torch.zeros_like(coef) if need_coef else _empty(coef))
+        return (x.new_empty(x.shape) if need_x else _empty(x), a_cat.new_zeros(a_cat.shape),
+                b_cat.new_zeros(b_cat.shape), coef.new_zeros(coef.shape) if need_coef else _empty(coef))
     _, bwd = _impl(backend)
+    dy, x, weight, a_cat, b_cat, coef, u = (t.contiguous() for t in (dy, x, weight, a_cat, b_cat, coef, u))
     s = int(seed.item())
     dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x)
     dc = coef_grad(dy, u, b_cat, coef, float(p), s) if need_coef else _empty(coef)
-    if da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():  # Triton: views of one fp32 buffer
-        db = db.clone()  # an operator's outputs may not alias each other (R·N elements)
+    if da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():  # Triton: views of one buffer
+        da = da.clone()  # an operator's outputs may not alias each other (R·K elements)
     return (dx if need_x else _empty(x)), da.contiguous(), db.contiguous(), dc
 
 
 @fused_petal_linear_backward.register_fake
 def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend):
-    return (torch.empty_like(x) if need_x else _empty(x), torch.empty_like(a_cat), torch.empty_like(b_cat),
-            torch.empty_like(coef) if need_coef else _empty(coef))
+    # contiguous, whatever the inputs' layouts (new_empty, not empty_like: the real ones are row-major)
+    return (x.new_empty(x.shape) if need_x else _empty(x), a_cat.new_empty(a_cat.shape), b_cat.new_empty(b_cat.shape),
+            coef.new_empty(coef.shape) if need_coef else _empty(coef))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -143,4 +146,5 @@ if _ext.has_op(OP):
 
     @torch.library.register_fake("petal_fast::petal_linear_bwd")
     def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x):
-        return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(a_cat), torch.empty_like(b_cat))
+        return (x.new_empty(x.shape) if need_x else x.new_empty(0), a_cat.new_empty(a_cat.shape),
+                b_cat.new_empty(b_cat.shape))

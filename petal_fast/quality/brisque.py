@@ -136,6 +136,7 @@ def fused_brisque(images: torch.Tensor, features: bool, backend: str) -> torch.T
     code even in a compiled graph), so the value scan never breaks a graph."""
     if images.shape[0] == 0:
         return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
+    images = images.contiguous()
     if backend == "cpp":
         scores, feats = _cpp_score(images)
         return feats if features else scores
