@@ -1,4 +1,4 @@
-"""``petal-fast`` console commands: train, demo, eval, bench."""
+"""``petal-fast`` console commands: train, demo, eval, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -44,9 +44,10 @@ def _bench(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "train a model (see configs/)", "demo": "the paper's comparison on synthetic faces",
-                "eval": "evaluate a trained model", "bench": "run the benchmarks (source checkout)"}
+                "eval": "evaluate a trained model", "export": "write a .pt2 / .onnx file of a trained model",
+                "bench": "run the benchmarks (source checkout)"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: petal-fast {train,demo,eval,bench} [options]\n")
+        print("usage: petal-fast {train,demo,eval,export,bench} [options]\n")
         for name, text in commands.items():
             print(f"  {name:6s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -59,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(rest)
     if cmd == "eval":
         return _eval(rest)
+    if cmd == "export":
+        from petal_fast.export import main as export_main
+        return export_main(rest)
     return _bench(rest)
 
 
