@@ -187,3 +187,17 @@ def test_reference_petal_linear_empty():
     y = ref_petal_linear(torch.randn(0, 16), torch.randn(12, 16), None, torch.randn(2, 3, 16), torch.randn(2, 12, 3),
                          torch.rand(0), 1.0)
     assert y.shape == (0, 12)
+
+
+def test_inference_mode_first_then_training():
+    """The branch weights cached by a first call in inference mode can be saved for a later backward."""
+    import importlib
+    ops = importlib.import_module("petal_fast.ops.petal_linear")
+    ops._single_branch.clear()
+    ops._alpha_cache = (None, -1, {})
+    layer, lora = petal_fast.PetalLinear(8, 6, rank=2), petal_fast.PetalLinear(8, 6, rank=2, branches=1)
+    x, alpha = torch.randn(4, 3, 8), torch.rand(4)
+    with torch.inference_mode():
+        layer(x, alpha=alpha), lora(x)
+    (layer(x, alpha=alpha).sum() + lora(x).sum()).backward()
+    assert layer.lora_A.grad is not None and lora.lora_B.grad is not None

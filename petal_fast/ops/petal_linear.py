@@ -95,7 +95,8 @@ def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype
     if branches == 1:
         key = (float(scale), dtype, device)
         if key not in _single_branch:
-            _single_branch[key] = branch_coefficients(None, 1, scale, dtype, device)
+            with torch.inference_mode(False):  # a cached tensor made in inference mode could not be saved for backward
+                _single_branch[key] = branch_coefficients(None, 1, scale, dtype, device)
         return _single_branch[key]
     if alpha.requires_grad and torch.is_grad_enabled():  # dα wanted: weights built in this graph, not cached
         check_alpha_values(alpha)
@@ -113,7 +114,8 @@ def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype
     key = (float(scale), dtype)
     coef = table.get(key)
     if coef is None:
-        coef = table[key] = branch_coefficients(alpha, branches, scale, dtype, device)
+        with torch.inference_mode(False):  # reused later, maybe by a step that saves it for backward
+            coef = table[key] = branch_coefficients(alpha, branches, scale, dtype, device)
     return coef
 
 
