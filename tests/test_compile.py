@@ -17,11 +17,14 @@ from petal_fast.models import PetalFace, face_swin
 BATCHES = (2, 3, 5)  # never 1: torch.compile specialises sizes 0 and 1
 
 
-def small_petalface(quality="brisque", dropout: float = 0.1, device: str = "cpu") -> PetalFace:
-    """The small backbone of the compile tests: 40 px, three stages, random adapters (B ≠ 0)."""
+def small_petalface(quality="brisque", dropout: float = 0.1, device: str = "cpu",
+                    stochastic: bool = True) -> PetalFace:
+    """The small backbone of the compile tests: 40 px, three stages, random adapters (B ≠ 0).
+    ``stochastic=False``: no drop path and no feature dropout in the backbone (deterministic training)."""
     torch.manual_seed(0)
     backbone = face_swin(img_size=40, patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 2, 4],
-                         window_size=5)
+                         window_size=5, drop_path_rate=0.1 if stochastic else 0.0,
+                         feature_dropout=0.25 if stochastic else 0.0)
     model = PetalFace(backbone, num_classes=10, quality=quality, dropout=dropout).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -156,9 +159,9 @@ def test_bad_values_raise_when_compiled(eval_model, compiled_inference, train_mo
 
 @pytest.mark.slow
 def test_inductor_training_step_matches_eager():
-    """The whole step through Inductor (forward and backward code generated): dropout off so that the
-    compiled graph's random numbers do not matter; static shapes (the compile is the slow part)."""
-    model = small_petalface(dropout=0.0).train()
+    """The whole step through Inductor (forward and backward code generated): every dropout and drop path off
+    so that the compiled graph's random numbers do not matter; static shapes (the compile is the slow part)."""
+    model = small_petalface(dropout=0.0, stochastic=False).train()
     compiled = torch.compile(model, fullgraph=True)
     x, y = images(3), torch.randint(0, 10, (3,))
     loss_eager = model(x, y)
@@ -176,7 +179,7 @@ def test_inductor_training_step_matches_eager():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cuda_compiled_matches_eager_triton_path():
     """CUDA: the Triton backend inside a compiled graph, inference and a training step, dynamic batch."""
-    model = small_petalface(quality=0.6, dropout=0.0, device="cuda")
+    model = small_petalface(quality=0.6, dropout=0.0, device="cuda", stochastic=False)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counter)
     for b in BATCHES:

@@ -72,8 +72,8 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def check_alpha_values(alpha: torch.Tensor) -> None:
-    """ValueError (CPU, eager) or a device-side assert (CUDA, or traced: no host sync, no graph break)
-    for a non-finite α."""
+    """ValueError (CPU) or a device-side assert (CUDA: no host sync) for a non-finite α; eager only
+    (a traced graph checks inside the operator, ``validate=True``)."""
     value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
 
 
