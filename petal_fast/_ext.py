@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -57,13 +57,30 @@ _lock = threading.Lock()
 _status: Status | None = None
 
 
+_when_loaded: list[Callable[[], None]] = []
+
+
 def status() -> Status:
     """Load (and if needed build) the compiled ops once per process; never raises."""
     global _status
     with _lock:
-        if _status is None:
+        loading = _status is None
+        if loading:
             _status = _load()
-        return _status
+    if loading and _status.source is not None:
+        for fn in _when_loaded:
+            fn()
+    return _status
+
+
+def when_loaded(fn: Callable[[], None]) -> Callable[[], None]:
+    """Run ``fn`` once the compiled ops are loaded (at once if they are): for registrations that
+    concern them, such as fake implementations, without loading or building them at import."""
+    if _status is None:
+        _when_loaded.append(fn)
+    elif _status.source is not None:
+        fn()
+    return fn
 
 
 def load_error() -> str | None:

@@ -26,7 +26,17 @@ from typing import Iterator
 import torch
 
 BACKENDS = ("reference", "torch", "cpp", "triton")
-_local = threading.local()
+
+
+class _Stack(threading.local):
+    """A per-thread stack that always exists (a lazily created one would change what a compiled
+    graph's guards see after the first ``with`` block, and force a recompile)."""
+
+    def __init__(self) -> None:
+        self.stack: list = []
+
+
+_local = _Stack()
 _warned: set[str] = set()
 
 
@@ -39,7 +49,7 @@ def _check(name: str) -> str:
 
 def requested_backend() -> str:
     """The backend asked for: innermost ``use_backend`` context, else ``PETAL_FAST_BACKEND``, else auto."""
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     if stack:
         return stack[-1]
     return _check(os.environ.get("PETAL_FAST_BACKEND", "auto") or "auto")
@@ -49,9 +59,7 @@ def requested_backend() -> str:
 def use_backend(name: str) -> Iterator[str]:
     """Force every petal_fast op inside the ``with`` block onto backend ``name``."""
     name = _check(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(name)
     try:
         yield name
@@ -94,9 +102,22 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
     ``supported`` lists the backends the op implements. An explicitly forced backend that cannot
     run here raises; ``auto`` degrades to ``torch`` with one warning per op.
     """
+    want = requested_backend()  # traced under torch.compile: Dynamo guards on the context / environment
+    if torch.compiler.is_compiling():
+        return _resolve_constant(device.type, op, supported, want)
+    return _resolve(device.type, op, supported, want)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(device_type: str, op: str, supported: tuple[str, ...], want: str) -> str:
+    """``_resolve`` as a constant of a traced graph: what is built and installed does not change in a process."""
+    return _resolve(device_type, op, supported, want)
+
+
+def _resolve(device_type: str, op: str, supported: tuple[str, ...], want: str) -> str:
     from petal_fast import _ext  # late: _ext imports this module
 
-    want = requested_backend()
+    device = torch.device(device_type)
     if want == "auto":
         if device.type == "cuda" and "triton" in supported and triton_available():
             return "triton"

@@ -1,4 +1,4 @@
-"""``petal-fast`` console commands: train, demo, eval, bench, info."""
+"""``petal-fast`` console commands: train, demo, eval, export, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -65,10 +65,11 @@ def _bench(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": "train a model (see configs/)", "demo": "the paper's comparison on synthetic faces",
-                "eval": "evaluate a trained model", "bench": "run the benchmarks (source checkout)",
+                "eval": "evaluate a trained model", "export": "write a .pt2 / .onnx file of a trained model",
+                "bench": "run the benchmarks (source checkout)",
                 "info": "versions, and which backend each op runs on CPU / CUDA here"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: petal-fast {train,demo,eval,bench,info} [options]\n")
+        print("usage: petal-fast {train,demo,eval,export,bench,info} [options]\n")
         for name, text in commands.items():
             print(f"  {name:6s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -81,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_errors("petal-fast demo", demo_main, rest)
     if cmd == "eval":
         return report_errors("petal-fast eval", _eval, rest)
+    if cmd == "export":
+        from petal_fast.export import main as export_main
+        return report_errors("petal-fast export", export_main, rest)
     if cmd == "info":
         from petal_fast.info import main as info_main
         return info_main(rest)

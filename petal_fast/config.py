@@ -59,6 +59,7 @@ class TrainConfig:
     warmup: float = 0.1                  # fraction of the total steps (or an int number of steps if > 1)
     grad_clip: float = 5.0
     amp: str = "auto"                    # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    compile: bool = False                # torch.compile(fullgraph=True) the forward + margin loss (backward too)
     # adapters
     rank: int = 8
     scale: float = 1.0

@@ -333,6 +333,9 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off"))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        # compile = true: forward and fused margin loss as one graph (no graph break; AOTAutograd compiles
+        # the backward); the optimizer step stays eager (it is conditional on a finite loss and gradient)
+        self.forward_fn = torch.compile(self.ddp or self.model, fullgraph=True) if cfg.compile else (self.ddp or self.model)
         set_train_mode(self.model, cfg)
 
     # -- pieces ---------------------------------------------------------------------------------
@@ -446,7 +449,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
         """One optimisation step; returns (loss, applied). Non-finite loss/grad → skipped, nothing updated."""
-        module = self.ddp or self.model
+        module = self.forward_fn
         head = getattr(self.model, "head", None)
         if head is not None and (labels.min() < 0 or labels.max() >= head.num_classes):
             raise ValueError(f"label out of range [0, {head.num_classes}): got {labels.min().item()}…"

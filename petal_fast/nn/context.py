@@ -14,7 +14,17 @@ from typing import Iterator
 
 import torch
 
-_local = threading.local()
+
+
+class _Stack(threading.local):
+    """A per-thread stack that always exists (a lazily created one would change what a compiled
+    graph's guards see after the first ``with`` block, and force a recompile)."""
+
+    def __init__(self) -> None:
+        self.stack: list = []
+
+
+_local = _Stack()
 
 
 @contextlib.contextmanager
@@ -22,9 +32,7 @@ def quality(alpha: torch.Tensor) -> Iterator[torch.Tensor]:
     """Provide the per-image quality weight α to every PetalLinear inside the block."""
     if not isinstance(alpha, torch.Tensor):
         raise TypeError(f"quality(alpha): alpha must be a tensor, got {type(alpha).__name__}")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
+    stack = _local.stack
     stack.append(alpha)
     try:
         yield alpha
@@ -33,5 +41,5 @@ def quality(alpha: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def current_alpha() -> torch.Tensor | None:
-    stack = getattr(_local, "stack", None)
+    stack = _local.stack
     return stack[-1] if stack else None

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from petal_fast.ops import petal_linear
+from petal_fast.ops._graph import draw_seed
 
 from .context import current_alpha
 
@@ -81,7 +82,7 @@ class PetalLinear(nn.Module):
         if self.branches == 2 and alpha is None:
             alpha = current_alpha()
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+        seed = draw_seed() if p > 0.0 else 0  # a tensor: a compiled graph takes a new seed as data
         return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
                             alpha if self.branches == 2 else None, self.scale, p, seed)
 

@@ -1,6 +1,7 @@
-"""One ``torch.autograd.Function`` per fused op, with backend dispatch. No ``nn.Module`` here."""
+"""The fused ops (PyTorch operators in ``torch.library``) with backend dispatch. No ``nn.Module`` here."""
 from petal_fast.reference.rng import dropout_mask
 
-from .petal_linear import PetalLinearFunction, petal_linear
+from .petal_linear import petal_linear
+from .petal_linear_library import fused_petal_linear, fused_petal_linear_backward
 
-__all__ = ["PetalLinearFunction", "dropout_mask", "petal_linear"]
+__all__ = ["dropout_mask", "fused_petal_linear", "fused_petal_linear_backward", "petal_linear"]

@@ -7,7 +7,7 @@ logit (``petal_fast.reference.margin.target_logit``), the loss is split as
     loss_i = lse_i − (1 − ε)·t_i − (ε/C)·zsum_i       (ε: label smoothing)
 
 The two sums over j ≠ y_i and the target cosine cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ are the fused core
-(``MarginCoreFunction``: online log-sum-exp over class tiles forward, tiles recomputed backward,
+(the ``petal_fast::fused_margin_core`` operator: online log-sum-exp over class tiles forward, tiles recomputed backward,
 on the torch / cpp / triton backends; the target rows' gradient is added into dW in place). The
 rest is B-long torch differentiated by autograd: the margin function with the chosen gradient
 convention (``exact`` or ``straight_through``) and the final combination. Everything
@@ -30,68 +30,18 @@ import math
 
 import torch
 
-from petal_fast.backend import implementation, resolve
+from petal_fast.backend import resolve
 from petal_fast.reference import margin as ref
 
-from . import _margin_loss_torch as torch_impl
-
-OP = "margin_loss"
-NORM_EPS = ref.NORM_EPS
-
-
-def _impl(backend: str):
-    return implementation(backend, OP, torch_impl)
-
-
-class MarginCoreFunction(torch.autograd.Function):
-    """Per row: (lse_i, zsum_i) over the non-target classes j ≠ labels_i of s·cos(e_i, w_j), and
-    the target cosine cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩.
-
-    ``labels`` outside [0, C) exclude nothing and give cos θ_iy = 0 (the class-sharded head's rows
-    whose target lives on another rank). The target path's dW is added into the rows of the
-    fused dW in place (never a second C×D gradient)."""
-
-    @staticmethod
-    def forward(ctx, e, w, labels, scale, backend):
-        fwd, _ = _impl(backend)
-        lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS)
-        owned = (labels >= 0) & (labels < w.shape[0])
-        rows = labels.clamp(0, w.shape[0] - 1)
-        acc = torch_impl.acc_dtype(e.dtype)
-        e_acc, w_t = e.to(acc), w.index_select(0, rows).to(acc)
-        cos_t = ((e_acc * torch_impl.inv_norm(e_acc, NORM_EPS).unsqueeze(1)) *
-                 (w_t * torch_impl.inv_norm(w_t, NORM_EPS).unsqueeze(1))).sum(1) * owned
-        ctx.save_for_backward(e, w, labels, lse, owned, rows)
-        ctx.scale, ctx.backend = float(scale), backend
-        ctx.mark_non_differentiable(labels)
-        return lse, zsum, cos_t
-
-    @staticmethod
-    def backward(ctx, g_lse, g_zsum, g_cos):
-        e, w, labels, lse, owned, rows = ctx.saved_tensors
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.contiguous()
-        g_zsum = torch.zeros_like(lse) if g_zsum is None else g_zsum.contiguous()
-        need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        _, bwd = _impl(ctx.backend)
-        de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, ctx.scale, NORM_EPS, need_e, need_w)
-        if g_cos is not None:  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
-            acc = torch_impl.acc_dtype(e.dtype)
-            g = (g_cos.to(acc) * owned).unsqueeze(1)
-            e_acc, w_t = e.to(acc), w.index_select(0, rows).to(acc)
-            re, rw = torch_impl.inv_norm(e_acc, NORM_EPS), torch_impl.inv_norm(w_t, NORM_EPS)
-            if need_e:
-                de_t = torch_impl.normalise_grad(g * w_t * rw.unsqueeze(1), e_acc, re, NORM_EPS)
-                de = (de.to(acc) + de_t).to(e.dtype)
-            if need_w:
-                dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
-                dw = dw.index_add_(0, rows, dw_t.to(dw.dtype))
-        return de, dw, None, None, None
+from ._graph import compiling
+from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
 def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs."""
-    return MarginCoreFunction.apply(e.contiguous(), w.contiguous(), labels.long().contiguous(), scale, backend)
+    return fused_margin_core(e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale), backend,
+                             validate)
 
 
 def combine(lse_nt: torch.Tensor, zsum_nt: torch.Tensor, t: torch.Tensor, num_classes: int,
@@ -114,8 +64,8 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
         raise TypeError(f"labels must be an integer tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if embeddings.dim() != 2 or embeddings.shape[0] < 1 or embeddings.shape[1] < 1:
-        raise ValueError(f"embeddings must be (batch, embedding_dim) with batch >= 1, got {tuple(embeddings.shape)}")
+    if embeddings.dim() != 2 or embeddings.shape[1] < 1:
+        raise ValueError(f"embeddings must be (batch, embedding_dim), got {tuple(embeddings.shape)}")
     if weight.dim() != 2 or weight.shape[0] < 1:
         raise ValueError(f"weight must be (num_classes, embedding_dim), got {tuple(weight.shape)}")
     if weight.shape[1] != embeddings.shape[1]:
@@ -128,11 +78,16 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
         raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
                          f"({labels.device}) must be on one device")
     classes = weight.shape[0] if num_classes is None else num_classes
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= classes:
-        raise ValueError(f"labels must be in [0, num_classes={classes}), got values in [{lo}, {hi}]")
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("embeddings contain non-finite values (NaN or inf)")
+    if compiling():  # traced: the values are checked inside the operator (fused_core(validate=True))
+        pass
+    elif labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= classes:
+            raise ValueError(f"labels must be in [0, num_classes={classes}), got values in [{lo}, {hi}]")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings contain non-finite values (NaN or inf)")
+    if compiling():  # the numbers below are module settings, checked in eager mode and at construction;
+        return         # torch.compile(dynamic=True) may trace them as symbolic floats
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -180,7 +135,7 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     if backend == "reference":
         return ref.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
                                        reduction, norm_mean, norm_std, h)
-    lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend)
+    lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend, validate=compiling())
     zhat = None
     if loss == "adaface":
         zhat = ref.adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)

@@ -1,4 +1,5 @@
-"""The fused PetalLinear op: one ``autograd.Function``, dispatched by backend (docs/design.md §1.1, §3).
+"""The fused PetalLinear op: the ``petal_fast::fused_petal_linear`` operator, dispatched by backend
+(docs/design.md §1.1, §3).
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
@@ -7,6 +8,13 @@ then ``y = b + x Wᵀ + (c ⊙ U) B_catᵀ`` with the expand in the base GEMM's 
 Backward (W, b frozen, α an input): dU = dY·B_cat, dT = c ⊙ dU, dB = dYᵀ(c ⊙ U), dA = dTᵀx,
 dX = dY·W + dT·A_cat. Saved for backward: x, U (M × 2r), the branch weights c (per image) and
 the dropout seed — never an M×out tensor; dropout masks are regenerated from the seed.
+
+Gradients: x, lora_A, lora_B always; α too when it requires grad, on every backend
+(dy/dα_i = s·(branch_hr − branch_lr) summed over image i's rows and outputs, dropout applied).
+Double backward through the fused backends raises; the reference backend is plain autograd.
+Under torch.compile / torch.export the α cache below is bypassed (it is Python state) and α's
+finiteness is checked inside the operator (``validate=True``: a ValueError on CPU, a device-side
+assert on CUDA; see ``_graph.value_check``); in eager mode it is checked once per α tensor.
 """
 from __future__ import annotations
 
@@ -14,45 +22,17 @@ import weakref
 
 import torch
 
-from petal_fast.backend import implementation, resolve
+from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from . import _petal_linear_torch as torch_impl
-
-OP = "petal_linear"
-
-
-def _impl(backend: str):
-    return implementation(backend, OP, torch_impl)
+from ._graph import compiling, seed_tensor, value_check
+from .petal_linear_library import OP, forward_impl, fused_petal_linear
 
 
 def _concat(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A_cat (R × in) and B_cat (out × R), R = branches·r: both branches as one skinny GEMM each."""
     branches, r, k = lora_A.shape
     return lora_A.reshape(branches * r, k), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
-
-
-class PetalLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, coef, p, seed, backend):
-        a_cat, b_cat = _concat(lora_A, lora_B)
-        fwd, _ = _impl(backend)
-        y, u = fwd(x, weight, bias, a_cat, b_cat, coef, float(p), int(seed))
-        ctx.save_for_backward(x, weight, a_cat, b_cat, coef, u)
-        ctx.p, ctx.seed, ctx.backend, ctx.shapes = p, seed, backend, lora_A.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, a_cat, b_cat, coef, u = ctx.saved_tensors
-        _, bwd = _impl(ctx.backend)
-        need_x = ctx.needs_input_grad[0]
-        dx, da, db = bwd(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, float(ctx.p), int(ctx.seed), need_x)
-        branches, r, k = ctx.shapes
-        d_a = da.view(branches, r, k) if ctx.needs_input_grad[3] else None
-        d_b = db.view(-1, branches, r).permute(1, 0, 2).clone(memory_format=torch.contiguous_format) \
-            if ctx.needs_input_grad[4] else None
-        return dx, None, None, d_a, d_b, None, None, None, None
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -82,10 +62,10 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             raise TypeError(f"alpha must be a floating-point tensor, got {alpha.dtype}")
         if alpha.device != x.device:
             raise ValueError(f"alpha is on {alpha.device} but x is on {x.device}")
-        if alpha.dim() != 1 or alpha.numel() == 0:
+        rows = x.numel() // in_f if in_f else x.numel()
+        if alpha.dim() != 1 or (alpha.numel() == 0 and rows > 0):
             raise ValueError(f"alpha must be 1-D with one value per image, got shape {tuple(alpha.shape)}")
-        rows = x.numel() // in_f
-        if rows % alpha.numel():
+        if alpha.numel() and rows % alpha.numel():
             raise ValueError(f"alpha has {alpha.numel()} values but x has {rows} rows: the number of rows "
                              "must be a multiple of the number of images (rows_per_image = rows / len(alpha))")
     elif branches != 1:
@@ -93,13 +73,9 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def check_alpha_values(alpha: torch.Tensor) -> None:
-    """ValueError (CPU) or a device-side assert (CUDA: a host check would synchronise) for a non-finite α."""
-    finite = torch.isfinite(alpha).all()
-    if alpha.device.type == "cpu":
-        if not finite:
-            raise ValueError("alpha contains non-finite values")
-    else:
-        torch._assert_async(finite, "petal_linear: alpha contains non-finite values")
+    """ValueError (CPU) or a device-side assert (CUDA: no host sync) for a non-finite α; eager only
+    (a traced graph checks inside the operator, ``validate=True``)."""
+    value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
 
 
 # The last α seen, its values checked and its branch weights built: every layer of a model gets the
@@ -108,17 +84,24 @@ def check_alpha_values(alpha: torch.Tensor) -> None:
 # invalidates it (a write through ``alpha.data`` bypasses the counter and is not seen).
 _alpha_cache: tuple = (None, -1, {})
 _single_branch: dict[tuple, torch.Tensor] = {}  # [[s]] per (scale, dtype, device)
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # p = 0: the seed is unused
 
 
 def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """``branch_coefficients`` (and α's value check) through the caches above."""
     global _alpha_cache
+    if compiling():  # Python state is not traced: compute (α is checked inside the operator)
+        return branch_coefficients(alpha, branches, scale, dtype, device)
     if branches == 1:
         key = (float(scale), dtype, device)
         if key not in _single_branch:
-            _single_branch[key] = branch_coefficients(None, 1, scale, dtype, device)
+            with torch.inference_mode(False):  # a cached tensor made in inference mode could not be saved for backward
+                _single_branch[key] = branch_coefficients(None, 1, scale, dtype, device)
         return _single_branch[key]
+    if alpha.requires_grad and torch.is_grad_enabled():  # dα wanted: weights built in this graph, not cached
+        check_alpha_values(alpha)
+        return branch_coefficients(alpha, branches, scale, dtype, device)
     try:
         version = alpha._version
     except RuntimeError:  # inference-mode tensors have no version counter: no caching
@@ -132,7 +115,8 @@ def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype
     key = (float(scale), dtype)
     coef = table.get(key)
     if coef is None:
-        coef = table[key] = branch_coefficients(alpha, branches, scale, dtype, device)
+        with torch.inference_mode(False):  # reused later, maybe by a step that saves it for backward
+            coef = table[key] = branch_coefficients(alpha, branches, scale, dtype, device)
     return coef
 
 
@@ -147,31 +131,38 @@ def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None = None, scale: float = 1.0,
-                 dropout: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """Fused PetalLinear forward; differentiable in x, lora_A, lora_B (W, b frozen, α an input).
+                 dropout: float = 0.0, seed: int | torch.Tensor = 0) -> torch.Tensor:
+    """Fused PetalLinear forward; differentiable in x, lora_A, lora_B and α (W, b frozen).
 
     x: (..., in); weight: (out, in); lora_A: (branches, r, in); lora_B: (branches, out, r);
-    alpha: (images,) for two branches (rows_per_image = rows / images), ignored for one.
+    alpha: (images,) for two branches (rows_per_image = rows / images), ignored for one;
+    seed: an int in [0, 2³¹) or a 1-element integer tensor (what a compiled graph should pass).
     """
     check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout)
     backend = resolve(x.device, OP)
     branches = lora_A.shape[0]
     if backend == "reference":
-        if branches == 2:
+        if branches == 2 and not compiling():  # traced, the oracle checks nothing (no opaque op to do it)
             check_alpha_values(alpha)
+        if isinstance(seed, torch.Tensor):
+            seed = int(seed.item())
         return reference_petal_linear(x, weight, bias, lora_A, lora_B, alpha, scale, dropout, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the one explicit copy of a non-contiguous input
     coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     coef = _coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device)
     dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):  # the Function is opaque to autocast: cast as F.linear would
+    if torch.is_autocast_enabled(x.device.type):  # the op is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)
         x2 = x2.to(dtype)
     cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731  (.to costs ~1.5 µs)
     w, b, la, lb = cast(weight), cast(bias), cast(lora_A), cast(lora_B)
-    if torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad):
-        y = PetalLinearFunction.apply(x2, w, b, la, lb, coef, float(dropout), int(seed), backend)
-    else:  # inference: no autograd node, nothing saved
-        y, _ = _impl(backend)[0](x2, w, b, *_concat(la, lb), coef, float(dropout), int(seed))
+    a_cat, b_cat = _concat(la, lb)
+    seed_t = seed_tensor(seed) if dropout > 0.0 else _NO_SEED
+    if compiling() or (torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad
+                                                    or coef.requires_grad)):
+        y, _ = fused_petal_linear(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend,
+                                  compiling() and branches == 2)
+    else:  # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
+        y, _ = forward_impl(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend)
     return y.view(*lead, weight.shape[0])

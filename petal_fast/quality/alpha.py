@@ -54,7 +54,8 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
         alpha = 0.5 + (q - tau)
         return alpha.masked_fill(~torch.isfinite(alpha), 0.0)
     slope = torch.as_tensor(slope, dtype=q.dtype, device=q.device)
-    if not bool(torch.all(slope > 0)):
+    # traced (torch.compile), the slope is not re-checked: QualityToAlpha and calibrate check it when set
+    if not torch.compiler.is_compiling() and not bool(torch.all(slope > 0)):
         raise ValueError(f"slope must be > 0 (orientation is set by higher_is_better), got {slope.tolist()}")
     sign = 1.0 if higher_is_better else -1.0
     return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0).masked_fill(undefined, 0.0)

@@ -36,6 +36,8 @@ DEGENERATE_SCORE = float("inf")  # the score of an image without local contrast:
 
 class DegenerateImageWarning(UserWarning):
     """Some images have no local contrast (constant, blank): BRISQUE is undefined, scored as the worst."""
+
+
 MIN_SIZE = 16
 LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
 
@@ -139,13 +141,22 @@ def brisque(images: torch.Tensor) -> torch.Tensor:
 
 def _run(images: torch.Tensor, features: bool) -> torch.Tensor:
     backend = _backend(images) if isinstance(images, torch.Tensor) else None
-    if backend == "cpp" and images.dim() == 4 and images.shape[0] > 0:
-        check_images(images, value_range=(0.0, 1.0))  # shape and dtype now; the range from the C++ pass
+    check_images(images, value_range=(0.0, 1.0))  # shape and dtype here; the values inside the operator
+    return fused_brisque(images, features, backend)
+
+
+@torch.library.custom_op("petal_fast::fused_brisque", mutates_args=())
+def fused_brisque(images: torch.Tensor, features: bool, backend: str) -> torch.Tensor:
+    """The operator behind ``brisque`` / ``brisque_features``: (B, C, H, W) → (B,) scores or (B, 36)
+    features, float64. Float images outside [0, 1] raise ValueError from inside the operator (eager
+    code even in a compiled graph), so the value scan never breaks a graph."""
+    if images.shape[0] == 0:
+        return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
+    images = images.contiguous()
+    if backend == "cpp":
         scores, feats = _cpp_score(images)
         return feats if features else degenerate_to_worst(scores)
     check_images(images)
-    if images.shape[0] == 0:
-        return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
     if backend == "reference":
         from petal_fast.reference import brisque as ref
         if features:
@@ -166,3 +177,25 @@ def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
                       "(the low-quality branch)", DegenerateImageWarning, stacklevel=4)
         scores = scores.masked_fill(bad, DEGENERATE_SCORE)
     return scores
+
+
+@fused_brisque.register_fake
+def _(images, features, backend):
+    return images.new_empty((images.shape[0], 36) if features else (images.shape[0],), dtype=torch.float64)
+
+
+@_ext.when_loaded
+def _raw_kernel_fakes() -> None:
+    """Fake implementations of the raw C++ kernels, so they trace when called directly."""
+    if not _ext.has_op(OP):
+        return
+
+    @torch.library.register_fake("petal_fast::brisque_moments")
+    def _(images, scales):
+        return images.new_empty((images.shape[0], scales, 5, 5), dtype=torch.float64)
+
+    @torch.library.register_fake("petal_fast::brisque_score")
+    def _(images, f_min, f_max, support, coef, rho, gamma):
+        b = images.shape[0]
+        return (images.new_empty((b,), dtype=torch.float64), images.new_empty((b, 36), dtype=torch.float64),
+                images.new_empty((b, 2), dtype=torch.float64))

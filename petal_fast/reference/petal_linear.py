@@ -19,7 +19,7 @@ def branch_weights(alpha: torch.Tensor | None, rows: int, branches: int, scale: 
     """Per-row weight of each branch: [s·(1−α_i), s·α_i] for two branches, [s] for one."""
     if branches == 1:
         return [scale]
-    a = alpha.to(dtype).repeat_interleave(rows // alpha.numel())[:, None]
+    a = alpha.to(dtype).repeat_interleave(rows // max(alpha.numel(), 1))[:, None]
     return [scale * (1.0 - a), scale * a]
 
 

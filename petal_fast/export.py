@@ -1,0 +1,131 @@
+"""Deployable PETALface: ``torch.export`` (.pt2) and ONNX files that run without petal_fast.
+
+    petal-fast export --checkpoint RUN_DIR --format onnx|pt2 --alpha VALUE|input --output FILE
+
+- ``--alpha VALUE``: every PetalLinear is merged at that α (W ← W + s·((1 − α) B_lr A_lr + α B_hr A_hr);
+  the feature LoRA: W ← W + s·B A), so the file is the plain backbone: ``images → embeddings``,
+  zero adapter overhead.
+- ``--alpha input``: the quality-aware model, ``(images, alpha) → embeddings`` with α (one value per
+  image) a graph input. The ``petal_fast::fused_petal_linear`` operator is decomposed into ordinary
+  ops (``decompose_petal_linear``): y = x Wᵀ + b + ((c ⊙ x A_catᵀ)) B_catᵀ with c = [s(1 − α_i), s·α_i]
+  per row, so ONNX Runtime, ``torch.export.load`` and other runtimes need no petal_fast.
+
+Inputs are images in the model's input range ([−1, 1], insightface normalisation) at the backbone's
+size; outputs are the raw (unnormalised) embeddings, ``model.embedding`` in PyTorch. The batch
+dimension is dynamic (the quality measure is not part of the file: compute α beforehand).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from petal_fast.backend import use_backend
+from petal_fast.nn import PetalLinear
+from petal_fast.nn.context import quality
+
+FORMATS = ("onnx", "pt2")
+
+
+def decompose_petal_linear(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate=False):
+    """``fused_petal_linear`` as plain ops (inference: dropout is off in an exported model).
+
+    U = x A_catᵀ (M × R); V = U scaled per image and branch by coef (images × branches);
+    y = x Wᵀ + b + V B_catᵀ. Returns (y, U) like the operator.
+    """
+    images, branches = coef.shape
+    m, r_total = x.shape[0], a_cat.shape[0]
+    u = x @ a_cat.t()
+    v = (u.reshape(images, -1, branches, r_total // branches) * coef.to(u.dtype)[:, None, :, None]).reshape(m, r_total)
+    y = x @ weight.t() + v @ b_cat.t()
+    return (y + bias if bias is not None else y), u
+
+
+class Embedder(nn.Module):
+    """``images [, alpha] → raw embeddings`` of a PetalFace (or any FaceModel), the exported function."""
+
+    def __init__(self, model: nn.Module, alpha_input: bool) -> None:
+        super().__init__()
+        self.model, self.alpha_input = model, alpha_input
+
+    def forward(self, images: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.alpha_input:
+            return self.model.backbone(images)
+        with quality(alpha):
+            return self.model.backbone(images)
+
+
+def prepare(model: nn.Module, alpha: float | str) -> Embedder:
+    """An eval-mode :class:`Embedder`: merged at a fixed α (a float in [0, 1]) or with α as an input."""
+    model = model.eval()
+    if alpha == "input":
+        return Embedder(model, alpha_input=True)
+    value = float(alpha)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--alpha must be a number in [0, 1] or 'input', got {alpha!r}")
+    for layer in model.modules():
+        if isinstance(layer, PetalLinear) and not layer.merged:
+            layer.merge_(value if layer.branches == 2 else None)
+    return Embedder(model, alpha_input=False)
+
+
+def example_inputs(embedder: Embedder, image_size: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
+    device = next(embedder.parameters()).device
+    images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+    return (images, torch.rand(batch, device=device)) if embedder.alpha_input else (images,)
+
+
+def export_program(embedder: Embedder, image_size: int) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch, the fused operator decomposed into plain ops."""
+    args = example_inputs(embedder, image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = {"images": {0: batch}, "alpha": {0: batch}} if embedder.alpha_input else {"images": {0: batch}}
+    with torch.no_grad(), use_backend("torch"):  # any fused backend: the operator is decomposed below
+        program = torch.export.export(embedder, args, dynamic_shapes=shapes, strict=False)
+    table = torch.export.default_decompositions()
+    table[torch.ops.petal_fast.fused_petal_linear.default] = decompose_petal_linear
+    return program.run_decompositions(table)
+
+
+def export(model: nn.Module, image_size: int, fmt: str, alpha: float | str, output: str | Path) -> Path:
+    """Write ``output`` (.pt2 or .onnx) for ``model`` at a fixed α or with α as an input."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    embedder = prepare(model, alpha)
+    program = export_program(embedder, image_size)
+    leftover = {str(n.target) for n in program.graph.nodes if "petal_fast" in str(n.target)}
+    if leftover:
+        raise RuntimeError(f"export: petal_fast operators left in the graph: {sorted(leftover)}")
+    if fmt == "pt2":
+        torch.export.save(program, str(output))
+    else:
+        try:
+            onnx = torch.onnx.export(program, args=example_inputs(embedder, image_size),
+                                     input_names=["images", "alpha"] if embedder.alpha_input else ["images"],
+                                     output_names=["embeddings"], dynamo=True)
+        except ImportError as err:
+            raise RuntimeError(f"ONNX export needs the `onnx` and `onnxscript` packages ({err}): "
+                               "pip install 'petal_fast[export]'") from err
+        onnx.save(str(output))
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="petal-fast export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="run directory of `petal-fast train` or its model.pt")
+    ap.add_argument("--format", required=True, choices=FORMATS)
+    ap.add_argument("--alpha", required=True, help="a fixed α in [0, 1] (merged into W) or 'input'")
+    ap.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from petal_fast.train import image_size_of, load_trained
+    model = load_trained(args.checkpoint, "cpu")
+    path = export(model, image_size_of(model), args.format, args.alpha, args.output)
+    kind = "α as input (images, alpha)" if args.alpha == "input" else f"merged at α = {float(args.alpha)} (images)"
+    print(f"wrote {path} ({args.format}, {kind} → embeddings, dynamic batch)")
+    return 0
