@@ -46,7 +46,8 @@ class Trainer:
         self.dist.wrap(self.model, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg)
-        self.steps_per_epoch = StepBatches(len(self.dataset), cfg.batch_size, self.world, self.rank, cfg.seed, 0).steps()
+        self.steps_per_epoch = StepBatches(len(self.dataset), cfg.batch_size, self.world, self.rank, cfg.seed,
+                                           0).steps()
         if self.steps_per_epoch == 0:
             raise ValueError(f"the data set has {len(self.dataset)} images, fewer than one global batch of "
                              f"{cfg.batch_size * self.world}: lower batch_size")
@@ -135,7 +136,8 @@ class Trainer:
         # BatchNorm statistics a skipped step must not keep (a NaN batch would poison them)
         stats = {n: b.detach().clone() for n, b in self.model.named_buffers()
                  if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        amp = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
             loss = self.dist.loss(self.model, images, labels)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
