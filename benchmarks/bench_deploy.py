@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from petal_fast.progress import progress
 
 from benchmarks.common import append_rows, base_row, print_table, summary_rows, time_interleaved
 from petal_fast.export import Embedder, export
@@ -138,7 +138,7 @@ def run(quick: bool = False, device: str | None = None) -> list[dict]:
         raise ValueError("the deploy suite measures the CPU paths (ONNX Runtime's CPU provider); run it with --device cpu")
     repeat = 3 if quick else 10
     rows: list[dict] = []
-    for preset, batch in tqdm(CPU_QUICK if quick else CPU_CASES, desc="deploy inference"):
+    for preset, batch in progress(CPU_QUICK if quick else CPU_CASES, desc="deploy inference"):
         rows += inference_rows(preset, batch, repeat)
     for preset, batch, classes in TRAIN_QUICK if quick else TRAIN_CASES:
         rows += train_rows(preset, batch, classes, repeat)

@@ -2,8 +2,9 @@
 
 Both providers are the same :class:`~petal_fast.models.PetalFace` with the same weights:
 - ``petal_fast``  the auto backend (C++ on CPU, Triton on CUDA; SDPA attention);
-- ``reference``   a deep copy run under ``petal_fast.use_backend("reference")``: the literal
-                  PetalLinear / margin-loss / BRISQUE formulas and explicit softmax attention.
+- ``reference``   a deep copy with ``attention_impl="math"`` (explicit softmax attention) run
+                  under ``petal_fast.use_backend("reference")`` (the literal PetalLinear /
+                  margin-loss / BRISQUE formulas).
 ``train_step``: BRISQUE → α → forward → CosFace loss → backward → AdamW step on adapters + head.
 ``quality_alpha``: the BRISQUE → α part of the step alone.
 ``inference``: ``embed(images, flip=True)`` (image and mirror, each with its own α) in eval mode
@@ -20,7 +21,7 @@ import torch
 
 from benchmarks.common import append_rows, print_table, summary_rows, time_interleaved
 from petal_fast import use_backend
-from petal_fast.models import PetalFace
+from petal_fast.models import PetalFace, set_attention_impl
 from petal_fast.progress import progress
 
 SUITE = "e2e"
@@ -40,7 +41,7 @@ def build(preset: str, num_classes: int, batch: int, device: torch.device, dtype
     model.calibrate_quality(images, progress=False)
     model.backbone.to(dtype)
     model.head.to(dtype)
-    reference = copy.deepcopy(model)
+    reference = set_attention_impl(copy.deepcopy(model), "math")  # the released code's explicit softmax
     labels = torch.randint(0, num_classes, (batch,), device=device)
     return model, reference, images.to(dtype), labels
 

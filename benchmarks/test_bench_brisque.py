@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import bench_brisque as bench
-from benchmarks.conftest import CaseCache, bench_device, bench_quick
+from benchmarks.conftest import CaseCache, bench_device, bench_quick, check_rows
 
 _cache = CaseCache()
 
@@ -30,4 +30,7 @@ def test_brisque(case, time_provider, request):
         fn = lambda: [package.score(a) for a in arrays]  # noqa: E731
     else:
         fn = bench._fused(images, "auto" if provider == "fused" else "torch")
-    time_provider(f"brisque B={b} H={h} W={w}", provider, fn)
+    baseline = "package" if device.type == "cpu" else "fused"  # as bench_brisque.run
+    rows = time_provider(f"brisque B={b} H={h} W={w}", provider, fn, suite=bench.SUITE, baseline=baseline,
+                         mode="score")
+    check_rows(rows, device, provider, baseline)

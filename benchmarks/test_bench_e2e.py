@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import bench_e2e as bench
-from benchmarks.conftest import CaseCache, bench_device, bench_quick
+from benchmarks.conftest import CaseCache, bench_device, bench_quick, check_rows
 
 _cache = CaseCache()
 
@@ -39,4 +39,6 @@ def test_e2e(case, step, provider, time_provider, request):
     else:
         target.eval()
         fn = bench.inference_fn(target, images, backend)
-    time_provider(f"e2e {step} {preset} B={batch} C={classes}", provider, fn)
+    rows = time_provider(f"e2e {step} {preset} B={batch} C={classes}", provider, fn, suite=bench.SUITE,
+                         baseline="reference", dtype=str(dtype).replace("torch.", ""), mode=step)
+    check_rows(rows, device, provider, "reference")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import bench_petal_linear as bench
-from benchmarks.conftest import CaseCache, bench_device, bench_quick
+from benchmarks.conftest import CaseCache, bench_device, bench_quick, check_rows
 
 RANK = 8
 PROVIDERS = ("base", "fused", "fused_onepass", "addmm", "reference", "fused_1b", "peft")
@@ -30,4 +30,6 @@ def test_petal_linear(case, provider, time_provider, request):
     calls = _cache.get((case, str(device)), build)
     if provider not in calls:
         pytest.skip(f"{provider} unavailable on {device.type} (fused_onepass: CUDA only; peft: not installed)")
-    time_provider(f"linear M={m} K={k} N={n} r{r} p{p} {mode}", provider, calls[provider])
+    rows = time_provider(f"linear M={m} K={k} N={n} r{r} p{p} {mode}", provider, calls[provider], suite=bench.SUITE,
+                         baseline="base", dtype=str(dtype).replace("torch.", ""), mode=mode)
+    check_rows(rows, device, provider, "base")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmarks import bench_margin_loss as bench
-from benchmarks.conftest import CaseCache, bench_device, bench_quick
+from benchmarks.conftest import CaseCache, bench_device, bench_quick, check_rows
 
 _cache = CaseCache()
 
@@ -37,4 +37,8 @@ def test_margin_loss(case, time_provider, request):
         torch.manual_seed(0)
         return bench._providers(B, C, device, dtype, providers_for(B, C, device))
     providers = _cache.get((B, C, str(device)), build)
-    time_provider(f"{bench.SUITE} {bench.LOSS} B={B} C={C} D={bench.D} fwd+bwd", name, providers[name])
+    baseline = providers_for(B, C, device)[0]  # materialised where it fits, else fused: as bench_margin_loss.run
+    rows = time_provider(f"{bench.SUITE} {bench.LOSS} B={B} C={C} D={bench.D} fwd+bwd", name, providers[name],
+                         suite=bench.SUITE, baseline=baseline, dtype=str(dtype).replace("torch.", ""),
+                         mode="fwd+bwd")
+    check_rows(rows, device, name, baseline)

@@ -1,4 +1,4 @@
-// Counter-based dropout hash shared with petal_fast/reference/rng.py and the Triton kernels:
+// Counter-based dropout hash defined in petal_fast/definitions/dropout.py (also kernels/_rng.py):
 // lowbias32, key = mix(seed ^ mix(branch + 1)), h(i, j) = mix(mix(key ^ i) ^ j * 0x9E3779B9),
 // keep when (h >> 8) >= round(p * 2^24).
 #pragma once

@@ -11,8 +11,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "hash32.h"
@@ -41,12 +44,30 @@ Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& a_cat, const Tensor
   return d;
 }
 
+// Tuning knobs of the strategies below (for re-tuning on another machine; the defaults are measured).
+// Read from the environment once, when the first PetalLinear runs (PETAL_FAST_CPU_PATH =
+// blocked|whole, PETAL_FAST_CPU_BLOCK_ROWS = n), never per call; after that only
+// petal_linear_cpu_tuning (Python: petal_fast.cpu_tuning) changes them, explicitly.
+struct CpuTuning {
+  std::atomic<int> path{-1};            // -1 auto (by the size of W), 0 whole matrices, 1 row blocks
+  std::atomic<int64_t> block_rows{0};   // 0 auto, else rows per block
+  CpuTuning() {
+    if (const char* env = std::getenv("PETAL_FAST_CPU_PATH")) path = std::string(env) != "whole" ? 1 : 0;
+    if (const char* env = std::getenv("PETAL_FAST_CPU_BLOCK_ROWS")) block_rows = std::max<int64_t>(1, std::atoll(env));
+  }
+};
+
+CpuTuning& cpu_tuning() {
+  static CpuTuning tuning;  // initialised once, thread-safe (C++11 function-local static)
+  return tuning;
+}
+
 // Rows per block. A block of the widest operand (~1 MiB) stays in L2 across all the GEMMs that
 // read it. When the blocks also run the base GEMM and W is large (> 8 MiB), each block streams W
 // again, so blocks grow to ≥ 256 rows, where the re-read is amortised (measured: 64-row blocks at
-// 4096×4096 cost 1.4× the base GEMM). PETAL_FAST_CPU_BLOCK_ROWS overrides the choice (for re-tuning).
+// 4096×4096 cost 1.4× the base GEMM). CpuTuning::block_rows overrides the choice.
 int64_t block_rows(const Dims& d, int64_t elem, bool blocks_read_w) {
-  if (const char* env = std::getenv("PETAL_FAST_CPU_BLOCK_ROWS")) return std::max<int64_t>(1, std::atoll(env));
+  if (const int64_t fixed = cpu_tuning().block_rows.load()) return fixed;
   if (d.M == 0) return 1;  // no rows: no blocks (callers return before using this)
   int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, std::max(d.N, d.K) * elem);
   rows = std::max<int64_t>(16, std::min<int64_t>(512, rows / 16 * 16));
@@ -64,9 +85,9 @@ int64_t block_rows(const Dims& d, int64_t elem, bool blocks_read_w) {
 // 1600×1536→4608 blocked 1.41× the frozen base vs 1.05× whole; 25600×384→1152 blocked 1.12× vs 1.18×).
 // With dropout and a large W only the base GEMM (x Wᵀ, dY W) is one whole call; the masked LoRA
 // products still run per row block, so no M × out product or mask is ever materialised.
-// PETAL_FAST_CPU_PATH=blocked|whole overrides the choice (for re-tuning).
+// CpuTuning::path overrides the choice.
 bool use_row_blocks(const Dims& d, int64_t elem) {
-  if (const char* env = std::getenv("PETAL_FAST_CPU_PATH")) return std::string(env) != "whole";
+  if (const int forced = cpu_tuning().path.load(); forced >= 0) return forced == 1;
   return d.N * d.K * elem <= (int64_t{4} << 20);
 }
 
@@ -267,9 +288,28 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
   return {dx, da.to(a_cat.scalar_type()), db.to(b_cat.scalar_type())};
 }
 
+// Sets the knobs given (path: "auto" | "blocked" | "whole"; block_rows: 0 = auto, n ≥ 1 rows) and
+// returns the settings now in force, so a caller can restore the previous ones.
+std::tuple<std::string, int64_t> petal_linear_cpu_tuning(std::optional<std::string> path,
+                                                         std::optional<int64_t> block_rows) {
+  CpuTuning& t = cpu_tuning();
+  if (path.has_value()) {
+    TORCH_CHECK(*path == "auto" || *path == "blocked" || *path == "whole",
+                "petal_linear_cpu_tuning: path must be 'auto', 'blocked' or 'whole', got '", *path, "'");
+  }
+  if (block_rows.has_value()) {
+    TORCH_CHECK(*block_rows >= 0, "petal_linear_cpu_tuning: block_rows must be 0 (auto) or >= 1, got ", *block_rows);
+  }
+  if (path.has_value()) t.path = *path == "auto" ? -1 : (*path == "blocked" ? 1 : 0);
+  if (block_rows.has_value()) t.block_rows = *block_rows;
+  const int now = t.path.load();
+  return {now < 0 ? "auto" : (now == 1 ? "blocked" : "whole"), t.block_rows.load()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(petal_fast, m) {
+  m.def("petal_linear_cpu_tuning(str? path=None, int? block_rows=None) -> (str, int)", &petal_linear_cpu_tuning);
   m.def("petal_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor a_cat, Tensor b_cat, Tensor coef, float p, int seed) -> (Tensor, Tensor)");
   m.def("petal_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor a_cat, Tensor b_cat, Tensor coef, Tensor u, float p, int seed, bool need_x) -> (Tensor, Tensor, Tensor)");
   m.impl("petal_linear_fwd", c10::DispatchKey::CPU, TORCH_FN(petal_linear_fwd));

@@ -1,4 +1,4 @@
-"""The dropout hash of ``petal_fast.reference.rng`` in Triton (tl.uint32 arithmetic, bit-exact).
+"""The dropout hash of ``petal_fast.definitions.dropout`` in Triton (tl.uint32 arithmetic, bit-exact).
 
     mix(x)  = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16   (mod 2³²)
     h(i, j) = mix(mix(key ^ i) ^ (j · 0x9E3779B9 mod 2³²)),   keep = (h >> 8) ≥ round(p · 2²⁴)
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from petal_fast.reference.rng import branch_key, keep_threshold
+from petal_fast.definitions.dropout import branch_key, keep_threshold
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _mask_kernel(out_ptr, rows, cols, row_offset, key, threshold, keep_scale,
 
 def dropout_mask(seed: int, branch: int, rows: int, cols: int, p: float, *, row_offset: int = 0,
                  device: torch.device | str = "cuda") -> torch.Tensor:
-    """The float32 mask the kernels apply (0 or 1/(1−p)); equals ``reference.rng.dropout_mask``."""
+    """The float32 mask the kernels apply (0 or 1/(1−p)); equals ``petal_fast.definitions.dropout.dropout_mask``."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
     out = torch.empty((rows, cols), dtype=torch.float32, device=device)

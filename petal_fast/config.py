@@ -41,6 +41,9 @@ class DataConfig:
     num_workers: int = 0
 
 
+ADAPTER_MODES = ("lora", "petalface")  # modes that train adapters on a frozen backbone
+
+
 @dataclass
 class TrainConfig:
     mode: str = "petalface"
@@ -175,6 +178,12 @@ class TrainConfig:
             return self.loss, None
         return {"cosface": ("combined", (1.0, 0.0, self.margin)), "arcface": ("combined", (1.0, self.margin, 0.0)),
                 "adaface": ("adaface", (self.margin,))}[self.loss]
+
+    @property
+    def trains_adapters(self) -> bool:
+        """True in the adapter modes (``lora``, ``petalface``): the backbone stays frozen, only the
+        adapters and the head train, and checkpoints hold just that trainable part."""
+        return self.mode in ADAPTER_MODES
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,7 +17,7 @@ import torch
 
 import petal_fast
 from petal_fast import _ext
-from petal_fast.models import PetalFace
+from petal_fast.models import PetalFace, set_attention_impl
 
 from conftest import rel_err, triton_interpreter_ok
 
@@ -69,7 +69,9 @@ def test_training_matches_reference(backend):
         for m in model.modules():
             if isinstance(m, petal_fast.PetalLinear):
                 m.lora_B.normal_(0, 0.05, generator=gen)
-    reference, reference32 = copy.deepcopy(model).double(), copy.deepcopy(model)
+    # the reference models: literal attention formula, reference ops (use_backend in _train)
+    reference = set_attention_impl(copy.deepcopy(model).double(), "math")
+    reference32 = set_attention_impl(copy.deepcopy(model), "math")
     size = model.backbone.img_size
     # two batches, alternated: the run can fit them, so a learning run shows a falling loss
     batches = [(torch.randn(batch, 3, size, size, generator=gen), torch.randint(0, CLASSES, (batch,), generator=gen),

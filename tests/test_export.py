@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from petal_fast import checkpointing
+from petal_fast.atomic_files import atomic_save
 from petal_fast.cli import main as cli
 from petal_fast.config import TrainConfig
 from petal_fast.export import export
@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    checkpointing.atomic_save({"state_dict": full_state_dict(model), "metadata": {"config": cfg.to_dict()}},
+    atomic_save({"state_dict": full_state_dict(model), "metadata": {"config": cfg.to_dict()}},
                               run / "model.pt")
     return run
 

@@ -9,6 +9,7 @@ import torch
 
 import petal_fast
 from petal_fast import PetalLinear, _ext, adapter_state_dict, load_adapter_state_dict
+from petal_fast.cpu_tuning import cpu_tuning
 from petal_fast.models import CheckpointError, build_model, load_petalface_checkpoint, safe_load
 from petal_fast.quality import DegenerateImageWarning, QualityToAlpha, alpha_from_quality, brisque, calibrate
 
@@ -22,21 +23,21 @@ needs_cpp = pytest.mark.skipif(_ext.load_error() is not None, reason="C++ extens
 @pytest.mark.parametrize("branches", [1, 2])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("path", ["blocked", "whole"])
-def test_cpp_petal_linear_kernels_take_zero_rows(monkeypatch, branches, p, path):
+def test_cpp_petal_linear_kernels_take_zero_rows(branches, p, path):
     """0 rows and 0 images: empty outputs and exactly-zero adapter gradients, no division by zero."""
-    monkeypatch.setenv("PETAL_FAST_CPU_PATH", path)
-    fwd, bwd = _ext.op("petal_linear_fwd"), _ext.op("petal_linear_bwd")
-    r, k, n = 4, 16, 24
-    x, w, b = torch.randn(0, k), torch.randn(n, k), torch.randn(n)
-    a_cat, b_cat = torch.randn(branches * r, k), torch.randn(n, branches * r)
-    coef = torch.rand(0, branches)
-    y, u = fwd(x, w, b, a_cat, b_cat, coef, p, 7)
-    assert y.shape == (0, n) and u.shape == (0, branches * r)
-    dx, da, db = bwd(torch.randn(0, n), x, w, a_cat, b_cat, coef, u, p, 7, True)
-    assert dx.shape == (0, k) and da.shape == a_cat.shape and db.shape == b_cat.shape
-    assert torch.equal(da, torch.zeros_like(a_cat)) and torch.equal(db, torch.zeros_like(b_cat))
-    with pytest.raises(RuntimeError, match="rows must be a multiple of images"):
-        fwd(torch.randn(3, k), w, b, a_cat, b_cat, coef, p, 7)  # rows without images: an error, not SIGFPE
+    with cpu_tuning(path=path):
+        fwd, bwd = _ext.op("petal_linear_fwd"), _ext.op("petal_linear_bwd")
+        r, k, n = 4, 16, 24
+        x, w, b = torch.randn(0, k), torch.randn(n, k), torch.randn(n)
+        a_cat, b_cat = torch.randn(branches * r, k), torch.randn(n, branches * r)
+        coef = torch.rand(0, branches)
+        y, u = fwd(x, w, b, a_cat, b_cat, coef, p, 7)
+        assert y.shape == (0, n) and u.shape == (0, branches * r)
+        dx, da, db = bwd(torch.randn(0, n), x, w, a_cat, b_cat, coef, u, p, 7, True)
+        assert dx.shape == (0, k) and da.shape == a_cat.shape and db.shape == b_cat.shape
+        assert torch.equal(da, torch.zeros_like(a_cat)) and torch.equal(db, torch.zeros_like(b_cat))
+        with pytest.raises(RuntimeError, match="rows must be a multiple of images"):
+            fwd(torch.randn(3, k), w, b, a_cat, b_cat, coef, p, 7)  # rows without images: an error, not SIGFPE
 
 
 @needs_cpp

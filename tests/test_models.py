@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import petal_fast
 from petal_fast.models import FaceSwin, face_swin, face_vit
 from petal_fast.models.swin import PatchMerging, SwinBlock, shifted_window_mask, window_partition, window_reverse
 
@@ -129,3 +130,23 @@ def test_vit_layout_and_masking():
     assert torch.equal(model(x), model(x))
     with pytest.raises(ValueError, match="mask_ratio"):
         face_vit("tiny", mask_ratio=1.0)
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "vit_tiny"])
+def test_attention_impl_is_the_models_choice(backbone):
+    """The model picks its attention (SDPA or the literal softmax formula), not the op backend: both
+    give the same embeddings, and the backend switch leaves the choice alone."""
+    from petal_fast.models import build_model, set_attention_impl
+    model = build_model("lora", backbone, num_classes=3).double().eval()
+    size = model.backbone.img_size
+    images = torch.rand(2, 3, size, size, dtype=torch.float64) * 2 - 1
+    impls = lambda m: {a.attention_impl for a in m.modules() if hasattr(a, "attention_impl")}  # noqa: E731
+    with torch.no_grad():
+        fused = model.embed(images)
+        with petal_fast.use_backend("reference"):
+            assert impls(model) == {"sdpa"}
+        literal = set_attention_impl(model, "math").embed(images)
+    assert impls(model) == {"math"}
+    torch.testing.assert_close(literal, fused, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        set_attention_impl(model, "flash")

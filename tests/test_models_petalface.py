@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import petal_fast
-from petal_fast.models import PetalFace, build_model, face_swin
+from petal_fast.models import PetalFace, build_model, face_swin, set_attention_impl
 from petal_fast.nn import PetalLinear
 from conftest import rel_err, triton_interpreter_ok
 
@@ -75,7 +75,7 @@ def test_fused_matches_reference(backbone, device, monkeypatch):
         (emb * target.to(dtype)).sum().backward()
         return emb, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
 
-    ref_model = copy.deepcopy(model).double()
+    ref_model = set_attention_impl(copy.deepcopy(model).double(), "math")  # the literal attention formula
     emb, grads = run(model, torch.float32)
     with petal_fast.use_backend("reference"):
         ref_emb, ref_grads = run(ref_model, torch.float64)
@@ -106,6 +106,7 @@ def test_triton_backend_model_matches_reference():
                               ("reference", copy.deepcopy(model).double(), torch.float64)):
         m.zero_grad()
         torch.manual_seed(seed)
+        set_attention_impl(m, "math" if backend == "reference" else "sdpa")
         with petal_fast.use_backend(backend):
             emb = m(images.to(dtype), alpha=alpha.to(dtype))
             (emb * target.to(dtype)).sum().backward()

@@ -1,11 +1,13 @@
 """PetalLinear: every CPU backend against the float64 reference, gradients, dropout, errors."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import petal_fast
-from petal_fast import PetalLinear, use_backend
+from petal_fast import PetalLinear, _ext, use_backend
 from petal_fast.ops import petal_linear
 from petal_fast.reference import dropout_mask, petal_linear as ref_petal_linear
 from conftest import TOL, rel_err
@@ -236,14 +238,43 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 @pytest.mark.parametrize("path", ["blocked", "whole"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("block_rows", [None, "16"])
-def test_cpp_paths(monkeypatch, path, dtype, p, block_rows):
+@pytest.mark.parametrize("block_rows", [None, 16])
+def test_cpp_paths(path, dtype, p, block_rows):
     """Both C++ strategies (row blocks in cache, or whole-matrix BLAS calls for a large W, whose
     dropout path keeps the masked LoRA terms per row block) agree, with few or many blocks."""
-    monkeypatch.setenv("PETAL_FAST_CPU_PATH", path)
-    if block_rows:
-        monkeypatch.setenv("PETAL_FAST_CPU_BLOCK_ROWS", block_rows)
-    x, w, b, a, bb, alpha = make_inputs((5, 37), 64, 48, 8, 5)
-    check_against_reference("cpp", x, w, b, a, bb, alpha, 0.6, p, 77, dtype)
-    x, w, b, a, bb, alpha = make_inputs((53,), 40, 24, 4, 53, bias=False)
-    check_against_reference("cpp", x, w, b, a, bb, alpha, 1.3, p, 5, dtype, x_grad=False)
+    from petal_fast.cpu_tuning import cpu_tuning
+    with cpu_tuning(path=path, block_rows=block_rows):
+        x, w, b, a, bb, alpha = make_inputs((5, 37), 64, 48, 8, 5)
+        check_against_reference("cpp", x, w, b, a, bb, alpha, 0.6, p, 77, dtype)
+        x, w, b, a, bb, alpha = make_inputs((53,), 40, 24, 4, 53, bias=False)
+        check_against_reference("cpp", x, w, b, a, bb, alpha, 1.3, p, 5, dtype, x_grad=False)
+
+
+TUNING_SCRIPT = """
+import os, torch
+from petal_fast.cpu_tuning import cpu_tuning, get_cpu_tuning
+from petal_fast.ops import petal_linear
+x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 2, 8), torch.randn(2, 6, 2)
+petal_linear(x, w, None, a, b, torch.rand(4))       # the first call reads the environment
+os.environ["PETAL_FAST_CPU_PATH"], os.environ["PETAL_FAST_CPU_BLOCK_ROWS"] = "blocked", "3"
+petal_linear(x, w, None, a, b, torch.rand(4))       # later changes are not read
+print(get_cpu_tuning())
+with cpu_tuning(path="auto", block_rows=0):
+    print(get_cpu_tuning())
+print(get_cpu_tuning())
+"""
+
+
+@pytest.mark.skipif(not _ext.has_op("petal_linear"), reason="C++ extension not built")
+def test_cpp_tuning_knobs_are_read_once_and_set_explicitly():
+    import subprocess
+    import sys
+    env = {**os.environ, "PETAL_FAST_CPU_PATH": "whole", "PETAL_FAST_CPU_BLOCK_ROWS": "24"}
+    out = subprocess.run([sys.executable, "-c", TUNING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:3] == ["('whole', 24)", "('auto', 0)", "('whole', 24)"]
+    from petal_fast.cpu_tuning import set_cpu_tuning
+    with pytest.raises(ValueError, match="path must be one of"):
+        set_cpu_tuning(path="fast")
+    with pytest.raises(ValueError, match="block_rows must be"):
+        set_cpu_tuning(block_rows=-1)

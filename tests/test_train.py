@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from petal_fast import checkpointing
+from petal_fast.training import state as training_state
 from petal_fast.config import DataConfig, TrainConfig, load_config
 from petal_fast.models import trainable_state_dict
 from petal_fast.train import Trainer
@@ -96,7 +96,7 @@ def test_label_out_of_range_is_an_error_before_any_update(tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {root!r})
-    from petal_fast import checkpointing
+    from petal_fast.training import state as training_state
     from tests.test_train import tiny_cfg
     from petal_fast.train import Trainer
     from pathlib import Path
@@ -109,7 +109,7 @@ KILL_SCRIPT = textwrap.dedent("""
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, f, *a, **kw)
-    checkpointing.torch.save = dying_save
+    training_state.torch.save = dying_save
     Trainer(tiny_cfg(Path({tmp!r}))).fit()
 """)
 
@@ -118,12 +118,12 @@ def test_killed_during_checkpoint_write_resumes_from_last_complete(tmp_path):
     script = KILL_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    state = checkpointing.load(tmp_path / "run" / checkpointing.LAST)  # the previous, complete checkpoint
+    state = training_state.load(tmp_path / "run" / training_state.LAST)  # the previous, complete checkpoint
     assert state["step"] == 2
     resumed = Trainer(tiny_cfg(tmp_path))
     result = resumed.fit()
     assert resumed.step == 6 and result.steps == 6
-    assert checkpointing.load(tmp_path / "run" / checkpointing.LAST)["step"] == 6
+    assert training_state.load(tmp_path / "run" / training_state.LAST)["step"] == 6
 
 
 DDP_SCRIPT = textwrap.dedent("""

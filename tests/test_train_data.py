@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from petal_fast import checkpointing
+from petal_fast.atomic_files import atomic_save
+from petal_fast.training import state as training_state
 from petal_fast.cli import main
 from petal_fast.data import RecordIO, write_recordio
 from petal_fast.train import load_trained
@@ -131,14 +132,14 @@ def test_rerun_with_another_config_is_refused_and_changes_nothing(tmp_path, caps
     # resume=false starts over in the same folder
     assert _train(*_run_words(out, "loss=arcface", "resume=false")) == 0
     assert load_trained(out).head is not None
-    saved = checkpointing.load(out / checkpointing.LAST)
+    saved = training_state.load(out / training_state.LAST)
     assert saved["config"]["loss"] == "arcface" and saved["step"] == 2
 
 
 def test_rerun_refused_when_only_model_pt_is_left(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(*_run_words(out)) == 0
-    (out / checkpointing.LAST).unlink()
+    (out / training_state.LAST).unlink()
     before = (out / "model.pt").read_bytes()
     assert _train(*_run_words(out, "rank=4")) == 2
     assert "rank" in capsys.readouterr().err and (out / "model.pt").read_bytes() == before
@@ -147,7 +148,7 @@ def test_rerun_refused_when_only_model_pt_is_left(tmp_path, capsys):
 def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(*_run_words(out, "max_steps=1")) == 0
-    last = out / checkpointing.LAST
+    last = out / training_state.LAST
     last.write_bytes(last.read_bytes()[:200])  # truncated
     capsys.readouterr()
     assert _train(*_run_words(out, "max_steps=1")) == 2
@@ -181,14 +182,14 @@ def test_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
     from petal_fast.train import Trainer
     words = _run_words(tmp_path / "run", "max_steps=1", "progress=false")
     assert _train(*words) == 0
-    last = tmp_path / "run" / checkpointing.LAST
-    state = checkpointing.load(last)
+    last = tmp_path / "run" / training_state.LAST
+    state = training_state.load(last)
     state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]  # one group too few
-    checkpointing.atomic_save(state, last)
+    atomic_save(state, last)
     trainer = Trainer(load_config(None, [*TINY, *words]))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     rng = torch.get_rng_state()
-    with pytest.raises(checkpointing.CheckpointFileError, match="does not fit this run"):
+    with pytest.raises(training_state.CheckpointFileError, match="does not fit this run"):
         trainer.fit()
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and trainer.step == 0

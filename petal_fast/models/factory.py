@@ -11,7 +11,7 @@ from typing import Any, Union
 
 from torch import nn
 
-from .checkpoint import Source, load_petalface_checkpoint
+from .weights import Source, load_petalface_checkpoint
 from .petalface import FaceModel, PetalFace
 
 MODES = ("pretrain", "full_ft", "lora", "petalface")

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .attention import attention
+from .attention import attention, check_attention_impl
 from .layers import DropPath, init_vit_weights
 
 
@@ -65,8 +65,9 @@ class WindowAttention(nn.Module):
     """Window multi-head self-attention with a learned relative position bias."""
 
     def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+                 proj_drop: float = 0.0, attention_impl: str = "sdpa") -> None:
         super().__init__()
+        self.attention_impl = check_attention_impl(attention_impl)  # "sdpa" | "math" (models/attention.py)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.window, self.num_heads, self.attn_drop = dim, window, num_heads, attn_drop
@@ -95,7 +96,7 @@ class WindowAttention(nn.Module):
         # One contiguous (B·nW, heads, N, N) bias: SDPA's fused CPU kernel takes it (~8× faster than a
         # broadcast mask, which falls back to the math path); windows are image-major, so nW repeats.
         bias = bias.unsqueeze(0).expand(bw // bias.shape[0], *bias.shape).reshape(bw, self.num_heads, n, n)
-        out = attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, bias, self.attn_drop if self.training else 0.0, self.attention_impl)
         out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attention
+from .attention import attention, check_attention_impl
 from .layers import DropPath, init_vit_weights
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+                 proj_drop: float = 0.0, attention_impl: str = "sdpa") -> None:
         super().__init__()
+        self.attention_impl = check_attention_impl(attention_impl)  # "sdpa" | "math" (models/attention.py)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.attn_drop = num_heads, attn_drop
@@ -33,7 +34,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x)  # explicit head size: a -1 is ambiguous for an empty batch
         head_dim = qkv.shape[-1] // (3 * self.num_heads)
         q, k, v = (t.transpose(1, 2) for t in qkv.view(b, n, 3, self.num_heads, head_dim).unbind(2))
-        out = attention(q, k, v, None, self.attn_drop if self.training else 0.0)
+        out = attention(q, k, v, None, self.attn_drop if self.training else 0.0, self.attention_impl)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 

@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from petal_fast.backend import resolve
-from petal_fast.ops.margin_loss import OP, check_inputs, combine, fused_core
-from petal_fast.reference import margin as ref
+from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_INIT, ADAFACE_MOMENTUM, GRADS, resolve_margins
+from petal_fast.margin_math import adaface_update, adaface_zhat, combine, reduce, target_logit
+from petal_fast.ops.margin_loss import OP, check_inputs, fused_core
 
 
 class _AllGather(torch.autograd.Function):
@@ -76,14 +77,14 @@ class ShardedMarginSoftmaxLoss(nn.Module):
 
     def __init__(self, embedding_dim: int, num_classes: int, loss: str = "cosface",
                  margins: tuple[float, ...] | None = None, scale: float = 64.0, grad: str = "exact",
-                 label_smoothing: float = 0.0, h: float = ref.ADAFACE_H, momentum: float = ref.ADAFACE_MOMENTUM,
+                 label_smoothing: float = 0.0, h: float = ADAFACE_H, momentum: float = ADAFACE_MOMENTUM,
                  process_group: dist.ProcessGroup | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedMarginSoftmaxLoss needs torch.distributed initialised (init_process_group)")
-        if grad not in ref.GRADS:
-            raise ValueError(f"grad must be one of {ref.GRADS}, got {grad!r}")
+        if grad not in GRADS:
+            raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.group = process_group
@@ -92,14 +93,14 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             raise ValueError(f"num_classes must be an integer >= world size {self.world}, got {num_classes!r}")
         self.embedding_dim, self.num_classes = embedding_dim, num_classes
         self.start, self.end = shard_range(num_classes, self.world, self.rank)
-        self.loss, self.margins = loss, ref.resolve_margins(loss, margins)
+        self.loss, self.margins = loss, resolve_margins(loss, margins)
         self.scale, self.grad, self.label_smoothing = float(scale), grad, float(label_smoothing)
         self.h, self.momentum = float(h), float(momentum)
         self.weight = nn.Parameter(torch.empty(self.end - self.start, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.01)
         if loss == "adaface":
-            self.register_buffer("norm_mean", torch.tensor(20.0, device=device))
-            self.register_buffer("norm_std", torch.tensor(100.0, device=device))
+            self.register_buffer("norm_mean", torch.tensor(ADAFACE_INIT[0], device=device))
+            self.register_buffer("norm_std", torch.tensor(ADAFACE_INIT[1], device=device))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         check_inputs(embeddings, self.weight, labels, self.scale, self.label_smoothing, 1.0, self.grad,
@@ -117,15 +118,15 @@ class ShardedMarginSoftmaxLoss(nn.Module):
             norms = e_all.detach().to(cos_t.dtype).norm(dim=1)
             mean, std = self.norm_mean, self.norm_std
             if self.training:
-                mean, std = ref.adaface_update(norms, mean, std, self.momentum)
-            zhat = ref.adaface_zhat(norms, mean, std, self.h)
-        t = ref.target_logit(cos_t, self.loss, self.margins, self.scale, self.grad, zhat)
+                mean, std = adaface_update(norms, mean, std, self.momentum)
+            zhat = adaface_zhat(norms, mean, std, self.h)
+        t = target_logit(cos_t, self.loss, self.margins, self.scale, self.grad, zhat)
         row_max = lse_r.detach().clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
         row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
         lse_nt = row_max + torch.log(_AllReduceSum.apply(torch.exp(lse_r - row_max), self.group))
         zsum_nt = _AllReduceSum.apply(zsum_r, self.group)
-        out = ref.reduce(combine(lse_nt, zsum_nt, t, self.num_classes, self.label_smoothing), reduction)
+        out = reduce(combine(lse_nt, zsum_nt, t, self.num_classes, self.label_smoothing), reduction)
         if self.loss == "adaface" and self.training:
             self.norm_mean.copy_(mean)
             self.norm_std.copy_(std)

@@ -13,7 +13,10 @@ Gradient conventions at the target: ``exact`` differentiates the margin function
 insightface arcface_torch). θ comes from a clamped cosine so cos = ±1 never gives NaN, and norms
 are ε-safe (``F.normalize``), so a zero embedding gives a finite loss.
 
-Imports only torch; every function works in float64.
+Imports only torch and the shared names and constants (``petal_fast.definitions.margin``);
+every function works in float64. The fused path has its own implementation
+(``petal_fast.margin_math``): nothing here is called by production code but the ``reference``
+backend of the op dispatcher.
 """
 from __future__ import annotations
 
@@ -22,32 +25,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("cosface", "arcface", "combined", "adaface")
-GRADS = ("exact", "straight_through")
-REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_MARGINS = {"cosface": (1.0, 0.0, 0.4), "arcface": (1.0, 0.5, 0.0), "adaface": (0.4,)}
-NORM_EPS = 1e-12      # ε of the ε-safe norms, as F.normalize
-ACOS_EPS = 1e-6       # cos clamped to [−1+ε, 1−ε] before acos (combined margins)
-ADAFACE_EPS = 1e-3    # AdaFace's clamp of cos and clip of θ (as the AdaFace code)
-ADAFACE_H = 0.333
-ADAFACE_MOMENTUM = 0.01
+from petal_fast.definitions.margin import (ACOS_EPS, ADAFACE_EPS, ADAFACE_H, ADAFACE_MOMENTUM, DEFAULT_MARGINS,
+                                          GRADS, LOSSES, NORM_EPS, REDUCTIONS, resolve_margins)
 
-
-def resolve_margins(loss: str, margins: tuple[float, ...] | None) -> tuple[float, ...]:
-    """(m1, m2, m3) for cosface/arcface/combined, (m,) for adaface; defaults as insightface / AdaFace."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if margins is None:
-        if loss == "combined":
-            raise ValueError("margins=(m1, m2, m3) is required for loss='combined'")
-        return DEFAULT_MARGINS[loss]
-    margins = tuple(float(m) for m in margins)
-    want = 1 if loss == "adaface" else 3
-    if len(margins) != want:
-        raise ValueError(f"margins for loss={loss!r} must have {want} value(s), got {margins}")
-    if not all(math.isfinite(m) for m in margins):
-        raise ValueError(f"margins must be finite, got {margins}")
-    return margins
+__all__ = ["ACOS_EPS", "ADAFACE_EPS", "ADAFACE_H", "ADAFACE_MOMENTUM", "DEFAULT_MARGINS", "GRADS", "LOSSES",
+           "NORM_EPS", "REDUCTIONS", "adaface_update", "adaface_zhat", "margin_softmax_loss", "reduce",
+           "resolve_margins", "smoothed_ce", "target_logit"]
 
 
 def adaface_zhat(norms: torch.Tensor, norm_mean: torch.Tensor | float, norm_std: torch.Tensor | float,

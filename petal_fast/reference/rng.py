@@ -1,63 +1,11 @@
-"""The counter-based dropout mask shared by every backend (docs/design.md §1.1, dropout D₁, D₂).
+"""The oracle's dropout mask: the counter hash is a definition, not a formula to re-derive.
 
-A dropout mask is a pure function of (seed, branch, row, column), so the backward pass — and
-every backend, the Triton kernels included — regenerates exactly the mask the forward drew,
-and no backend ever stores an M×out mask. The hash is Chris Wellons' ``lowbias32`` mixer on
-unsigned 32-bit integers:
-
-    mix(x)  = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16   (mod 2³²)
-    key     = mix(seed ^ mix(branch + 1))
-    h(i, j) = mix(mix(key ^ i) ^ (j · 0x9E3779B9 mod 2³²))
-    keep    = (h >> 8) ≥ round(p · 2²⁴)          (24-bit uniform, exact in float32)
-
-and a kept element is scaled by 1 / (1 − p). ``seed`` is in [0, 2³¹), ``i`` the flattened row,
-``j`` the output column. Implementations: this file (torch, int64 arithmetic masked to 32 bits),
-``csrc/petal_linear.cpp`` (uint32_t) and ``kernels/petal_linear.py`` (tl.uint32).
+Every backend must draw bit-identical masks, so the oracle uses the one definition every backend
+is checked against, :mod:`petal_fast.definitions.dropout` (see there for the hash).
 """
 from __future__ import annotations
 
-import torch
+from petal_fast.definitions.dropout import (GOLDEN, MASK32, MUL1, MUL2, branch_key, dropout_mask, keep_threshold,
+                                            mix32)
 
-MASK32 = 0xFFFFFFFF
-MUL1, MUL2, GOLDEN = 0x7FEB352D, 0x846CA68B, 0x9E3779B9
-
-
-def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
-    """lowbias32 on values held in int64 (or Python ints), result in [0, 2³²)."""
-    x = x & MASK32
-    x = x ^ (x >> 16)
-    x = (x * MUL1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * MUL2) & MASK32
-    return x ^ (x >> 16)
-
-
-def branch_key(seed: int, branch: int) -> int:
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
-    return mix32(seed ^ mix32(branch + 1))
-
-
-def keep_threshold(p: float) -> int:
-    """Integer threshold t: an element is kept when its 24-bit uniform is ≥ t."""
-    return int(round(p * (1 << 24)))
-
-
-def dropout_mask(seed: int, branch: int, rows: int, cols: int, p: float, *,
-                 row_offset: int = 0, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """The (rows × cols) dropout mask of ``branch`` for ``seed``: 0 where dropped, 1/(1−p) where kept.
-
-    ``row_offset`` selects rows ``row_offset … row_offset+rows−1`` of the flattened input, so a
-    caller can draw the mask of a row block without drawing the whole matrix.
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    key = branch_key(seed, branch)
-    i = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)
-    j = torch.arange(cols, dtype=torch.int64, device=device)
-    row_hash = mix32(i ^ key)
-    col_term = (j * GOLDEN) & MASK32
-    h = mix32(row_hash[:, None] ^ col_term[None, :])
-    keep = (h >> 8) >= keep_threshold(p)
-    return keep.to(dtype) * (1.0 / (1.0 - p))
+__all__ = ["GOLDEN", "MASK32", "MUL1", "MUL2", "branch_key", "dropout_mask", "keep_threshold", "mix32"]

@@ -1,4 +1,7 @@
-"""Checkpoints: released PETALface files, pretrained backbones, petal_fast's own adapter files.
+"""Model weight files: released PETALface files, pretrained backbones, petal_fast's own files.
+
+(Training checkpoints, which also hold optimizer, schedule and RNG state, are
+``petal_fast.training.state``; this module only reads and writes a model's weights.)
 
 Three sources load into a model through :func:`load_petalface_checkpoint`:
 
@@ -27,6 +30,7 @@ from typing import Any, Mapping, Union
 import torch
 from torch import nn
 
+from petal_fast.atomic_files import atomic_save, atomic_write
 from petal_fast.nn import PetalLinear
 
 StateDict = Mapping[str, torch.Tensor]
@@ -171,20 +175,25 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: nn.Module, path: Union[str, "os.PathLike[str]"], trainable_only: bool = True,
-                    metadata: Mapping[str, Any] | None = None) -> None:
+                    metadata: Mapping[str, Any] | None = None,
+                    replace: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write the trainable part (default) or the whole model; ``.safetensors`` paths use safetensors.
 
     ``metadata`` (plain numbers, strings, lists, dicts, tensors) is stored beside the state dict, for
     example the calibrated quality threshold τ; it must stay loadable with ``weights_only=True``.
+    ``replace`` swaps tensors of the state dict (a class-sharded head's gathered ``head.weight``).
+    The file is written atomically (temporary file + rename): a killed process never leaves half of it.
     """
     sd = trainable_state_dict(model) if trainable_only else full_state_dict(model)
+    sd.update(replace or {})
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in sd.items()}, path,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        from safetensors.torch import save
+        data = save({k: v.contiguous() for k, v in sd.items()},
+                    metadata={k: str(v) for k, v in (metadata or {}).items()})
+        atomic_write(path, lambda f: f.write(data))
     else:
-        torch.save({"state_dict": sd, "metadata": dict(metadata or {})}, path)
+        atomic_save({"state_dict": sd, "metadata": dict(metadata or {})}, path)
 
 
 def load_petalface_checkpoint(model: nn.Module, source: Source, strict: bool = True) -> LoadReport:

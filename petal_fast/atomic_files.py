@@ -1,0 +1,89 @@
+"""Files that are never half-written: every checkpoint, ``model.pt`` and summary goes through here.
+
+A file is written to a temporary name in the same directory (``.<name>.tmp<pid>``), flushed and
+fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX) and the directory
+fsync'ed: a process killed mid-write leaves the previous file intact. The temporary files a killed
+process leaves behind are removed by :func:`clean_stale_tmp` when the next run starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import torch
+
+_TMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+__all__ = ["atomic_save", "atomic_write", "atomic_write_text", "clean_stale_tmp"]
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then fsync and rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` through a temporary file + fsync + rename."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write a text file through a temporary file + fsync + rename."""
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_tmp(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that a killed process left in ``folder`` (only names of our own
+    pattern, ``.<name>.tmp<pid>``, whose process is gone). Returns the removed paths."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TMP.match(entry.name)
+        if m and entry.is_file() and not _alive(int(m["pid"])):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except FileNotFoundError:  # another process cleaned it first
+                pass
+    return removed

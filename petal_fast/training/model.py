@@ -1,0 +1,64 @@
+"""The model a training config asks for, and which of its parts train."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from petal_fast.config import TrainConfig
+from petal_fast.nn import PetalLinear
+
+
+def build_training_model(cfg: TrainConfig, num_classes: int | None, device: torch.device) -> nn.Module:
+    """The config's mode, backbone, adapters, quality measure and margin head, on ``device``."""
+    from petal_fast.models import build_model
+    loss, margins = cfg.margin_args()
+    common = dict(loss=loss, margins=margins, loss_scale=cfg.loss_scale, grad=cfg.grad,
+                  head_kwargs={"sample_rate": cfg.sample_rate} if cfg.sample_rate < 1 else None)
+    backbone: Any = cfg.backbone
+    if cfg.backbone_overrides or cfg.paper_compat:
+        from petal_fast.models import build_backbone
+        extra = dict(cfg.backbone_overrides)
+        if not cfg.backbone.startswith("vit"):
+            extra["paper_compat"] = cfg.paper_compat
+        backbone = build_backbone(cfg.backbone, **extra)
+    if cfg.trains_adapters:
+        common.update(rank=cfg.rank, scale=cfg.scale, dropout=cfg.dropout, targets=tuple(cfg.targets),
+                      feature_lora=cfg.feature_lora)
+    if cfg.mode == "petalface":
+        common.update(quality=cfg.quality, alpha_mode=cfg.alpha_mode)
+    model = build_model(cfg.mode, backbone=backbone, num_classes=num_classes, pretrained=cfg.pretrained,
+                        strict=False, **common)
+    return model.to(device)
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    """Adapter modes keep the frozen backbone frozen: BatchNorm statistics and backbone dropout stay
+    those of the pretrained model (eval mode); adapters (their dropout) and the head train."""
+    model.train()
+    if cfg.trains_adapters and not cfg.backbone_train_mode:
+        model.backbone.eval()
+        for m in model.backbone.modules():
+            if isinstance(m, PetalLinear):
+                m.train()
+
+
+def image_size_of(model: nn.Module) -> int:
+    size = getattr(model.backbone, "img_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    if not isinstance(size, int):
+        raise TypeError(f"backbone {type(model.backbone).__name__} must expose an integer img_size")
+    return size
+
+
+def preset_image_size(cfg: TrainConfig) -> int:
+    """Input size of the configured backbone preset, without building it."""
+    from petal_fast.models import SWIN_PRESETS, VIT_PRESETS
+    name = cfg.backbone
+    table = VIT_PRESETS if name.startswith("vit") else SWIN_PRESETS
+    key = name if name in table else name.split("_", 1)[-1]
+    if key not in table:
+        raise ValueError(f"unknown backbone preset {name!r}")
+    return int(cfg.backbone_overrides.get("img_size", table[key]["img_size"]))
