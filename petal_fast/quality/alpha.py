@@ -47,7 +47,8 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
         q = q.double()
     tau = torch.as_tensor(tau, dtype=q.dtype, device=q.device)
     undefined = torch.isnan(q)
-    if bool(undefined.any()):
+    # traced, no count (a host sync would break the graph): the NaN → 0 below is the same
+    if not torch.compiler.is_compiling() and bool(undefined.any()):
         warnings.warn(f"{int(undefined.sum())} of {q.numel()} quality values are NaN (undefined): treated as the "
                       "worst quality, α = 0", RuntimeWarning, stacklevel=2)
     if mode == "paper":
