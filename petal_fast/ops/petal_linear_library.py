@@ -29,7 +29,7 @@ from torch import Tensor
 
 from petal_fast import _ext
 from petal_fast.backend import implementation
-from petal_fast.reference.rng import dropout_mask
+from petal_fast.definitions.dropout import dropout_mask
 
 from . import _petal_linear_torch as torch_impl
 from ._graph import value_check
