@@ -1,7 +1,7 @@
 """Fused margin-softmax loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor.
 
 docs/design.md §1.3. With z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
-logit (``petal_fast.reference.margin.target_logit``), the loss is split as
+logit (``petal_fast.margin_math.target_logit``), the loss is split as
 
     lse_i  = log( exp t_i + Σ_{j≠y_i} exp z_ij ),     zsum_i = t_i + Σ_{j≠y_i} z_ij
     loss_i = lse_i − (1 − ε)·t_i − (ε/C)·zsum_i       (ε: label smoothing)
@@ -31,7 +31,9 @@ import math
 import torch
 
 from petal_fast.backend import resolve
-from petal_fast.reference import margin as ref
+from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_margins
+from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
+from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
 from ._graph import compiling
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
@@ -42,13 +44,6 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
     """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs."""
     return fused_margin_core(e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale), backend,
                              validate)
-
-
-def combine(lse_nt: torch.Tensor, zsum_nt: torch.Tensor, t: torch.Tensor, num_classes: int,
-            label_smoothing: float) -> torch.Tensor:
-    """Per-row loss from the non-target statistics and the target logit."""
-    lse = torch.logaddexp(lse_nt, t)
-    return ref.smoothed_ce(lse, t, zsum_nt + t, num_classes, label_smoothing)
 
 
 def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
@@ -94,10 +89,10 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if grad not in ref.GRADS:
-        raise ValueError(f"grad must be one of {ref.GRADS}, got {grad!r}")
-    if reduction not in ref.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {ref.REDUCTIONS}, got {reduction!r}")
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def partial_fc_sample(labels: torch.Tensor, num_classes: int, sample_rate: float,
@@ -116,7 +111,7 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
                         loss: str = "cosface", margins: tuple[float, ...] | None = None, scale: float = 64.0,
                         grad: str = "exact", label_smoothing: float = 0.0, reduction: str = "mean",
                         norm_mean: torch.Tensor | float = 20.0, norm_std: torch.Tensor | float = 100.0,
-                        h: float = ref.ADAFACE_H, sample_rate: float = 1.0,
+                        h: float = ADAFACE_H, sample_rate: float = 1.0,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Margin softmax cross entropy of embeddings (B×D) against class centres ``weight`` (C×D).
 
@@ -126,18 +121,18 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     fp32 and give an fp32 loss.
     """
     check_inputs(embeddings, weight, labels, scale, label_smoothing, sample_rate, grad, reduction=reduction)
-    margins = ref.resolve_margins(loss, margins)
+    margins = resolve_margins(loss, margins)
     labels = labels.long()
     if sample_rate < 1.0:
         index, labels = partial_fc_sample(labels, weight.shape[0], sample_rate, generator)
         weight = weight.index_select(0, index)
     backend = resolve(embeddings.device, OP)
     if backend == "reference":
-        return ref.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
-                                       reduction, norm_mean, norm_std, h)
+        return reference_margin.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad,
+                                                    label_smoothing, reduction, norm_mean, norm_std, h)
     lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend, validate=compiling())
     zhat = None
     if loss == "adaface":
-        zhat = ref.adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)
-    t = ref.target_logit(cos_t, loss, margins, scale, grad, zhat)
-    return ref.reduce(combine(lse_nt, zsum_nt, t, weight.shape[0], label_smoothing), reduction)
+        zhat = adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)
+    t = target_logit(cos_t, loss, margins, scale, grad, zhat)
+    return reduce(combine(lse_nt, zsum_nt, t, weight.shape[0], label_smoothing), reduction)
