@@ -35,7 +35,7 @@ from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
 from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
-from ._graph import compiling
+from ._graph import compiling, value_check
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
@@ -46,11 +46,15 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
                              validate)
 
 
-def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
-                 sample_rate: float = 1.0, grad: str = "exact", num_classes: int | None = None,
-                 reduction: str = "mean") -> None:
-    """ValueError/TypeError naming the argument for every malformed input. ``num_classes`` bounds
-    the labels when ``weight`` is a shard of a larger class set."""
+def check_tensors(embeddings, weight, labels, num_classes: int | None = None) -> None:
+    """TypeError/ValueError naming the argument for malformed tensors: the one check of the op's
+    inputs. ``num_classes`` bounds the labels when ``weight`` is a shard of a larger class set.
+
+    Types and shapes are plain Python errors (sizes only). The values (labels in range, finite
+    embeddings): a ``ValueError`` with the offending range on CPU tensors (already on the host);
+    on CUDA a device-side assert (``value_check``: no host sync); in a traced graph inside the
+    operator (``fused_core(validate=True)``).
+    """
     if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
         raise TypeError(f"embeddings must be a floating-point tensor, got {getattr(embeddings, 'dtype', type(embeddings))}")
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
@@ -72,17 +76,26 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
     if embeddings.device != weight.device or labels.device != embeddings.device:
         raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
                          f"({labels.device}) must be on one device")
+    if compiling() or not labels.numel():  # traced: checked inside the operator
+        return
     classes = weight.shape[0] if num_classes is None else num_classes
-    if compiling():  # traced: the values are checked inside the operator (fused_core(validate=True))
-        pass
-    elif labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"labels must be in [0, num_classes={classes}), got values in [{lo}, {hi}]")
-        if not bool(torch.isfinite(embeddings).all()):
-            raise ValueError("embeddings contain non-finite values (NaN or inf)")
-    if compiling():  # the numbers below are module settings, checked in eager mode and at construction;
-        return         # torch.compile(dynamic=True) may trace them as symbolic floats
+    in_range = f"labels must be in [0, num_classes={classes})"
+    finite = "embeddings contain non-finite values (NaN or inf)"
+    if labels.device.type != "cpu":
+        value_check(((labels >= 0) & (labels < classes)).all(), in_range)
+        value_check(torch.isfinite(embeddings).all(), finite)
+        return
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{in_range}, got values in [{lo}, {hi}]")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(finite)
+
+
+def check_settings(scale: float = 64.0, label_smoothing: float = 0.0, sample_rate: float = 1.0,
+                   grad: str = "exact", reduction: str = "mean") -> None:
+    """ValueError naming the setting for every invalid number or name (plain Python: no tensors).
+    The margin heads call it once at construction; the op on every call."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -93,6 +106,16 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
+                 sample_rate: float = 1.0, grad: str = "exact", num_classes: int | None = None,
+                 reduction: str = "mean") -> None:
+    """Everything :func:`margin_softmax_loss` checks: the tensors, then the settings (eager only:
+    ``torch.compile(dynamic=True)`` may trace the numbers as symbolic floats)."""
+    check_tensors(embeddings, weight, labels, num_classes)
+    if not compiling():
+        check_settings(scale, label_smoothing, sample_rate, grad, reduction)
 
 
 def partial_fc_sample(labels: torch.Tensor, num_classes: int, sample_rate: float,
@@ -121,6 +144,19 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     fp32 and give an fp32 loss.
     """
     check_inputs(embeddings, weight, labels, scale, label_smoothing, sample_rate, grad, reduction=reduction)
+    return margin_softmax_loss_unchecked(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
+                                         reduction, norm_mean, norm_std, h, sample_rate, generator)
+
+
+def margin_softmax_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  loss: str = "cosface", margins: tuple[float, ...] | None = None,
+                                  scale: float = 64.0, grad: str = "exact", label_smoothing: float = 0.0,
+                                  reduction: str = "mean", norm_mean: torch.Tensor | float = 20.0,
+                                  norm_std: torch.Tensor | float = 100.0, h: float = ADAFACE_H,
+                                  sample_rate: float = 1.0,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`margin_softmax_loss` on inputs that already passed :func:`check_inputs` (a head that
+    checked them itself, so that one step checks once)."""
     margins = resolve_margins(loss, margins)
     labels = labels.long()
     if sample_rate < 1.0:
