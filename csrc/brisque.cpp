@@ -1,4 +1,4 @@
-// BRISQUE on the CPU (petal_fast/quality/brisque.py), float64. Two ops:
+// BRISQUE on the CPU (petal_fast/ops/brisque_library.py), float64. Two ops:
 //   brisque_moments(images, scales) — the fused stage below, per scale;
 //   brisque_score(images, model…)  — the whole score: that stage at both scales, the AGGD fits and
 //                                     the RBF ε-SVR, per image in one parallel task.
@@ -178,7 +178,7 @@ void image_moments(const double* img, int64_t H, int64_t W, const std::array<dou
 }
 
 // OpenCV resize(fx = fy = 1/2, INTER_CUBIC): out[j] = Σ_t c_t · in[clamp(2j − 1 + t)], c = (−3, 19, 19, −3)/32,
-// rows then columns; output size round-half-even(n / 2) (petal_fast/quality/resize.py).
+// rows then columns; output size round-half-even(n / 2) (petal_fast/ops/_brisque_resize.py).
 void resize_half(const double* src, int64_t H, int64_t W, int64_t h, int64_t w, std::vector<double>& tmp,
                  double* dst) {
   constexpr double c[4] = {-3.0 / 32.0, 19.0 / 32.0, 19.0 / 32.0, -3.0 / 32.0};
@@ -253,7 +253,7 @@ Tensor brisque_moments(const Tensor& images, int64_t scales) {
 
 // ---- the rest of BRISQUE per image, so a CPU batch is one parallel call (no small torch ops after it,
 // which cost more than the whole computation on a busy 2-core machine). Same formulas as
-// petal_fast/quality/ggd.py and svr.py; the shape ν is found by bisection in log ν instead of
+// petal_fast/ops/_brisque_ggd.py and _brisque_svr.py; the shape ν is found by bisection in log ν instead of
 // table + Newton (same root, same bracket [1e-3, 1e3]).
 double log_phi(double nu) { return 2 * std::lgamma(2 / nu) - std::lgamma(1 / nu) - std::lgamma(3 / nu); }
 

@@ -10,8 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DISPATCHERS = {"petal_fast/ops/margin_loss.py", "petal_fast/ops/petal_linear.py", "petal_fast/ops/brisque.py"}
 # still calling into the oracle; each is to move to petal_fast.definitions / petal_fast.margin_math
 # or behind an op dispatcher, and to leave this list (which may only shrink)
-PENDING = {"petal_fast/nn/margin.py", "petal_fast/quality/brisque.py", "petal_fast/ops/__init__.py",
-           "petal_fast/ops/_petal_linear_torch.py"}
+PENDING: set[str] = set()
 
 
 def _imports(path: Path) -> set[str]:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from petal_fast.backend import resolve
-from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_INIT, ADAFACE_MOMENTUM, GRADS, resolve_margins
-from petal_fast.margin_math import adaface_update, adaface_zhat, combine, reduce, target_logit
-from petal_fast.ops.margin_loss import OP, check_inputs, fused_core
+from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_MOMENTUM
+from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
+from petal_fast.ops.margin_loss import OP, check_settings, check_tensors, fused_core
+
+from .margin_head import MarginHead
 
 
 class _AllGather(torch.autograd.Function):
@@ -66,7 +67,7 @@ def shard_range(num_classes: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-class ShardedMarginSoftmaxLoss(nn.Module):
+class ShardedMarginSoftmaxLoss(MarginHead):
     """MarginSoftmaxLoss with the class centres split over the ranks of ``process_group``.
 
     ``weight`` is this rank's shard (C_r×D); ``forward(embeddings, labels)`` takes this rank's
@@ -80,31 +81,18 @@ class ShardedMarginSoftmaxLoss(nn.Module):
                  label_smoothing: float = 0.0, h: float = ADAFACE_H, momentum: float = ADAFACE_MOMENTUM,
                  process_group: dist.ProcessGroup | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedMarginSoftmaxLoss needs torch.distributed initialised (init_process_group)")
-        if grad not in GRADS:
-            raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        self.group = process_group
-        self.world, self.rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-        if not isinstance(num_classes, int) or num_classes < self.world:
-            raise ValueError(f"num_classes must be an integer >= world size {self.world}, got {num_classes!r}")
-        self.embedding_dim, self.num_classes = embedding_dim, num_classes
-        self.start, self.end = shard_range(num_classes, self.world, self.rank)
-        self.loss, self.margins = loss, resolve_margins(loss, margins)
-        self.scale, self.grad, self.label_smoothing = float(scale), grad, float(label_smoothing)
-        self.h, self.momentum = float(h), float(momentum)
-        self.weight = nn.Parameter(torch.empty(self.end - self.start, embedding_dim, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=0.01)
-        if loss == "adaface":
-            self.register_buffer("norm_mean", torch.tensor(ADAFACE_INIT[0], device=device))
-            self.register_buffer("norm_std", torch.tensor(ADAFACE_INIT[1], device=device))
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        start, end = shard_range(num_classes, world, rank) if isinstance(num_classes, int) else (0, 0)
+        super().__init__(embedding_dim, num_classes, end - start, loss, margins, scale, grad, label_smoothing, 1.0,
+                         h, momentum, device, dtype, min_classes=world, why=f"world size {world}")
+        self.group, self.world, self.rank, self.start, self.end = process_group, world, rank, start, end
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        check_inputs(embeddings, self.weight, labels, self.scale, self.label_smoothing, 1.0, self.grad,
-                     num_classes=self.num_classes, reduction=reduction)
+        # the op's checks, once: labels are bounded by all classes, not this rank's shard
+        check_tensors(embeddings, self.weight, labels, num_classes=self.num_classes)
+        check_settings(reduction=reduction)
         backend = resolve(embeddings.device, OP, supported=("torch", "cpp", "triton"))
         e_all = _AllGather.apply(embeddings, self.group)
         labels_all = torch.empty(labels.numel() * self.world, dtype=torch.long, device=labels.device)
@@ -113,13 +101,11 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         owned = (local >= 0) & (local < self.weight.shape[0])
         lse_r, zsum_r, cos_r = fused_core(e_all, self.weight, torch.where(owned, local, -1), self.scale, backend)
         cos_t = _AllReduceSum.apply(cos_r, self.group)  # each row's target cosine, from its owner
-        zhat = mean = std = None
+        zhat = stats = None
         if self.loss == "adaface":
             norms = e_all.detach().to(cos_t.dtype).norm(dim=1)
-            mean, std = self.norm_mean, self.norm_std
-            if self.training:
-                mean, std = adaface_update(norms, mean, std, self.momentum)
-            zhat = adaface_zhat(norms, mean, std, self.h)
+            stats = self.adaface_stats(norms)
+            zhat = adaface_zhat(norms, *stats, self.h)
         t = target_logit(cos_t, self.loss, self.margins, self.scale, self.grad, zhat)
         row_max = lse_r.detach().clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=self.group)
@@ -127,7 +113,5 @@ class ShardedMarginSoftmaxLoss(nn.Module):
         lse_nt = row_max + torch.log(_AllReduceSum.apply(torch.exp(lse_r - row_max), self.group))
         zsum_nt = _AllReduceSum.apply(zsum_r, self.group)
         out = reduce(combine(lse_nt, zsum_nt, t, self.num_classes, self.label_smoothing), reduction)
-        if self.loss == "adaface" and self.training:
-            self.norm_mean.copy_(mean)
-            self.norm_std.copy_(std)
+        self.commit_adaface(stats)
         return out

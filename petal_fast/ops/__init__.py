@@ -1,5 +1,5 @@
 """The fused ops (PyTorch operators in ``torch.library``) with backend dispatch. No ``nn.Module`` here."""
-from petal_fast.reference.rng import dropout_mask
+from petal_fast.definitions.dropout import dropout_mask
 
 from .petal_linear import petal_linear
 from .petal_linear_library import fused_petal_linear, fused_petal_linear_backward

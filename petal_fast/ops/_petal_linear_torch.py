@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from petal_fast.reference.rng import dropout_mask
+from petal_fast.definitions.dropout import dropout_mask
 
 
 def row_scale(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Fused margin-softmax loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor.
 
 docs/design.md §1.3. With z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
-logit (``petal_fast.reference.margin.target_logit``), the loss is split as
+logit (``petal_fast.margin_math.target_logit``), the loss is split as
 
     lse_i  = log( exp t_i + Σ_{j≠y_i} exp z_ij ),     zsum_i = t_i + Σ_{j≠y_i} z_ij
     loss_i = lse_i − (1 − ε)·t_i − (ε/C)·zsum_i       (ε: label smoothing)
@@ -31,9 +31,11 @@ import math
 import torch
 
 from petal_fast.backend import resolve
-from petal_fast.reference import margin as ref
+from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_margins
+from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
+from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
-from ._graph import compiling
+from ._graph import compiling, value_check
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
@@ -44,18 +46,15 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
                              validate)
 
 
-def combine(lse_nt: torch.Tensor, zsum_nt: torch.Tensor, t: torch.Tensor, num_classes: int,
-            label_smoothing: float) -> torch.Tensor:
-    """Per-row loss from the non-target statistics and the target logit."""
-    lse = torch.logaddexp(lse_nt, t)
-    return ref.smoothed_ce(lse, t, zsum_nt + t, num_classes, label_smoothing)
+def check_tensors(embeddings, weight, labels, num_classes: int | None = None) -> None:
+    """TypeError/ValueError naming the argument for malformed tensors: the one check of the op's
+    inputs. ``num_classes`` bounds the labels when ``weight`` is a shard of a larger class set.
 
-
-def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
-                 sample_rate: float = 1.0, grad: str = "exact", num_classes: int | None = None,
-                 reduction: str = "mean") -> None:
-    """ValueError/TypeError naming the argument for every malformed input. ``num_classes`` bounds
-    the labels when ``weight`` is a shard of a larger class set."""
+    Types and shapes are plain Python errors (sizes only). The values (labels in range, finite
+    embeddings): a ``ValueError`` with the offending range on CPU tensors (already on the host);
+    on CUDA a device-side assert (``value_check``: no host sync); in a traced graph inside the
+    operator (``fused_core(validate=True)``).
+    """
     if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
         raise TypeError(f"embeddings must be a floating-point tensor, got {getattr(embeddings, 'dtype', type(embeddings))}")
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
@@ -77,27 +76,46 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
     if embeddings.device != weight.device or labels.device != embeddings.device:
         raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
                          f"({labels.device}) must be on one device")
+    if compiling() or not labels.numel():  # traced: checked inside the operator
+        return
     classes = weight.shape[0] if num_classes is None else num_classes
-    if compiling():  # traced: the values are checked inside the operator (fused_core(validate=True))
-        pass
-    elif labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"labels must be in [0, num_classes={classes}), got values in [{lo}, {hi}]")
-        if not bool(torch.isfinite(embeddings).all()):
-            raise ValueError("embeddings contain non-finite values (NaN or inf)")
-    if compiling():  # the numbers below are module settings, checked in eager mode and at construction;
-        return         # torch.compile(dynamic=True) may trace them as symbolic floats
+    in_range = f"labels must be in [0, num_classes={classes})"
+    finite = "embeddings contain non-finite values (NaN or inf)"
+    if labels.device.type != "cpu":
+        value_check(((labels >= 0) & (labels < classes)).all(), in_range)
+        value_check(torch.isfinite(embeddings).all(), finite)
+        return
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{in_range}, got values in [{lo}, {hi}]")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(finite)
+
+
+def check_settings(scale: float = 64.0, label_smoothing: float = 0.0, sample_rate: float = 1.0,
+                   grad: str = "exact", reduction: str = "mean") -> None:
+    """ValueError naming the setting for every invalid number or name (plain Python: no tensors).
+    The margin heads call it once at construction; the op on every call."""
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-    if grad not in ref.GRADS:
-        raise ValueError(f"grad must be one of {ref.GRADS}, got {grad!r}")
-    if reduction not in ref.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {ref.REDUCTIONS}, got {reduction!r}")
+    if grad not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
+                 sample_rate: float = 1.0, grad: str = "exact", num_classes: int | None = None,
+                 reduction: str = "mean") -> None:
+    """Everything :func:`margin_softmax_loss` checks: the tensors, then the settings (eager only:
+    ``torch.compile(dynamic=True)`` may trace the numbers as symbolic floats)."""
+    check_tensors(embeddings, weight, labels, num_classes)
+    if not compiling():
+        check_settings(scale, label_smoothing, sample_rate, grad, reduction)
 
 
 def partial_fc_sample(labels: torch.Tensor, num_classes: int, sample_rate: float,
@@ -116,7 +134,7 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
                         loss: str = "cosface", margins: tuple[float, ...] | None = None, scale: float = 64.0,
                         grad: str = "exact", label_smoothing: float = 0.0, reduction: str = "mean",
                         norm_mean: torch.Tensor | float = 20.0, norm_std: torch.Tensor | float = 100.0,
-                        h: float = ref.ADAFACE_H, sample_rate: float = 1.0,
+                        h: float = ADAFACE_H, sample_rate: float = 1.0,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Margin softmax cross entropy of embeddings (B×D) against class centres ``weight`` (C×D).
 
@@ -126,18 +144,31 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     fp32 and give an fp32 loss.
     """
     check_inputs(embeddings, weight, labels, scale, label_smoothing, sample_rate, grad, reduction=reduction)
-    margins = ref.resolve_margins(loss, margins)
+    return margin_softmax_loss_unchecked(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
+                                         reduction, norm_mean, norm_std, h, sample_rate, generator)
+
+
+def margin_softmax_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                  loss: str = "cosface", margins: tuple[float, ...] | None = None,
+                                  scale: float = 64.0, grad: str = "exact", label_smoothing: float = 0.0,
+                                  reduction: str = "mean", norm_mean: torch.Tensor | float = 20.0,
+                                  norm_std: torch.Tensor | float = 100.0, h: float = ADAFACE_H,
+                                  sample_rate: float = 1.0,
+                                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`margin_softmax_loss` on inputs that already passed :func:`check_inputs` (a head that
+    checked them itself, so that one step checks once)."""
+    margins = resolve_margins(loss, margins)
     labels = labels.long()
     if sample_rate < 1.0:
         index, labels = partial_fc_sample(labels, weight.shape[0], sample_rate, generator)
         weight = weight.index_select(0, index)
     backend = resolve(embeddings.device, OP)
     if backend == "reference":
-        return ref.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
-                                       reduction, norm_mean, norm_std, h)
+        return reference_margin.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad,
+                                                    label_smoothing, reduction, norm_mean, norm_std, h)
     lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend, validate=compiling())
     zhat = None
     if loss == "adaface":
-        zhat = ref.adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)
-    t = ref.target_logit(cos_t, loss, margins, scale, grad, zhat)
-    return ref.reduce(combine(lse_nt, zsum_nt, t, weight.shape[0], label_smoothing), reduction)
+        zhat = adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)
+    t = target_logit(cos_t, loss, margins, scale, grad, zhat)
+    return reduce(combine(lse_nt, zsum_nt, t, weight.shape[0], label_smoothing), reduction)

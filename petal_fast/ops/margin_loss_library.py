@@ -19,14 +19,13 @@ from torch import Tensor
 
 from petal_fast import _ext
 from petal_fast.backend import implementation
-from petal_fast.reference import margin as ref
+from petal_fast.definitions.margin import NORM_EPS
 
 from . import _margin_loss_torch as torch_impl
 from ._graph import value_check
 
 OP = "margin_loss"
 NAME = "petal_fast::fused_margin_core"
-NORM_EPS = ref.NORM_EPS
 
 
 def _impl(backend: str):

@@ -129,10 +129,14 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
         """One optimisation step; returns (loss, applied). Non-finite loss/grad → skipped, nothing updated."""
         head = self.model.head
-        if labels.min() < 0 or labels.max() >= head.num_classes:
-            raise ValueError(f"label out of range [0, {head.num_classes}): got {labels.min().item()}…"
-                             f"{labels.max().item()}; no update was made. The data set holds more classes than "
-                             f"the head: set num_classes (or check the data set's labels)")
+        # checked before the model runs (an error from the loss would come after BatchNorm moved its
+        # statistics) and on the loader's CPU labels, before they move: no device sync
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= head.num_classes:
+            raise ValueError(f"label out of range [0, {head.num_classes}): got {lo}…{hi}; no update was made. "
+                             "The data set holds more classes than the head: set num_classes (or check the "
+                             "data set's labels)")
+        labels = labels.to(self.device)
         # BatchNorm statistics a skipped step must not keep (a NaN batch would poison them)
         stats = {n: b.detach().clone() for n, b in self.model.named_buffers()
                  if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -198,7 +202,7 @@ class Trainer:
                 if self.step >= end:
                     break
                 images = prepare_images(images, self.image_size, self.device)
-                loss, applied = self.train_step(images, labels.to(self.device))
+                loss, applied = self.train_step(images, labels)
                 result.losses.append(loss)
                 result.images += images.shape[0] * self.world
                 done = i + 1 == self.steps_per_epoch

@@ -1,0 +1,72 @@
+"""What the two margin-softmax heads share: their settings, class centres and AdaFace state.
+
+:class:`~petal_fast.nn.margin.MarginSoftmaxLoss` (all classes on one process) and
+:class:`~petal_fast.nn.margin_sharded.ShardedMarginSoftmaxLoss` (a shard per rank) differ only in
+how ``forward`` reaches the fused core. Both check their settings once, here, at construction
+(the per-call tensors are checked by the op, ``petal_fast.ops.margin_loss.check_tensors``), and
+both keep AdaFace's moving averages of the embedding norms the same way:
+
+    μ ← (1 − momentum)·μ + momentum·mean(‖e‖),   σ ← (1 − momentum)·σ + momentum·std(‖e‖)
+
+updated from the batch before the loss uses them (training mode only), and written into the
+buffers only once the loss has been computed, so a step that raises leaves them untouched.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_INIT, ADAFACE_MOMENTUM, resolve_margins
+from petal_fast.margin_math import adaface_update
+from petal_fast.ops.margin_loss import check_settings
+
+
+class MarginHead(nn.Module):
+    """Base of the margin heads: validated settings, ``weight`` (rows×D) and, for AdaFace, the
+    buffers ``norm_mean`` μ and ``norm_std`` σ.
+
+    ``rows``: how many class centres this process holds (all ``num_classes``, or its shard);
+    ``min_classes``: the smallest valid ``num_classes`` and ``why`` what it is, for the error.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, rows: int | None, loss: str,
+                 margins: tuple[float, ...] | None, scale: float, grad: str, label_smoothing: float,
+                 sample_rate: float, h: float = ADAFACE_H, momentum: float = ADAFACE_MOMENTUM,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 min_classes: int = 1, why: str = "1") -> None:
+        super().__init__()
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
+        if not isinstance(num_classes, int) or num_classes < min_classes:
+            raise ValueError(f"num_classes must be an integer >= {why}, got {num_classes!r}")
+        check_settings(scale, label_smoothing, sample_rate, grad)
+        self.embedding_dim, self.num_classes = embedding_dim, num_classes
+        self.loss, self.margins = loss, resolve_margins(loss, margins)
+        self.scale, self.grad, self.label_smoothing = float(scale), grad, float(label_smoothing)
+        self.sample_rate, self.h, self.momentum = float(sample_rate), float(h), float(momentum)
+        self.weight = nn.Parameter(torch.empty(num_classes if rows is None else rows, embedding_dim, device=device,
+                                               dtype=dtype))
+        nn.init.normal_(self.weight, std=0.01)  # as insightface Partial FC
+        if loss == "adaface":
+            self.register_buffer("norm_mean", torch.tensor(ADAFACE_INIT[0], device=device))
+            self.register_buffer("norm_std", torch.tensor(ADAFACE_INIT[1], device=device))
+
+    def extra_repr(self) -> str:
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, loss={self.loss!r}, "
+                f"margins={self.margins}, scale={self.scale}, grad={self.grad!r}, "
+                f"label_smoothing={self.label_smoothing}, sample_rate={self.sample_rate}")
+
+    def adaface_stats(self, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(μ, σ) this step's loss uses: the buffers, moved by this batch's ``norms`` when training.
+        ``None`` for the other losses. Nothing is written: :meth:`commit_adaface` does that."""
+        if self.loss != "adaface":
+            return None
+        if not self.training:
+            return self.norm_mean, self.norm_std
+        return adaface_update(norms, self.norm_mean, self.norm_std, self.momentum)
+
+    def commit_adaface(self, stats: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Write the moving averages :meth:`adaface_stats` returned, once the loss exists."""
+        if stats is not None and self.training:
+            self.norm_mean.copy_(stats[0])
+            self.norm_std.copy_(stats[1])
