@@ -4,8 +4,9 @@ Quality-weighted two-branch LoRA (:class:`PetalLinear`), margin-softmax losses
 (:class:`MarginSoftmaxLoss`), batched BRISQUE (:mod:`petal_fast.quality`), the PETALface model
 (:mod:`petal_fast.models`) and its training script. See the README and docs/design.md.
 
-``petal_fast.quality`` is both the quality package (``petal_fast.quality.brisque(images)``) and,
-called, the context manager that hands α to PetalLinear layers (``with petal_fast.quality(alpha):``).
+α reaches PetalLinear layers through ``with petal_fast.alpha_scope(alpha):``. Its earlier name
+``petal_fast.quality(alpha)`` still works: ``petal_fast.quality`` is the quality package
+(``petal_fast.quality.brisque(images)``), made callable for that alias.
 """
 import importlib.util as _util
 from pathlib import Path as _Path
@@ -17,12 +18,12 @@ if _util.find_spec("petal_fast.kernels") is None and (_Path(__file__).resolve().
     __path__.append(str(_Path(__file__).resolve().parent.parent))
 
 from .backend import requested_backend, use_backend  # noqa: E402
-from .nn import (InjectionReport, PetalLinear, adapter_state_dict, inject_petal, load_adapter_state_dict,
-                 merge_petal, parameter_counts, quality, unmerge_petal)
+from .nn import (InjectionReport, PetalLinear, adapter_state_dict, alpha_scope, inject_petal,
+                 load_adapter_state_dict, merge_petal, parameter_counts, quality, unmerge_petal)
 from .nn.margin import MarginSoftmaxLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["InjectionReport", "MarginSoftmaxLoss", "PetalLinear", "adapter_state_dict", "inject_petal",
+__all__ = ["InjectionReport", "MarginSoftmaxLoss", "PetalLinear", "adapter_state_dict", "alpha_scope", "inject_petal",
            "load_adapter_state_dict", "merge_petal", "parameter_counts", "quality", "requested_backend",
            "unmerge_petal", "use_backend"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from petal_fast.backend import use_backend
 from petal_fast.nn import PetalLinear
-from petal_fast.nn.context import quality
+from petal_fast.nn.context import alpha_scope
 
 FORMATS = ("onnx", "pt2")
 
@@ -55,7 +55,7 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         if not self.alpha_input:
             return self.model.backbone(images)
-        with quality(alpha):
+        with alpha_scope(alpha):
             return self.model.backbone(images)
 
 

@@ -193,8 +193,7 @@ def test_inference_mode_first_then_training():
     """The branch weights cached by a first call in inference mode can be saved for a later backward."""
     import importlib
     ops = importlib.import_module("petal_fast.ops.petal_linear")
-    ops._single_branch.clear()
-    ops._alpha_cache = (None, -1, {})
+    ops._single_branch_weights.cache_clear()
     layer, lora = petal_fast.PetalLinear(8, 6, rank=2), petal_fast.PetalLinear(8, 6, rank=2, branches=1)
     x, alpha = torch.randn(4, 3, 8), torch.rand(4)
     with torch.inference_mode():

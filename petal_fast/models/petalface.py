@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petal_fast.nn import PetalLinear, inject_petal
-from petal_fast.nn.context import quality as quality_context
+from petal_fast.nn.context import alpha_scope
 
 from .presets import SWIN_PRESETS, VIT_PRESETS, face_swin, face_vit
 
@@ -278,5 +278,5 @@ class PetalFace(FaceModel):
             return self.backbone(images)
         if alpha is None:
             alpha = self.alpha(images)
-        with quality_context(alpha):
+        with alpha_scope(alpha):
             return self.backbone(images)

@@ -16,7 +16,7 @@ from torch import nn
 from petal_fast.ops import petal_linear
 from petal_fast.ops._graph import draw_seed
 
-from .context import current_alpha
+from .context import current_scope
 
 
 class PetalLinear(nn.Module):
@@ -79,12 +79,15 @@ class PetalLinear(nn.Module):
     def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         if self._is_merged:
             return nn.functional.linear(x, self.weight, self.bias)
+        shared = None
         if self.branches == 2 and alpha is None:
-            alpha = current_alpha()
+            scope = current_scope()  # the block's α and what its layers share (check, branch weights)
+            if scope is not None:
+                alpha, shared = scope.alpha, scope.shared
         p = self.dropout if self.training else 0.0
         seed = draw_seed() if p > 0.0 else 0  # a tensor: a compiled graph takes a new seed as data
         return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
-                            alpha if self.branches == 2 else None, self.scale, p, seed)
+                            alpha if self.branches == 2 else None, self.scale, p, seed, shared)
 
     # -- fixed-quality deployment -------------------------------------------------------------
     def delta_weight(self, alpha: float | None = None) -> torch.Tensor:

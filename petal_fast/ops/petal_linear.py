@@ -18,7 +18,7 @@ assert on CUDA; see ``_graph.value_check``); in eager mode it is checked once pe
 """
 from __future__ import annotations
 
-import weakref
+import functools
 
 import torch
 
@@ -78,46 +78,45 @@ def check_alpha_values(alpha: torch.Tensor) -> None:
     value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
 
 
-# The last α seen, its values checked and its branch weights built: every layer of a model gets the
-# same α tensor in a forward pass, so this runs once per pass instead of once per layer (on CUDA
-# 3–5 kernel launches each). Keyed by identity and version counter: an in-place change of α
-# invalidates it (a write through ``alpha.data`` bypasses the counter and is not seen).
-_alpha_cache: tuple = (None, -1, {})
-_single_branch: dict[tuple, torch.Tensor] = {}  # [[s]] per (scale, dtype, device)
 _NO_SEED = torch.zeros(1, dtype=torch.int64)  # p = 0: the seed is unused
 
 
+@functools.lru_cache(maxsize=None)
+def _single_branch_weights(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[[s]]: the one-branch weights are a constant per (scale, dtype, device)."""
+    with torch.inference_mode(False):  # made once, maybe saved for backward later
+        return branch_coefficients(None, 1, scale, dtype, device)
+
+
 def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """``branch_coefficients`` (and α's value check) through the caches above."""
-    global _alpha_cache
+                  device: torch.device, shared: dict | None) -> torch.Tensor:
+    """``branch_coefficients`` after α's value check; with ``shared`` (an ``alpha_scope``'s dict: every
+    layer of a forward pass gets the same α) both happen once per α version and scale, not per call."""
     if compiling():  # Python state is not traced: compute (α is checked inside the operator)
         return branch_coefficients(alpha, branches, scale, dtype, device)
     if branches == 1:
-        key = (float(scale), dtype, device)
-        if key not in _single_branch:
-            with torch.inference_mode(False):  # a cached tensor made in inference mode could not be saved for backward
-                _single_branch[key] = branch_coefficients(None, 1, scale, dtype, device)
-        return _single_branch[key]
-    if alpha.requires_grad and torch.is_grad_enabled():  # dα wanted: weights built in this graph, not cached
+        return _single_branch_weights(float(scale), dtype, device)
+    version = _version(alpha)
+    if shared is None or version is None or (alpha.requires_grad and torch.is_grad_enabled()):
+        # no scope, an inference tensor (no version counter), or dα wanted (weights in this graph)
         check_alpha_values(alpha)
         return branch_coefficients(alpha, branches, scale, dtype, device)
-    try:
-        version = alpha._version
-    except RuntimeError:  # inference-mode tensors have no version counter: no caching
+    if shared.get("version") != version:  # first layer, or α changed in place since
         check_alpha_values(alpha)
-        return branch_coefficients(alpha, branches, scale, dtype, device)
-    ref, cached_version, table = _alpha_cache
-    if ref is None or ref() is not alpha or cached_version != version:
-        check_alpha_values(alpha)
-        table = {}
-        _alpha_cache = (weakref.ref(alpha), version, table)
+        shared.clear()
+        shared["version"] = version
     key = (float(scale), dtype)
-    coef = table.get(key)
-    if coef is None:
+    if key not in shared:
         with torch.inference_mode(False):  # reused later, maybe by a step that saves it for backward
-            coef = table[key] = branch_coefficients(alpha, branches, scale, dtype, device)
-    return coef
+            shared[key] = branch_coefficients(alpha, branches, scale, dtype, device)
+    return shared[key]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
 
 
 def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
@@ -131,12 +130,14 @@ def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None = None, scale: float = 1.0,
-                 dropout: float = 0.0, seed: int | torch.Tensor = 0) -> torch.Tensor:
+                 dropout: float = 0.0, seed: int | torch.Tensor = 0, shared: dict | None = None) -> torch.Tensor:
     """Fused PetalLinear forward; differentiable in x, lora_A, lora_B and α (W, b frozen).
 
     x: (..., in); weight: (out, in); lora_A: (branches, r, in); lora_B: (branches, out, r);
     alpha: (images,) for two branches (rows_per_image = rows / images), ignored for one;
-    seed: an int in [0, 2³¹) or a 1-element integer tensor (what a compiled graph should pass).
+    seed: an int in [0, 2³¹) or a 1-element integer tensor (what a compiled graph should pass);
+    shared: a dict that calls with the same α share (``petal_fast.alpha_scope`` gives its layers one):
+    α's value check and branch weights are computed into it once instead of per call.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout)
     backend = resolve(x.device, OP)
@@ -150,7 +151,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the one explicit copy of a non-contiguous input
     coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    coef = _coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device)
+    coef = _coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device, shared)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the op is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)

@@ -5,9 +5,9 @@
     q2a = calibrate("brisque", train_images)    # τ = median score of the training data
     alpha = q2a(images)                         # clamp(0.5 + k·(τ − score), 0, 1)
 
-``petal_fast.quality(alpha)`` is also the context manager that hands α to PetalLinear layers
-(``petal_fast.nn.context.quality``); importing this package would shadow that attribute of
-``petal_fast``, so the package module itself stays callable and forwards the call.
+``petal_fast.quality(alpha)`` is the earlier name of ``petal_fast.alpha_scope(alpha)``, the context
+that hands α to PetalLinear layers. Importing this package sets the attribute ``petal_fast.quality``
+to the package, so for that alias the package module is callable and forwards the call.
 """
 import sys
 import types
@@ -28,7 +28,7 @@ __all__ = ["MODES", "BrisqueQuality", "CallableQuality", "FeatureNormQuality", "
 
 class _CallableModule(types.ModuleType):
     def __call__(self, alpha):
-        from petal_fast.nn.context import quality
+        from petal_fast.nn.context import quality  # the alias of alpha_scope that yields α
         return quality(alpha)
 
 
