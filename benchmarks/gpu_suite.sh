@@ -100,7 +100,7 @@ fi
 bench() { stage "$1" "$PY" -m benchmarks --suite "$1" --device "$DEVICE" $QUICK_FLAG --out "$OUT" --no-plots; }
 bench linear
 if [[ $DEVICE == cuda ]]; then
-    stage tune "$PY" -m petal_fast.kernels.petal_linear --tune --quick
+    stage tune "$PY" -m petal_fast.kernels.tune_petal_linear --tune --quick
 else
     SPENT[tune]=0 STATUS[tune]="skipped (DEVICE=$DEVICE)"
 fi

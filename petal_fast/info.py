@@ -106,7 +106,7 @@ def _tile_table(triton_error: str | None) -> list[str]:
         return [f"Triton tiles: Triton unavailable ({triton_error})"]
     try:
         k = importlib.import_module("petal_fast.kernels.petal_linear")
-        generation = k._generation(device)
+        generation = k.generation(device)
         lines = [f"Triton tiles for this GPU (generation {generation!r}; design fwd "
                  f"{k.design_for(device, 'fwd')}, bwd {k.design_for(device, 'bwd')}):"]
         for kernel, cfg in k.TILE_CONFIGS[generation].items():
