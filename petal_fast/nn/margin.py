@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_INIT, ADAFACE_MOMENTUM
-from petal_fast.ops.margin_loss import check_settings, check_tensors, margin_softmax_loss_unchecked
+from petal_fast.ops.margin_loss import check_reduction, check_tensors, margin_softmax_loss_unchecked
 
 from .margin_head import MarginHead
 
@@ -35,7 +35,7 @@ class MarginSoftmaxLoss(MarginHead):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         # the op's checks, once: the tensors every call, of the settings only the per-call reduction
         check_tensors(embeddings, self.weight, labels)
-        check_settings(reduction=reduction)
+        check_reduction(reduction)
         stats = self.adaface_stats(embeddings.detach().float().norm(dim=1)) if self.loss == "adaface" else None
         mean, std = stats if stats is not None else ADAFACE_INIT
         out = margin_softmax_loss_unchecked(embeddings, self.weight, labels, self.loss, self.margins, self.scale,

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from petal_fast.backend import resolve
 from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_MOMENTUM
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
-from petal_fast.ops.margin_loss import OP, check_settings, check_tensors, fused_core
+from petal_fast.ops.margin_loss import OP, check_reduction, check_tensors, fused_core
 
 from .margin_head import MarginHead
 
@@ -92,7 +92,7 @@ class ShardedMarginSoftmaxLoss(MarginHead):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         # the op's checks, once: labels are bounded by all classes, not this rank's shard
         check_tensors(embeddings, self.weight, labels, num_classes=self.num_classes)
-        check_settings(reduction=reduction)
+        check_reduction(reduction)
         backend = resolve(embeddings.device, OP, supported=("torch", "cpp", "triton"))
         e_all = _AllGather.apply(embeddings, self.group)
         labels_all = torch.empty(labels.numel() * self.world, dtype=torch.long, device=labels.device)

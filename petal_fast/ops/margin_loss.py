@@ -104,6 +104,11 @@ def check_settings(scale: float = 64.0, label_smoothing: float = 0.0, sample_rat
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    check_reduction(reduction)
+
+
+def check_reduction(reduction: str) -> None:
+    """The one setting a margin head takes per call (the rest are checked at construction)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
