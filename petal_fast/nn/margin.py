@@ -21,7 +21,9 @@ class MarginSoftmaxLoss(MarginHead):
     loss: ``cosface`` (m3 = 0.4), ``arcface`` (m2 = 0.5), ``combined`` (``margins=(m1, m2, m3)``:
     s·(cos(m1·θ + m2) − m3)), ``adaface`` (``margins=(m,)``, m = 0.4, h = 0.333).
     grad: ``exact`` (true derivative of the margin) or ``straight_through`` (margin without
-    gradient, as insightface arcface_torch). sample_rate < 1: Partial FC negative sampling.
+    gradient, as insightface arcface_torch). sample_rate < 1: Partial FC negative sampling, every
+    positive plus uniform negatives, min(C, max(⌈sample_rate·C⌉, B)) classes per call
+    (``petal_fast.ops.margin_loss.partial_fc_sample``; compiles with ``fullgraph=True``).
     """
 
     def __init__(self, embedding_dim: int, num_classes: int, loss: str = "cosface",

@@ -21,8 +21,9 @@ D = 512, fwd+bwd): row-block direct 5.5 s vs class-chunked C++ 4.9 s. Recompute 
 ``reduction="none"`` and arbitrary upstream gradients exact, and holds nothing between the passes.
 
 Partial FC (``sample_rate < 1``): each call keeps every positive class plus a uniform sample of the
-negatives, ⌈sample_rate·C⌉ classes in all; the loss is the softmax over the kept classes and dW is
-nonzero only on their rows.
+negatives, k = min(C, max(⌈sample_rate·C⌉, B)) classes in all (:func:`partial_fc_sample`); the loss is
+the softmax over the kept classes and dW is nonzero only on their rows. k depends on sizes only, so
+the sampling compiles into the graph (``fullgraph=True``, dynamic batch) with no data-dependent shape.
 """
 from __future__ import annotations
 
@@ -123,16 +124,40 @@ def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothin
         check_settings(scale, label_smoothing, sample_rate, grad, reduction)
 
 
+def partial_fc_count(num_classes: int, batch: int, sample_rate: float) -> int:
+    """k = min(C, max(⌈sample_rate·C⌉, B)): how many classes one Partial FC call keeps.
+
+    A function of sizes only (a symbolic int under ``torch.compile(dynamic=True)``), and at least the
+    batch size, so every positive fits whatever the labels are."""
+    return torch.sym_min(num_classes, torch.sym_max(math.ceil(sample_rate * num_classes), batch))
+
+
 def partial_fc_sample(labels: torch.Tensor, num_classes: int, sample_rate: float,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept class ids sorted, labels re-indexed into them): all positives plus random negatives,
-    max(#positives, ⌈sample_rate·C⌉) classes in all (Partial FC)."""
-    positives = labels.unique()
-    keep = max(positives.numel(), math.ceil(sample_rate * num_classes))
-    score = torch.rand(num_classes, generator=generator, device=labels.device)
-    score[positives] = 2.0  # positives always kept
-    index = score.topk(keep, sorted=False).indices.sort().values
-    return index, torch.searchsorted(index, labels)
+    """(kept class ids, sorted; labels re-indexed into them): every positive plus uniform random
+    negatives, k = :func:`partial_fc_count` classes in all (Partial FC).
+
+    score_j ~ U[0, 1) for every class, score_y = 2 for the positives, keep the top k: the positives
+    always, and the k − #positives negatives a uniform sample without replacement (as insightface's
+    PartialFC_V2). Labels map into the kept set through a C-long lookup table. No step depends on the
+    labels' values for a shape, so the whole draw stays in a compiled graph.
+
+    Where it differs from insightface: there k = max(#positives, ⌊sample_rate·C⌋), which depends on
+    how many distinct labels the batch holds (a data-dependent size); here k = max(⌈sample_rate·C⌉, B)
+    (capped at C). Whenever the batch fits in the sample (B ≤ ⌈sample_rate·C⌉, the usual case: C is
+    large) the two agree up to the rounding; with B > ⌈sample_rate·C⌉ this keeps B classes, i.e.
+    B − #positives negatives where insightface keeps none beyond the positives.
+    """
+    labels = labels.long()
+    keep = partial_fc_count(num_classes, labels.shape[0], sample_rate)
+    # rand's generator overload takes concrete sizes only: without a generator, C may be symbolic
+    gen = {} if generator is None else {"generator": generator}
+    score = torch.rand(num_classes, device=labels.device, **gen)
+    score = score.index_fill(0, labels, 2.0)  # positives always kept
+    index = score.topk(keep, sorted=False).indices.sort().values  # sorted: the set, in class order
+    table = torch.zeros(num_classes, dtype=torch.long, device=labels.device)
+    table = table.index_copy(0, index, torch.arange(index.shape[0], device=labels.device))
+    return index, table[labels]
 
 
 def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
