@@ -12,11 +12,13 @@ import torch.multiprocessing as mp
 import petal_fast
 from petal_fast import _ext
 from petal_fast.nn.margin_sharded import ShardedMarginSoftmaxLoss, shard_range
+from petal_fast.ops.margin_loss import partial_fc_sample
 from petal_fast.reference import margin as ref
 
 from conftest import rel_err
 
 WORLD, B, C, D = 2, 5, 37, 16  # odd C: shards of 19 and 18 classes
+RATE = 0.3  # ⌈0.3·19⌉ = 6 < B·world = 10: each shard keeps 10 classes
 CASES = [("cosface", "exact", 0.1), ("arcface", "straight_through", 0.0), ("adaface", "exact", 0.0)]
 BACKENDS = ["torch"] + (["cpp"] if _ext.has_op("margin_loss") else [])
 
@@ -45,6 +47,19 @@ def worker(rank: int, port: int, inputs: dict, out_dir: str) -> None:
                 out.backward()
                 stats = (head.norm_mean.clone(), head.norm_std.clone()) if loss == "adaface" else None
                 results[(backend, loss)] = (out.detach(), e.grad, head.weight.grad, stats)
+        # Partial FC: replay this rank's draw (same seed) to know the classes it keeps
+        head = ShardedMarginSoftmaxLoss(D, C, loss="arcface", label_smoothing=0.1, sample_rate=RATE)
+        with torch.no_grad():
+            head.weight.copy_(inputs["w"][head.start:head.end])
+        local = inputs["labels"] - head.start
+        owned = (local >= 0) & (local < head.end - head.start)
+        torch.manual_seed(100 + rank)
+        index, _ = partial_fc_sample(local, head.end - head.start, RATE, owned=owned)
+        torch.manual_seed(100 + rank)
+        e = inputs["e"][rows].clone().requires_grad_()
+        out = head(e, inputs["labels"][rows])
+        out.backward()
+        results["sampled"] = (out.detach(), e.grad, head.weight.grad, head.start + index)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -76,6 +91,23 @@ def test_two_process_gloo_equals_single_process(tmp_path):
                 assert rel_err(dw, w64.grad[start:end]) < 1e-5, (backend, loss, r)
                 if stats is not None:
                     assert torch.allclose(stats[0].double(), kw["norm_mean"]) and torch.allclose(stats[1].double(), kw["norm_std"])
+    # Partial FC over the shards: the loss over the union of the kept classes (every positive in it)
+    kept = torch.cat([res[r]["sampled"][3] for r in range(WORLD)])
+    assert torch.isin(labels, kept).all() and kept.numel() == WORLD * min(18, WORLD * B)
+    table = torch.full((C,), -1)
+    table[kept] = torch.arange(kept.numel())
+    e64, w64 = e.double().requires_grad_(), w.double()[kept].requires_grad_()
+    exp = ref.margin_softmax_loss(e64, w64, table[labels], "arcface", label_smoothing=0.1)
+    exp.backward()
+    offset = 0
+    for r in range(WORLD):
+        out, de, dw, index = res[r]["sampled"]
+        start, end = shard_range(C, WORLD, r)
+        assert rel_err(out, exp) < 1e-5 and rel_err(de, e64.grad[r * B:(r + 1) * B]) < 1e-5
+        mine = torch.zeros(end - start, dtype=torch.bool)
+        mine[index - start] = True
+        assert rel_err(dw[mine], w64.grad[offset:offset + index.numel()]) < 1e-5 and (dw[~mine] == 0).all()
+        offset += index.numel()
 
 
 def test_shard_range_covers_all_classes():

@@ -10,6 +10,11 @@ evenly as possible, the first C mod world ranks one class more). Per step:
    Σ_r exp(lse_r − max) (sum) and zsum_r (sum);
 4. every rank forms the same loss over the whole global batch and all classes.
 
+Partial FC (``sample_rate < 1``), as insightface's PartialFC_V2: each rank keeps the positives of its
+shard among the gathered labels plus uniform negatives, k_r = min(C_r, max(⌈sample_rate·C_r⌉, B·world))
+classes (``petal_fast.ops.margin_loss.partial_fc_sample``; sizes only, so it compiles), and the loss is
+the softmax over the union of the kept classes (Σ_r k_r of them, the C of label smoothing).
+
 Backward: each rank computes dW for its shard and its partial dE for the gathered rows; the
 partials are summed (all-reduce) and each rank keeps the rows of its own embeddings. Every rank
 must call ``backward`` on the returned (identical) loss. Works on gloo (CPU) and NCCL (CUDA).
@@ -22,7 +27,7 @@ import torch.distributed as dist
 from petal_fast.backend import resolve
 from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_MOMENTUM
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
-from petal_fast.ops.margin_loss import OP, check_reduction, check_tensors, fused_core
+from petal_fast.ops.margin_loss import OP, check_reduction, check_tensors, fused_core, partial_fc_count, partial_fc_sample
 
 from .margin_head import MarginHead
 
@@ -80,13 +85,13 @@ class ShardedMarginSoftmaxLoss(MarginHead):
                  margins: tuple[float, ...] | None = None, scale: float = 64.0, grad: str = "exact",
                  label_smoothing: float = 0.0, h: float = ADAFACE_H, momentum: float = ADAFACE_MOMENTUM,
                  process_group: dist.ProcessGroup | None = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, sample_rate: float = 1.0) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedMarginSoftmaxLoss needs torch.distributed initialised (init_process_group)")
         world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
         start, end = shard_range(num_classes, world, rank) if isinstance(num_classes, int) else (0, 0)
-        super().__init__(embedding_dim, num_classes, end - start, loss, margins, scale, grad, label_smoothing, 1.0,
-                         h, momentum, device, dtype, min_classes=world, why=f"world size {world}")
+        super().__init__(embedding_dim, num_classes, end - start, loss, margins, scale, grad, label_smoothing,
+                         sample_rate, h, momentum, device, dtype, min_classes=world, why=f"world size {world}")
         self.group, self.world, self.rank, self.start, self.end = process_group, world, rank, start, end
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -99,7 +104,13 @@ class ShardedMarginSoftmaxLoss(MarginHead):
         dist.all_gather_into_tensor(labels_all, labels.long().contiguous(), group=self.group)
         local = labels_all - self.start
         owned = (local >= 0) & (local < self.weight.shape[0])
-        lse_r, zsum_r, cos_r = fused_core(e_all, self.weight, torch.where(owned, local, -1), self.scale, backend)
+        weight, classes = self.weight, self.num_classes
+        if self.sample_rate < 1.0:
+            index, local = partial_fc_sample(local, self.weight.shape[0], self.sample_rate, owned=owned)
+            weight = weight.index_select(0, index)
+            classes = sum(partial_fc_count(e - s, labels_all.shape[0], self.sample_rate)
+                          for s, e in (shard_range(self.num_classes, self.world, r) for r in range(self.world)))
+        lse_r, zsum_r, cos_r = fused_core(e_all, weight, torch.where(owned, local, -1), self.scale, backend)
         cos_t = _AllReduceSum.apply(cos_r, self.group)  # each row's target cosine, from its owner
         zhat = stats = None
         if self.loss == "adaface":
@@ -112,6 +123,6 @@ class ShardedMarginSoftmaxLoss(MarginHead):
         row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
         lse_nt = row_max + torch.log(_AllReduceSum.apply(torch.exp(lse_r - row_max), self.group))
         zsum_nt = _AllReduceSum.apply(zsum_r, self.group)
-        out = reduce(combine(lse_nt, zsum_nt, t, self.num_classes, self.label_smoothing), reduction)
+        out = reduce(combine(lse_nt, zsum_nt, t, classes, self.label_smoothing), reduction)
         self.commit_adaface(stats)
         return out

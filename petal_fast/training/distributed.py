@@ -87,7 +87,8 @@ class Distributed:
         old = model.head
         loss, margins = cfg.margin_args()
         model.head = ShardedMarginSoftmaxLoss(old.embedding_dim, old.num_classes, loss=loss, margins=margins,
-                                              scale=cfg.loss_scale, grad=cfg.grad, device=self.device)
+                                              scale=cfg.loss_scale, grad=cfg.grad, device=self.device,
+                                              sample_rate=cfg.sample_rate)
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The model's loss on this rank's batch, through DDP when there is one."""
