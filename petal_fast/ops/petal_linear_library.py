@@ -71,7 +71,7 @@ def _(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate=False):
     return x.new_empty((m, weight.shape[0])), x.new_empty((m, a_cat.shape[0]))
 
 
-def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed: int) -> Tensor:
+def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """dcoef (images × branches) = Σ over each image's rows of ⟨D_k(dy) B_k, U_k⟩, accumulated in fp32/fp64."""
     images, branches = coef.shape
     r = b_cat.shape[1] // branches
@@ -98,8 +98,6 @@ def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Te
     s = int(seed.item())
     dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x)
     dc = coef_grad(dy, u, b_cat, coef, float(p), s) if need_coef else _empty(coef)
-    if da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():  # Triton: views of one buffer
-        da = da.clone()  # an operator's outputs may not alias each other (R·K elements)
     return (dx if need_x else _empty(x)), da.contiguous(), db.contiguous(), dc
 
 
@@ -110,22 +108,27 @@ def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend)
             coef.new_empty(coef.shape) if need_coef else _empty(coef))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, a_cat, b_cat, coef, p, seed, backend, _validate = inputs
-    ctx.save_for_backward(x, weight, a_cat, b_cat, coef, output[1], seed)
-    ctx.p, ctx.backend = p, backend
+def register_petal_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (this module's operator pair, or the Triton
+    one): forward inputs (x, W, b, A_cat, B_cat, coef, p, seed, *extra, validate), backward inputs
+    (dy, x, W, A_cat, B_cat, coef, U, p, seed, need_x, need_coef, *extra); saved: x, W, A_cat, B_cat,
+    coef, U and the seed — never an M×out tensor."""
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _bias, a_cat, b_cat, coef, p, seed = inputs[:8]
+        ctx.save_for_backward(x, weight, a_cat, b_cat, coef, output[1], seed)
+        ctx.p, ctx.extra, ctx.n_inputs = p, tuple(inputs[8:-1]), len(inputs)
 
+    def backward(ctx, dy: Tensor, du: Tensor):
+        x, weight, a_cat, b_cat, coef, u, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, da, db, dc = backward_op(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, ctx.p, seed,
+                                     need[0], need[5], *ctx.extra)
+        grads = (dx if need[0] else None, None, None, da if need[3] else None, db if need[4] else None,
+                 dc if need[5] else None)
+        return grads + (None,) * (ctx.n_inputs - len(grads))
 
-def _backward(ctx, dy: Tensor, du: Tensor):
-    x, weight, a_cat, b_cat, coef, u, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, da, db, dc = fused_petal_linear_backward(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, ctx.p, seed,
-                                                 need[0], need[5], ctx.backend)
-    return (dx if need[0] else None, None, None, da if need[3] else None, db if need[4] else None,
-            dc if need[5] else None, None, None, None, None)
-
-
-fused_petal_linear.register_autograd(_backward, setup_context=_setup_context)
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -135,7 +138,7 @@ def _no_double_backward(ctx, *grads):
         "(petal_fast.use_backend('reference')) for higher-order gradients.")
 
 
-fused_petal_linear_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+register_petal_autograd(fused_petal_linear, fused_petal_linear_backward)
 
 
 # -- the raw C++ kernels: fake implementations so they trace when called directly -----------------------
