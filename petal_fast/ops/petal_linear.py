@@ -166,17 +166,12 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not traced and not (torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad
                                                         or coef.requires_grad)):
         # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
-        y, _ = (_triton_op().forward_body(*args, wrap=_direct) if backend == "triton"
-                else forward_impl(*args, backend))
+        y, _ = forward_impl(*args, backend)
     elif backend == "triton" and not (traced and triton_interpreting()):
         y, _ = _triton_op().triton_petal_linear(*args, validate)  # Inductor sees its kernels
     else:  # interpreted Triton kernels cannot be traced: the opaque operator runs them
         y, _ = fused_petal_linear(*args, backend, validate)
     return y.view(*lead, weight.shape[0])
-
-
-def _direct(kernel):
-    return kernel
 
 
 def _triton_op():

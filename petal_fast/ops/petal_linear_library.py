@@ -46,16 +46,25 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _seed_arg(seed: Tensor, backend: str):
+    """The seed as the backend takes it: Triton kernels read the tensor on the device (nothing read on
+    the host: traceable), the C++ and torch backends an int."""
+    return seed if backend == "triton" else int(seed.item())
+
+
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                 coef: Tensor, p: float, seed: Tensor, backend: str, validate: bool = False) -> tuple[Tensor, Tensor]:
-    """The operator's body; eager inference calls it directly (the dispatcher costs ~35 µs a call)."""
+                 coef: Tensor, p: float, seed: Tensor, backend: str, validate: bool = False,
+                 wrap=None) -> tuple[Tensor, Tensor]:
+    """The operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper); eager
+    inference calls it directly (the dispatcher costs ~35 µs a call)."""
     if validate:
         value_check(torch.isfinite(coef).all(), "petal_linear: alpha contains non-finite values")
     if x.shape[0] == 0:  # no kernel is launched on an empty batch
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, a_cat.shape[0]))
     fwd, _ = _impl(backend)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels take dense row-major inputs)
-    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), int(seed.item()))
+    extra = {"wrap": wrap} if wrap is not None else {}
+    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), _seed_arg(seed, backend), **extra)
 
 
 @torch.library.custom_op(NAME, mutates_args=())
@@ -86,19 +95,27 @@ def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed
     return torch.stack(parts, dim=1).to(coef.dtype)
 
 
-@torch.library.custom_op(NAME + "_backward", mutates_args=())
-def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor,
-                                u: Tensor, p: float, seed: Tensor, need_x: bool, need_coef: bool,
-                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor, u: Tensor,
+                  p: float, seed: Tensor, need_x: bool, need_coef: bool, backend: str,
+                  wrap=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward operator's body (of the Triton triton_op too, with ``wrap``)."""
     if x.shape[0] == 0:
         return (x.new_empty(x.shape) if need_x else _empty(x), a_cat.new_zeros(a_cat.shape),
                 b_cat.new_zeros(b_cat.shape), coef.new_zeros(coef.shape) if need_coef else _empty(coef))
     _, bwd = _impl(backend)
     dy, x, weight, a_cat, b_cat, coef, u = (t.contiguous() for t in (dy, x, weight, a_cat, b_cat, coef, u))
-    s = int(seed.item())
-    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x)
+    s = _seed_arg(seed, backend)
+    extra = {"wrap": wrap} if wrap is not None else {}
+    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x, **extra)
     dc = coef_grad(dy, u, b_cat, coef, float(p), s) if need_coef else _empty(coef)
     return (dx if need_x else _empty(x)), da.contiguous(), db.contiguous(), dc
+
+
+@torch.library.custom_op(NAME + "_backward", mutates_args=())
+def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor,
+                                u: Tensor, p: float, seed: Tensor, need_x: bool, need_coef: bool,
+                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend)
 
 
 @fused_petal_linear_backward.register_fake
