@@ -1,4 +1,4 @@
-"""PetalLinear's Triton backend as ``torch.library.triton_op``: the operators' numbers (Triton
+"""The Triton backends of PetalLinear and the margin core as ``torch.library.triton_op``: the operators' numbers (Triton
 interpreter, against the float64 composition), their opcheck, which operator the module calls, and
 — with real (not interpreted) Triton JIT kernels, in a subprocess — that a compiled graph holds each
 kernel launch as a node Inductor schedules, with a symbolic grid under a dynamic batch.
@@ -142,6 +142,44 @@ def test_module_calls_the_triton_op_in_eager_training(monkeypatch):
         assert rel_err(out, y_ref) < 1e-5
 
 
+def margin_lib():
+    from petal_fast.ops import margin_loss_triton_library
+    return margin_loss_triton_library
+
+
+@interpreter
+def test_margin_triton_op_matches_float64_composition():
+    """The margin core's triton_op: (lse, zsum, cos_t) and dE, dW against the torch composition in
+    float64, including a label outside [0, C) (a row whose class is on another rank)."""
+    from petal_fast.ops.margin_loss_library import fused_margin_core
+    e, w = torch.randn(7, 12, requires_grad=True), torch.randn(45, 12, requires_grad=True)
+    labels = torch.randint(0, 45, (7,))
+    labels[3] = -1
+    out = margin_lib().triton_margin_core(e, w, labels, 16.0)
+    e64, w64 = (t.detach().double().requires_grad_() for t in (e, w))
+    expect = fused_margin_core(e64, w64, labels, 16.0, "torch")
+    for o, x in zip(out, expect):
+        assert rel_err(o, x) < 1e-5
+    gs = [torch.randn(7) for _ in range(3)]
+    got = torch.autograd.grad(out, (e, w), gs)
+    want = torch.autograd.grad(expect, (e64, w64), [g.double() for g in gs])
+    for g, x in zip(got, want):
+        assert rel_err(g, x) < 1e-5
+
+
+@interpreter
+def test_opcheck_margin_triton_op():
+    op = torch.ops.petal_fast.triton_margin_core.default
+    e, w = torch.randn(6, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True)
+    labels = torch.randint(0, 37, (6,))
+    torch.library.opcheck(op, (e, w, labels, 16.0, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    bad = labels.clone()
+    bad[0] = 37
+    with pytest.raises(ValueError, match="labels must be in"):
+        op(e, w, bad, 16.0, True)
+
+
 TRACE = textwrap.dedent("""
     import torch
     from torch._dynamo.backends.common import aot_autograd
@@ -175,13 +213,21 @@ TRACE = textwrap.dedent("""
         "bwd": lambda x, dy, u, coef, s: lib.triton_petal_linear_backward(dy, x, w, a_cat, b_cat, coef, u, 0.25,
                                                                           s, True, True),
     }
+    e, cw, labels = torch.randn(m, 8), torch.randn(50, 8), torch.randint(0, 50, (m,))
+    torch._dynamo.mark_dynamic(e, 0)
+    torch._dynamo.mark_dynamic(labels, 0)
+    from petal_fast.ops import margin_loss_triton_library as mlib
+    calls["margin_fwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_core(e, cw, labels, 16.0)
+    calls["margin_bwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_core_backward(
+        e, cw, labels, torch.zeros(e.shape[0]), torch.ones(e.shape[0]), torch.ones(e.shape[0]),
+        torch.ones(e.shape[0]), 16.0, True, True)
     for name, fn in calls.items():
         graphs.clear()
         try:
             torch.compile(fn, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(
                 x, dy, u, coef, torch.tensor([3]))
-        except Exception as e:
-            assert "Captured" in str(e), e
+        except Exception as err:
+            assert "Captured" in str(err), err
         print(name, launches(graphs[0]))
 """)
 
@@ -198,6 +244,8 @@ def test_compiled_graph_holds_the_kernel_launches():
     assert [name for name, _ in fwd] in (["shrink_kernel", "fwd_kernel"], ["fwd_kernel"])
     assert [name for name, _ in bwd] in (["bwd_dy_kernel", "bwd_dx_kernel"], ["bwd_onepass_kernel"])
     assert not any(static for _, static in fwd + bwd)  # every grid depends on the dynamic batch
+    assert [name for name, _ in eval(lines["margin_fwd"])] == ["_fwd_kernel"]  # noqa: S307
+    assert [name for name, _ in eval(lines["margin_bwd"])] == ["_bwd_de_kernel", "_bwd_dw_kernel"]  # noqa: S307
 
 
 @pytest.mark.gpu

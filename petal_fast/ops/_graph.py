@@ -19,6 +19,8 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.library import wrap_triton
 
+from petal_fast.backend import triton_interpreting
+
 
 def compiling() -> bool:
     """True while Dynamo traces (torch.compile, torch.export), False in eager mode."""
@@ -59,6 +61,13 @@ def launchable(kernel):
     if wrapped is kernel and detect_fake_mode() is not None:
         return _NoLaunch()
     return wrapped
+
+
+def triton_op_runs(backend: str) -> bool:
+    """Whether a call on ``backend`` takes the op's ``triton_op`` (its kernels visible to torch.compile)
+    rather than the opaque operator: the Triton backend, except in a graph traced under the
+    interpreter (interpreted kernels cannot be traced; see ``launchable``)."""
+    return backend == "triton" and not (compiling() and triton_interpreting())
 
 
 def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,10 @@ import functools
 
 import torch
 
-from petal_fast.backend import resolve, triton_interpreting
+from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from ._graph import compiling, seed_tensor, value_check
+from ._graph import compiling, seed_tensor, triton_op_runs, value_check
 from .petal_linear_library import OP, forward_impl, fused_petal_linear
 
 
@@ -167,7 +167,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                                         or coef.requires_grad)):
         # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
         y, _ = forward_impl(*args, backend)
-    elif backend == "triton" and not (traced and triton_interpreting()):
+    elif triton_op_runs(backend):
         y, _ = _triton_op().triton_petal_linear(*args, validate)  # Inductor sees its kernels
     else:  # interpreted Triton kernels cannot be traced: the opaque operator runs them
         y, _ = fused_petal_linear(*args, backend, validate)
