@@ -1,4 +1,4 @@
-"""The Triton backends of PetalLinear and the margin core as ``torch.library.triton_op``: the operators' numbers (Triton
+"""The Triton backends of PetalLinear, the margin core and BRISQUE as ``torch.library.triton_op``: the operators' numbers (Triton
 interpreter, against the float64 composition), their opcheck, which operator the module calls, and
 — with real (not interpreted) Triton JIT kernels, in a subprocess — that a compiled graph holds each
 kernel launch as a node Inductor schedules, with a symbolic grid under a dynamic batch.
@@ -180,6 +180,26 @@ def test_opcheck_margin_triton_op():
         op(e, w, bad, 16.0, True)
 
 
+@interpreter
+def test_brisque_triton_op_matches_torch_backend():
+    """BRISQUE's triton_op: features and scores equal the torch backend's; bad values and degenerate
+    images behave as in every eager call (ValueError naming the range; +inf with one warning)."""
+    from petal_fast.ops import brisque_triton_library as blib
+    from petal_fast.ops.brisque_library import DegenerateImageWarning, fused_brisque
+    images = torch.rand(3, 3, 24, 29)
+    for features in (True, False):
+        assert rel_err(blib.triton_brisque(images, features), fused_brisque(images, features, "torch")) < 1e-6
+    torch.library.opcheck(torch.ops.petal_fast.triton_brisque.default, (images, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        blib.triton_brisque(images * 2, False)
+    flat = images.clone()
+    flat[1] = 0.5
+    with pytest.warns(DegenerateImageWarning, match="1 of 3"):
+        scores = blib.triton_brisque(flat, False)
+    assert scores[1] == float("inf") and torch.isfinite(scores[[0, 2]]).all()
+
+
 TRACE = textwrap.dedent("""
     import torch
     from torch._dynamo.backends.common import aot_autograd
@@ -221,6 +241,10 @@ TRACE = textwrap.dedent("""
     calls["margin_bwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_core_backward(
         e, cw, labels, torch.zeros(e.shape[0]), torch.ones(e.shape[0]), torch.ones(e.shape[0]),
         torch.ones(e.shape[0]), 16.0, True, True)
+    from petal_fast.ops import brisque_triton_library as blib
+    imgs = torch.rand(m, 3, 24, 28)
+    torch._dynamo.mark_dynamic(imgs, 0)
+    calls["brisque"] = lambda x, dy, u, coef, s: blib.triton_brisque(imgs, False)
     for name, fn in calls.items():
         graphs.clear()
         try:
@@ -246,6 +270,8 @@ def test_compiled_graph_holds_the_kernel_launches():
     assert not any(static for _, static in fwd + bwd)  # every grid depends on the dynamic batch
     assert [name for name, _ in eval(lines["margin_fwd"])] == ["_fwd_kernel"]  # noqa: S307
     assert [name for name, _ in eval(lines["margin_bwd"])] == ["_bwd_de_kernel", "_bwd_dw_kernel"]  # noqa: S307
+    brisque = eval(lines["brisque"])  # noqa: S307  (one launch per scale)
+    assert brisque == [("_brisque_moments_kernel", False)] * 2
 
 
 @pytest.mark.gpu

@@ -15,8 +15,11 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.library import wrap_triton
 
 from petal_fast.backend import triton_interpreting
@@ -61,6 +64,28 @@ def launchable(kernel):
     if wrapped is kernel and detect_fake_mode() is not None:
         return _NoLaunch()
     return wrapped
+
+
+def real_tensors(make):
+    """For a cached constructor of constant tensors (tables, trained models): the tensors are real even
+    when the first call happens while a triton_op body is traced on fake tensors (a cached fake
+    tensor would poison every later call)."""
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        with unset_fake_temporarily():
+            return make(*args, **kwargs)
+    return wrapper
+
+
+def graph_constant(t: torch.Tensor) -> torch.Tensor:
+    """A cached real tensor as a triton_op body may use it: itself in eager mode; traced (fake tensors),
+    a fresh ``torch.tensor`` of its values, which the trace records as a constant of the graph (a real
+    tensor cannot enter an operation on fake tensors)."""
+    if detect_fake_mode() is None:
+        return t
+    with unset_fake_temporarily():
+        data = t.tolist()
+    return torch.tensor(data, dtype=t.dtype, device=t.device)
 
 
 def triton_op_runs(backend: str) -> bool:
