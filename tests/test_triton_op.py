@@ -186,18 +186,18 @@ def test_brisque_triton_op_matches_torch_backend():
     images behave as in every eager call (ValueError naming the range; +inf with one warning)."""
     from petal_fast.ops import brisque_triton_library as blib
     from petal_fast.ops.brisque_library import DegenerateImageWarning, fused_brisque
-    images = torch.rand(3, 3, 24, 29)
-    for features in (True, False):
-        assert rel_err(blib.triton_brisque(images, features), fused_brisque(images, features, "torch")) < 1e-6
+    images = torch.rand(2, 3, 20, 21)
+    assert rel_err(blib.triton_brisque(images, True), fused_brisque(images, True, "torch")) < 1e-6
     torch.library.opcheck(torch.ops.petal_fast.triton_brisque.default, (images, False),
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         blib.triton_brisque(images * 2, False)
     flat = images.clone()
     flat[1] = 0.5
-    with pytest.warns(DegenerateImageWarning, match="1 of 3"):
+    with pytest.warns(DegenerateImageWarning, match="1 of 2"):
         scores = blib.triton_brisque(flat, False)
-    assert scores[1] == float("inf") and torch.isfinite(scores[[0, 2]]).all()
+    assert rel_err(scores[0], fused_brisque(images[:1], False, "torch")[0]) < 1e-6
+    assert scores[1] == float("inf") and torch.isfinite(scores[0])
 
 
 TRACE = textwrap.dedent("""
