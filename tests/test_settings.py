@@ -192,3 +192,15 @@ def test_info_shows_the_settings_in_force():
     assert rows["progress_interval"] == ["5.0", "set", "PETAL_FAST_PROGRESS_INTERVAL"]
     assert rows["triton_design"] == ["unset", "default", "PETAL_FAST_TRITON_DESIGN"]
     assert set(settings.ENV) <= set(rows)
+
+
+def test_only_the_settings_module_reads_petal_fast_variables():
+    """No other module (nor the kernels, nor the C++ sources) reads a PETAL_FAST_* variable itself."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    reads = re.compile(r"(environ|getenv)\W{1,4}(get\W{1,3})?PETAL_FAST_")
+    files = [*(root / "petal_fast").rglob("*.py"), *(root / "kernels").rglob("*.py"), *(root / "csrc").glob("*.*")]
+    offenders = [str(p.relative_to(root)) for p in files if p.name != "settings.py" and reads.search(p.read_text())]
+    assert offenders == []
+    lower = [p for p in files if p.parts[-2] in ("kernels", "csrc") and re.search(r"os\.environ|getenv\(", p.read_text())]
+    assert lower == []  # the lower layers get their settings handed down
