@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -45,16 +44,12 @@ Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& a_cat, const Tensor
 }
 
 // Tuning knobs of the strategies below (for re-tuning on another machine; the defaults are measured).
-// Read from the environment once, when the first PetalLinear runs (PETAL_FAST_CPU_PATH =
-// blocked|whole, PETAL_FAST_CPU_BLOCK_ROWS = n), never per call; after that only
-// petal_linear_cpu_tuning (Python: petal_fast.cpu_tuning) changes them, explicitly.
+// Automatic until set through petal_linear_cpu_tuning: petal_fast.settings, which reads
+// PETAL_FAST_CPU_PATH / PETAL_FAST_CPU_BLOCK_ROWS once with every other setting, sets them when this
+// library loads and whenever they change (petal_fast.cpu_tuning). Never read per call.
 struct CpuTuning {
   std::atomic<int> path{-1};            // -1 auto (by the size of W), 0 whole matrices, 1 row blocks
   std::atomic<int64_t> block_rows{0};   // 0 auto, else rows per block
-  CpuTuning() {
-    if (const char* env = std::getenv("PETAL_FAST_CPU_PATH")) path = std::string(env) != "whole" ? 1 : 0;
-    if (const char* env = std::getenv("PETAL_FAST_CPU_BLOCK_ROWS")) block_rows = std::max<int64_t>(1, std::atoll(env));
-  }
 };
 
 CpuTuning& cpu_tuning() {

@@ -3,8 +3,9 @@
     mix(x)  = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16   (mod 2³²)
     h(i, j) = mix(mix(key ^ i) ^ (j · 0x9E3779B9 mod 2³²)),   keep = (h >> 8) ≥ round(p · 2²⁴)
 
-``key = mix(seed ^ mix(branch + 1))`` is computed on the host (``host_key``) and passed to the
-kernels as a signed int32 with the same bits, so every seed compiles to one kernel signature.
+``key = mix(seed ^ mix(branch + 1))``: the PetalLinear kernels compute it themselves from the seed
+tensor (``branch_keys``: the seed stays on the device, so a launcher reads no value on the host and
+traces into a graph); ``host_key`` computes it on the host for the mask-drawing kernel here.
 All arithmetic is on tl.uint32: the multipliers are built as uint32 constants (a Python literal
 above 2³¹ could otherwise widen the product), and ``>>`` on unsigned values is a logical shift.
 """
@@ -38,6 +39,18 @@ def keep_mask(key, rows, cols, threshold):
     col_term = cols.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32)
     h = mix32(row_hash[:, None] ^ col_term[None, :])
     return (h >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def branch_keys(seed_ptr, DROPOUT: tl.constexpr):
+    """(key₀, key₁) of the seed at ``seed_ptr`` (int64, in [0, 2³¹)) as int32 bits; zeros without dropout."""
+    key0 = tl.full((), 0, tl.int32)
+    key1 = tl.full((), 0, tl.int32)
+    if DROPOUT:
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        key0 = mix32(seed ^ mix32(tl.full((), 1, tl.uint32))).to(tl.int32, bitcast=True)
+        key1 = mix32(seed ^ mix32(tl.full((), 2, tl.uint32))).to(tl.int32, bitcast=True)
+    return key0, key1
 
 
 def host_key(seed: int, branch: int) -> int:

@@ -85,8 +85,13 @@ def gaussian_window(device, dtype, n: int = 7, sigma: float = 7.0 / 6.0) -> torc
     return (k / k.sum()).to(device=device, dtype=dtype).contiguous()
 
 
-def mscn_moments(gray: torch.Tensor, block_h: int = 16, block_w: int = 32) -> torch.Tensor:
-    """(B, H, W) float32/float64 luminance → (B, 5 maps, 5 sums) in gray's dtype."""
+def _direct(kernel):
+    return kernel
+
+
+def mscn_moments(gray: torch.Tensor, block_h: int = 16, block_w: int = 32, wrap=_direct) -> torch.Tensor:
+    """(B, H, W) float32/float64 luminance → (B, 5 maps, 5 sums) in gray's dtype; ``wrap`` is applied
+    to the kernel before its launch (``wrap_triton`` in a triton_op)."""
     if gray.dim() != 3 or gray.shape[1] < 2 or gray.shape[2] < 2:
         raise ValueError(f"gray must be (B, H >= 2, W >= 2), got {tuple(gray.shape)}")
     if gray.dtype not in (torch.float32, torch.float64):
@@ -98,5 +103,5 @@ def mscn_moments(gray: torch.Tensor, block_h: int = 16, block_w: int = 32) -> to
     nty, ntx = triton.cdiv(H, bh), triton.cdiv(W, bw)
     partial = torch.full((B, nty * ntx, MAPS * SUMS), float("nan"), dtype=gray.dtype, device=gray.device)
     window = gaussian_window(gray.device, gray.dtype)
-    _brisque_moments_kernel[(B, nty, ntx)](gray, window, partial, H, W, ntx, nty * ntx, BH=bh, BW=bw, C=C_MSCN)
+    wrap(_brisque_moments_kernel)[(B, nty, ntx)](gray, window, partial, H, W, ntx, nty * ntx, BH=bh, BW=bw, C=C_MSCN)
     return partial.sum(1).view(B, MAPS, SUMS)

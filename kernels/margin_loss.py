@@ -137,19 +137,26 @@ def _bwd_dw_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, dw_ptr,
              mask=c_ok[:, None] & (offs_d[None, :] < D))
 
 
+def _direct(kernel):
+    return kernel
+
+
 def _inv_norms(x: torch.Tensor, eps: float, rows: int = 1 << 16) -> torch.Tensor:
-    """1/max(‖x_i‖, ε) in fp32, a block of rows at a time (no fp32 copy of a bf16 C×D weight)."""
+    """1/max(‖x_i‖, ε) in fp32, a block of rows at a time (no fp32 copy of a bf16 C×D weight).
+    A batch of embeddings (symbolic size in a traced graph) is one block."""
+    if not isinstance(x.shape[0], int) or x.shape[0] <= rows:
+        return x.float().norm(dim=1).clamp_min_(eps).reciprocal_()
     return torch.cat([x[i:i + rows].float().norm(dim=1) for i in range(0, x.shape[0], rows)]).clamp_min_(eps).reciprocal_()
 
 
-def _splits(B: int, C: int, device: torch.device) -> int:
+def _splits(B, C: int, device: torch.device):
     """Class splits so that row blocks × splits fill the GPU (≈ 4 programs per SM); 2 in the
-    interpreter so the merge of partials is exercised."""
+    interpreter so the merge of partials is exercised. SymInt arithmetic when B is symbolic."""
     tiles = cdiv(C, BLOCK_C)
     if device.type != "cuda":
         return min(2, tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, cdiv(4 * sms, cdiv(B, BLOCK_B))))
+    return torch.sym_max(1, torch.sym_min(tiles, cdiv(4 * sms, cdiv(B, BLOCK_B))))
 
 
 def _prep(e: torch.Tensor, w: torch.Tensor, eps: float):
@@ -164,13 +171,14 @@ def _prep(e: torch.Tensor, w: torch.Tensor, eps: float):
     return e32, re, en, r, meta
 
 
-def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float, eps: float):
+def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float, eps: float, wrap=_direct):
+    """(lse, zsum) per row; ``wrap`` is applied to each kernel before its launch (``wrap_triton`` in a triton_op)."""
     B, D = e.shape
     C = w.shape[0]
     _, _, en, r, meta = _prep(e, w, eps)
     splits = _splits(B, C, e.device)
     m, l, zs = (torch.empty(splits, B, dtype=torch.float32, device=e.device) for _ in range(3))
-    _fwd_kernel[(cdiv(B, BLOCK_B), splits)](en, w, r, labels, m, l, zs, B, C, D, scale, splits, **meta)
+    wrap(_fwd_kernel)[(cdiv(B, BLOCK_B), splits)](en, w, r, labels, m, l, zs, B, C, D, scale, splits, **meta)
     m_max = m.amax(0)
     m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
     lse = m_safe + (l * torch.exp(m - m_safe)).sum(0).log()
@@ -178,7 +186,8 @@ def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float
 
 
 def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor,
-             g_zsum: torch.Tensor, scale: float, eps: float, need_e: bool, need_w: bool):
+             g_zsum: torch.Tensor, scale: float, eps: float, need_e: bool, need_w: bool, wrap=_direct):
+    """(dE or None, dW or None) of the non-target statistics (``wrap`` as in ``forward``)."""
     B, D = e.shape
     C = w.shape[0]
     e32, re, en, r, meta = _prep(e, w, eps)
@@ -189,11 +198,11 @@ def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.
     if need_e:
         splits = _splits(B, C, e.device)
         den = torch.zeros(B, D, dtype=torch.float32, device=e.device)
-        _bwd_de_kernel[(cdiv(B, BLOCK_B), splits)](en, w, r, labels, lse, a, b, den, B, C, D, scale, splits,
-                                                          **meta)
+        wrap(_bwd_de_kernel)[(cdiv(B, BLOCK_B), splits)](en, w, r, labels, lse, a, b, den, B, C, D, scale,
+                                                         splits, **meta)
         proj = (en * den).sum(1) * (re < 1.0 / eps)
         de = ((den - en * proj.unsqueeze(1)) * re.unsqueeze(1)).to(e.dtype)
     if need_w:
         dw = torch.empty_like(w)
-        _bwd_dw_kernel[(cdiv(C, BLOCK_C),)](en, w, r, labels, lse, a, b, dw, B, C, D, scale, eps, **meta)
+        wrap(_bwd_dw_kernel)[(cdiv(C, BLOCK_C),)](en, w, r, labels, lse, a, b, dw, B, C, D, scale, eps, **meta)
     return de, dw

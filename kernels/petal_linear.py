@@ -42,11 +42,12 @@ stay importable from here). This module holds the launchers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ._host import cdiv
-from ._rng import host_key, host_threshold
+from ._rng import host_threshold
 from .petal_linear_config import (  # noqa: F401  (re-exported: the public names of the Triton PetalLinear)
     DEFAULT_DESIGN, DESIGN_KERNELS, DESIGNS, DIRECTIONS, MAX_R, REDUCTION_BLOCK, TILE_CONFIGS, config_for,
     design_for, generation, padded_rank, sm_count, use_design)
@@ -64,6 +65,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _direct(kernel: Callable) -> Callable:
+    return kernel
+
+
 @dataclass(frozen=True)
 class LaunchParams:
     """What every launch of one forward or backward call shares, computed once per call."""
@@ -71,12 +76,13 @@ class LaunchParams:
     rank: int              # per branch
     rows_per_image: int
     dropout: bool
-    keys: tuple[int, int]  # the branches' dropout keys (0 without dropout)
+    seed: torch.Tensor     # 1-element int64 on x's device: the kernels derive the branches' keys from it
     threshold: int         # keep an element when its hash is ≥ threshold
     keep_scale: float      # 1 / (1 − p)
     coef: torch.Tensor     # (images, branches) fp32, contiguous
     rp: int                # branches·rank padded for tl.dot
     precision: str         # tl.dot input_precision
+    wrap: Callable = _direct  # kernel → launchable: torch.library.wrap_triton inside a triton_op
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -100,22 +106,32 @@ def _check(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor) -> None:
         raise ValueError("petal_linear (triton): coef must be (images, branches) dividing rows and A_cat rows")
 
 
-def launch_params(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int) -> LaunchParams:
-    """The launch parameters of one call: shapes of the branches, dropout keys, coefficients, precision."""
+def _seed_on(device: torch.device, seed: int | torch.Tensor) -> torch.Tensor:
+    """The seed as the kernels read it: a 1-element int64 tensor on ``device`` (no host read of a tensor)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def launch_params(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int | torch.Tensor,
+                  wrap: Callable = _direct) -> LaunchParams:
+    """The launch parameters of one call: shapes of the branches, dropout seed, coefficients, precision."""
     branches = coef.shape[1]
     dropout = p > 0.0
-    keys = (host_key(seed, 0), host_key(seed, 1) if branches == 2 else 0) if dropout else (0, 0)
+    coef32 = coef.to(torch.float32).contiguous()
     return LaunchParams(branches=branches, rank=a_cat.shape[0] // branches,
-                        rows_per_image=x.shape[0] // coef.shape[0], dropout=dropout, keys=keys,
+                        rows_per_image=x.shape[0] // coef.shape[0], dropout=dropout,
+                        seed=_seed_on(x.device, seed) if dropout else coef32,  # p = 0: never read
                         threshold=host_threshold(p) if dropout else 0, keep_scale=1.0 / (1.0 - p),
-                        coef=coef.to(torch.float32).contiguous(), rp=padded_rank(a_cat.shape[0]),
-                        precision=_precision(x.dtype))
+                        coef=coef32, rp=padded_rank(a_cat.shape[0]), precision=_precision(x.dtype), wrap=wrap)
 
 
 def _launch_shrink(x, a_cat, u, params, cfg) -> None:
     M, K = x.shape
     grid = (cdiv(M, cfg["BLOCK_M"]),)
-    shrink_kernel[grid](x, a_cat, u, M, K, a_cat.shape[0], x.stride(0), x.stride(1), a_cat.stride(0),
+    params.wrap(shrink_kernel)[grid](x, a_cat, u, M, K, a_cat.shape[0], x.stride(0), x.stride(1), a_cat.stride(0),
                         a_cat.stride(1), u.stride(0), RP=params.rp, PRECISION=params.precision,
                         **_launch_opts(cfg))
 
@@ -124,8 +140,8 @@ def _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, params, cfg, onepass: bool)
     M, K = x.shape
     N = weight.shape[0]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    fwd_kernel[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, params.coef, y,
-                     M, N, K, u.shape[1], params.rank, params.rows_per_image, *params.keys,
+    params.wrap(fwd_kernel)[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, params.coef, y,
+                     M, N, K, u.shape[1], params.rank, params.rows_per_image, params.seed,
                      params.threshold, params.keep_scale,
                      x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
                      a_cat.stride(1), u.stride(0), b_cat.stride(0), b_cat.stride(1), y.stride(0),
@@ -137,7 +153,7 @@ def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, params, cfg)
     M, K = x.shape
     N = weight.shape[0]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-    bwd_onepass_kernel[grid](dy, weight, b_cat, u, params.coef, a_cat, x, dx, da, db, M, N, K, a_cat.shape[0],
+    params.wrap(bwd_onepass_kernel)[grid](dy, weight, b_cat, u, params.coef, a_cat, x, dx, da, db, M, N, K, a_cat.shape[0],
                              params.rank, params.rows_per_image,
                              dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_cat.stride(0),
                              b_cat.stride(1), u.stride(0), a_cat.stride(0), a_cat.stride(1), x.stride(0),
@@ -146,21 +162,33 @@ def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, params, cfg)
                              **_launch_opts(cfg))
 
 
+def _dy_split(m_tiles, n_tiles: int, target: int):
+    """(programs over N, N-tiles per program, atomic dT?) for the dY pass: enough programs to fill
+    the device. M symbolic (a traced graph with a dynamic batch): the same count in SymInt
+    arithmetic, and atomic dT whenever N has more than one tile (correct for any split, no guard)."""
+    if isinstance(m_tiles, int):
+        split = max(1, min(n_tiles, cdiv(target, m_tiles)))
+        per = cdiv(n_tiles, split)
+        split = cdiv(n_tiles, per)
+        return split, per, split > 1
+    split = torch.sym_max(1, torch.sym_min(n_tiles, cdiv(target, m_tiles)))
+    per = cdiv(n_tiles, split)
+    return cdiv(n_tiles, per), per, n_tiles > 1
+
+
 def _launch_bwd_dy(dy, b_cat, u, dt, db, params, cfg) -> None:
     M, N = dy.shape
     m_tiles, n_tiles = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
-    target = cfg["programs_per_sm"] * sm_count(dy.device)
-    split = max(1, min(n_tiles, cdiv(target, m_tiles)))
-    tiles_per_split = cdiv(n_tiles, split)
-    split = cdiv(n_tiles, tiles_per_split)
-    if split > 1:
+    split, tiles_per_split, atomic = _dy_split(m_tiles, n_tiles, cfg["programs_per_sm"] * sm_count(dy.device))
+    if atomic:
         dt.zero_()
-    bwd_dy_kernel[(m_tiles, split)](dy, b_cat, u, params.coef, dt, db, M, N, u.shape[1], params.rank,
-                                    params.rows_per_image, *params.keys, params.threshold,
-                                    params.keep_scale, tiles_per_split,
-                                    dy.stride(0), dy.stride(1), b_cat.stride(0), b_cat.stride(1), u.stride(0),
-                                    BRANCHES=params.branches, DROPOUT=params.dropout, ATOMIC_DT=split > 1,
-                                    RP=params.rp, PRECISION=params.precision, **_launch_opts(cfg))
+    params.wrap(bwd_dy_kernel)[(m_tiles, split)](dy, b_cat, u, params.coef, dt, db, M, N, u.shape[1],
+                                                 params.rank, params.rows_per_image, params.seed,
+                                                 params.threshold, params.keep_scale, tiles_per_split,
+                                                 dy.stride(0), dy.stride(1), b_cat.stride(0), b_cat.stride(1),
+                                                 u.stride(0), BRANCHES=params.branches, DROPOUT=params.dropout,
+                                                 ATOMIC_DT=atomic, RP=params.rp, PRECISION=params.precision,
+                                                 **_launch_opts(cfg))
 
 
 def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, cfg) -> None:
@@ -168,7 +196,7 @@ def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, cfg) -> None:
     N = weight.shape[0]
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
     out = dx if dx is not None else x  # unused pointer when dX is not wanted
-    bwd_dx_kernel[grid](dy, weight, dt, a_cat, x, out, da, M, N, K, a_cat.shape[0],
+    params.wrap(bwd_dx_kernel)[grid](dy, weight, dt, a_cat, x, out, da, M, N, K, a_cat.shape[0],
                         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
                         a_cat.stride(1), x.stride(0), x.stride(1), out.stride(0),
                         COMPUTE_DX=dx is not None, RP=params.rp, PRECISION=params.precision,
@@ -176,12 +204,16 @@ def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, cfg) -> None:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
-            b_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int,
-            table: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, U): y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ), U = x A_catᵀ (M × R, x's dtype, unscaled)."""
+            b_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int | torch.Tensor,
+            table: dict | None = None, wrap: Callable = _direct) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, U): y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ), U = x A_catᵀ (M × R, x's dtype, unscaled).
+
+    ``seed``: an int, or a 1-element integer tensor (read by the kernels on the device);
+    ``wrap``: applied to each kernel before its launch (``torch.library.wrap_triton`` in a triton_op).
+    """
     _check(x, a_cat, coef)
     M, N = x.shape[0], weight.shape[0]
-    params = launch_params(x, a_cat, coef, p, seed)
+    params = launch_params(x, a_cat, coef, p, seed, wrap)
     u = torch.empty((M, a_cat.shape[0]), dtype=x.dtype, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -198,9 +230,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
-             coef: torch.Tensor, u: torch.Tensor, p: float, seed: int, need_x: bool,
-             table: dict | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype; W, b frozen.
+             coef: torch.Tensor, u: torch.Tensor, p: float, seed: int | torch.Tensor, need_x: bool,
+             table: dict | None = None,
+             wrap: Callable = _direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype, three separate tensors; W, b frozen.
 
     The one-pass design covers p = 0 with dX wanted; with dropout (masks would be hashed in the
     main loop, once per K-tile) or without dX (no dY W loop to share) the split kernels run.
@@ -208,15 +241,15 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: tor
     _check(x, a_cat, coef)
     M, K = x.shape
     N, R = weight.shape[0], a_cat.shape[0]
-    params = launch_params(x, a_cat, coef, p, seed)
-    # dB and dA accumulate in fp32 (atomics): one zeroed buffer and one cast for both, not two each
-    grads = torch.zeros(N * R + R * K, dtype=torch.float32, device=x.device)
-    db, da = grads[:N * R].view(N, R), grads[N * R:].view(R, K)
+    params = launch_params(x, a_cat, coef, p, seed, wrap)
+    # dB and dA are reductions over M: fp32 atomics into zeroed buffers
+    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
+    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if need_x else None
     if M and N and K and need_x and not params.dropout and design_for(x.device, "bwd") == "onepass":
         _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, params,
                             config_for("bwd_onepass", x.device, x.dtype, table))
-        return (dx, *_split_grads(grads.to(x.dtype), N, R, K))
+        return dx, da.to(x.dtype), db.to(x.dtype)
     # dT = c ⊙ dU (fp32, padded to RP): the dY pass writes every row (zeroing first when it splits N)
     dt = (torch.empty if N else torch.zeros)((M, params.rp), dtype=torch.float32, device=x.device)
     if M and N:
@@ -225,9 +258,4 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: tor
         _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, config_for("bwd_dx", x.device, x.dtype, table))
     elif dx is not None:
         dx.zero_()
-    return (dx, *_split_grads(grads.to(x.dtype), N, R, K))
-
-
-def _split_grads(grads: torch.Tensor, N: int, R: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dA_cat (R × K), dB_cat (N × R)) views of the one gradient buffer [dB | dA]."""
-    return grads[N * R:].view(R, K), grads[:N * R].view(N, R)
+    return dx, da.to(x.dtype), db.to(x.dtype)

@@ -5,16 +5,16 @@ autotune stall at the first call); ``DEFAULT_DESIGN`` holds each generation's de
 ``python -m petal_fast.kernels.tune_petal_linear --tune`` measures both on the GPU present and prints
 the entries to paste here; docs/design.md records how the current entries were chosen.
 
-The design in force is, in order: the innermost ``use_design`` block, the environment variable
-``PETAL_FAST_TRITON_DESIGN`` (read once, when this module is imported), ``DEFAULT_DESIGN``.
+The design in force is, in order: the innermost ``use_design`` block, the configured design,
+``DEFAULT_DESIGN``. The configured design is ``petal_fast.settings``' ``triton_design``
+(``PETAL_FAST_TRITON_DESIGN``, read once with every other setting), which that module hands down through
+``configure_design``: ``kernels/`` may not import the layers above it, and reads no environment itself.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
-from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import torch
 
@@ -78,22 +78,22 @@ DEFAULT_DESIGN: dict[object, dict[str, str]] = {
     gen: {"fwd": "split", "bwd": "split"} for gen in (8, "default", "interpreter")}
 DEFAULT_DESIGN[9] = {"fwd": "onepass", "bwd": "split"}
 
-DESIGN_ENV = "PETAL_FAST_TRITON_DESIGN"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the environment asks for, read once; ``design`` "" leaves the choice to DEFAULT_DESIGN."""
-    design: str = ""
-
-
-def settings_from(environ: Mapping[str, str]) -> Settings:
-    """The settings an environment gives (validated where used, so a bad value names itself there)."""
-    return Settings(design=environ.get(DESIGN_ENV, "").strip())
-
-
-SETTINGS = settings_from(os.environ)
+_configured: str | None = None  # petal_fast.settings' triton_design; None: DEFAULT_DESIGN decides
 _design_override: list[str] = []  # process-wide, not thread-local: backward runs on autograd's threads
+
+
+def configure_design(name: str | None) -> None:
+    """Set the design outside ``use_design`` blocks (None: ``DEFAULT_DESIGN``). Called by
+    ``petal_fast.settings`` (``configure(triton_design=...)``), the one owner of this setting."""
+    global _configured
+    if name is not None and name not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS} or None, got {name!r}")
+    _configured = name
+
+
+def configured_design() -> str | None:
+    """The design set by ``configure_design`` (None: ``DEFAULT_DESIGN`` decides)."""
+    return _configured
 
 
 @contextlib.contextmanager
@@ -101,7 +101,7 @@ def use_design(name: str) -> Iterator[None]:
     """Force the ``"split"`` or ``"onepass"`` kernels inside the block (forward and backward).
 
     Process-wide (backward may run on another thread); for benchmarks and tests. Outside any
-    block ``PETAL_FAST_TRITON_DESIGN`` (as it was at import) and then ``DEFAULT_DESIGN`` decide.
+    block the configured design (``petal_fast.settings``) and then ``DEFAULT_DESIGN`` decide.
     """
     if name not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
@@ -113,14 +113,12 @@ def use_design(name: str) -> Iterator[None]:
 
 
 def design_for(device: torch.device, direction: str) -> str:
-    """The design of ``direction`` ("fwd" | "bwd") on ``device``: use_design, then the environment
-    variable, then ``DEFAULT_DESIGN``."""
+    """The design of ``direction`` ("fwd" | "bwd") on ``device``: use_design, then the configured
+    design, then ``DEFAULT_DESIGN``."""
     if _design_override:
         return _design_override[-1]
-    if SETTINGS.design:
-        if SETTINGS.design not in DESIGNS:
-            raise ValueError(f"{DESIGN_ENV} must be one of {DESIGNS}, got {SETTINGS.design!r}")
-        return SETTINGS.design
+    if _configured is not None:
+        return _configured
     return DEFAULT_DESIGN[generation(device)][direction]
 
 

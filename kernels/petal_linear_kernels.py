@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._rng import keep_mask
+from ._rng import branch_keys, keep_mask
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _expand_bias_store(acc, v, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m
 
 @triton.jit
 def fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
-               M, N, K, R, rank, rows_per_image, key0, key1, threshold, keep_scale,
+               M, N, K, R, rank, rows_per_image, seed_ptr, threshold, keep_scale,
                s_xm, s_xk, s_wn, s_wk, s_ar, s_ak, s_um, s_bn, s_br, s_ym,
                BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, ONEPASS: tl.constexpr,
                RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -147,6 +147,7 @@ def fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
     else:
         u = tl.load(u_ptrs, mask=ur_ok, other=0.0).to(tl.float32)
     c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
+    key0, key1 = branch_keys(seed_ptr, DROPOUT)
     _expand_bias_store(acc, u * c, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, offs_r, m_ok, n_ok, r_ok, rows,
                        rank, key0, key1, threshold, keep_scale, s_bn, s_br, s_ym,
                        BRANCHES, HAS_BIAS, DROPOUT, PRECISION)
@@ -154,7 +155,7 @@ def fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, coef_ptr, y_ptr,
 
 @triton.jit
 def bwd_dy_kernel(dy_ptr, b_ptr, u_ptr, coef_ptr, dt_ptr, db_ptr,
-                  M, N, R, rank, rows_per_image, key0, key1, threshold, keep_scale, tiles_per_split,
+                  M, N, R, rank, rows_per_image, seed_ptr, threshold, keep_scale, tiles_per_split,
                   s_dym, s_dyn, s_bn, s_br, s_um,
                   BRANCHES: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DT: tl.constexpr, RP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -172,6 +173,7 @@ def bwd_dy_kernel(dy_ptr, b_ptr, u_ptr, coef_ptr, dt_ptr, db_ptr,
     u = tl.load(u_ptr + rows[:, None] * s_um + offs_r[None, :], mask=ur_ok, other=0.0)
     c = _row_coef(coef_ptr, offs_m, offs_r, ur_ok, rank, rows_per_image, BRANCHES)
     v = (u.to(tl.float32) * c).to(dy_ptr.dtype.element_ty)
+    key0, key1 = branch_keys(seed_ptr, DROPOUT)
 
     du = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
     first = tl.program_id(1) * tiles_per_split

@@ -164,7 +164,7 @@ def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, rank: int
             if arg in consts:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
-                signature[arg] = "*" + ("fp32" if arg in fp32_ptrs else d)
+                signature[arg] = "*i64" if arg == "seed_ptr" else "*" + ("fp32" if arg in fp32_ptrs else d)
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 signature[arg] = "fp32" if arg == "keep_scale" else "i32"

@@ -7,6 +7,9 @@ Quality-weighted two-branch LoRA (:class:`PetalLinear`), margin-softmax losses
 α reaches PetalLinear layers through ``with petal_fast.alpha_scope(alpha):``. Its earlier name
 ``petal_fast.quality(alpha)`` still works: ``petal_fast.quality`` is the quality package
 (``petal_fast.quality.brisque(images)``), made callable for that alias.
+
+Every setting (``PETAL_FAST_*``, read once at import) is in :mod:`petal_fast.settings`:
+``petal_fast.settings.current()``, ``configure(...)``, ``override(...)``.
 """
 import importlib.util as _util
 from pathlib import Path as _Path

@@ -2,7 +2,9 @@
 
 setup.py loads this file by path (torch-free, petal_fast not importable yet) for the ahead-of-time
 extension ``petal_fast._C``; :mod:`petal_fast._ext` uses it for the just-in-time build in the user
-cache. Nothing here imports torch.
+cache. Nothing here imports torch. petal_fast's own variables (``PETAL_FAST_BUILD``,
+``PETAL_FAST_CACHE_DIR``) are read by :mod:`petal_fast.settings` and passed in; the compiler's
+``CXX`` and ``XDG_CACHE_HOME`` are the system's, read here when used.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 BINDING = "module.cpp"  # the pybind11 module of the AOT build; the JIT build loads a plain library
 JIT_NAME = "petal_fast_ops"
-MODES = ("auto", "never", "always")
 
 
 def cxx_flags(platform: str = sys.platform) -> list[str]:
@@ -25,15 +26,6 @@ def cxx_flags(platform: str = sys.platform) -> list[str]:
 
 def ld_flags(platform: str = sys.platform) -> list[str]:
     return [] if platform == "win32" else ["-fopenmp"]
-
-
-def build_mode() -> str:
-    """``PETAL_FAST_BUILD``: ``auto`` (default: the AOT extension if it loads, else build just in time),
-    ``never`` (AOT only, else the torch fallback) or ``always`` (the JIT build even if ``_C`` exists)."""
-    mode = (os.environ.get("PETAL_FAST_BUILD") or "auto").strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"PETAL_FAST_BUILD must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def source_dir() -> Path | None:
@@ -82,10 +74,11 @@ def missing_compiler_message() -> str:
             "to build the compiled CPU ops once (~1 min)")
 
 
-def cache_root() -> Path:
-    """``$PETAL_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/petal_fast``, else ``~/.cache/petal_fast``."""
-    if os.environ.get("PETAL_FAST_CACHE_DIR"):
-        return Path(os.environ["PETAL_FAST_CACHE_DIR"]).expanduser()
+def cache_root(configured: Path | None) -> Path:
+    """``configured`` (the ``cache_dir`` setting, ``PETAL_FAST_CACHE_DIR``), else
+    ``$XDG_CACHE_HOME/petal_fast``, else ``~/.cache/petal_fast``."""
+    if configured is not None:
+        return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "petal_fast"
 

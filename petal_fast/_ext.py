@@ -1,8 +1,8 @@
 """The compiled CPU ops ``torch.ops.petal_fast.*`` (``csrc/``): ahead of time or just in time.
 
 Each op registers itself with ``TORCH_LIBRARY_FRAGMENT(petal_fast, m)`` in its own source file, so
-loading any library built from ``csrc/`` makes the ops callable. At first use, by ``PETAL_FAST_BUILD``
-(docs/design.md §3.2):
+loading any library built from ``csrc/`` makes the ops callable. At first use, by the ``build``
+setting of :mod:`petal_fast.settings` (``PETAL_FAST_BUILD``; docs/design.md §3.2):
 
 - ``auto`` (default): the extension ``petal_fast._C`` that setup.py built, if it exists, was built
   for the running torch and imports; otherwise (an isolated ``pip install .``, a wheel, another torch:
@@ -47,6 +47,7 @@ class Status:
     built_now: bool = False          # this process compiled it
     error: str | None = None         # why there are no compiled ops (first line: the cause)
     notes: list[str] = dataclasses.field(default_factory=list)  # why a candidate was skipped
+    cache: Path | None = None        # the just-in-time build cache in force when loading
 
 
 class BuildError(RuntimeError):
@@ -61,16 +62,24 @@ _when_loaded: list[Callable[[], None]] = []
 
 
 def status() -> Status:
-    """Load (and if needed build) the compiled ops once per process; never raises."""
+    """Load (and if needed build) the compiled ops once per process, as the settings in force then
+    say (``build``, ``cache_dir``); never raises."""
     global _status
     with _lock:
         loading = _status is None
         if loading:
-            _status = _load()
+            from petal_fast import settings  # late: settings imports this module
+            config = settings.current()
+            _status = _load(config.build, _build.cache_root(config.cache_dir))
     if loading and _status.source is not None:
         for fn in _when_loaded:
             fn()
     return _status
+
+
+def loaded() -> bool:
+    """Whether the compiled ops are loaded (without loading them)."""
+    return _status is not None and _status.source is not None
 
 
 def when_loaded(fn: Callable[[], None]) -> Callable[[], None]:
@@ -109,12 +118,8 @@ def _registered(name: str) -> bool:
         return False
 
 
-def _load() -> Status:
-    try:
-        mode = _build.build_mode()
-    except ValueError as err:
-        return Status(mode="invalid", error=str(err))
-    st = Status(mode=mode)
+def _load(mode: str, cache: Path) -> Status:
+    st = Status(mode=mode, cache=cache)
     if mode != "always" and _try_aot(st):
         return st
     if mode == "never":
@@ -127,7 +132,7 @@ def _load() -> Status:
         st.source, st.built_for = "preloaded", torch.__version__
         return st
     try:
-        _jit(st)
+        _jit(st, cache)
     except BuildError as err:
         st.error = str(err)
     except Exception as err:  # noqa: BLE001 - any toolchain failure means "use the fallback", said clearly
@@ -165,7 +170,7 @@ def _aot_sidecar(library: Path) -> dict:
     return recorded if isinstance(recorded, dict) else {}
 
 
-def _jit(st: Status) -> None:
+def _jit(st: Status, root: Path) -> None:
     src = _build.source_dir()
     if src is None:
         raise BuildError("the C++ sources (petal_fast/csrc) are missing from this installation; reinstall "
@@ -175,7 +180,6 @@ def _jit(st: Status) -> None:
         raise BuildError(_build.missing_compiler_message())
     st.compiler = cxx[1]
     key = _build.build_key(torch.__version__, cxx[1], _build.source_hash(src))
-    root = _build.cache_root()
     build_dir = root / f"torch-{torch.__version__}-{key}"
     library = build_dir / f"{_build.JIT_NAME}.so"
     meta = {"torch": torch.__version__, "compiler": cxx[1], "key": key, "python": sys.version.split()[0]}

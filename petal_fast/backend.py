@@ -10,8 +10,9 @@ Every fused op has the same signature on every backend:
 - ``reference`` — the literal formula from ``petal_fast.reference`` (float64-capable test oracle).
 
 ``auto`` (the default) picks ``triton`` for CUDA tensors and ``cpp`` for CPU tensors, falling back
-to ``torch`` with one warning when the extension or Triton is missing. Force a backend with the
-environment variable ``PETAL_FAST_BACKEND`` or, scoped, with ``petal_fast.use_backend(name)``.
+to ``torch`` with one warning when the extension or Triton is missing. Force a backend for the
+process with ``PETAL_FAST_BACKEND`` / ``petal_fast.settings.configure(backend=name)`` or, scoped and
+per thread, with ``petal_fast.use_backend(name)``, which wins.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Iterator
 
 import torch
 
-BACKENDS = ("reference", "torch", "cpp", "triton")
+from petal_fast import settings
+from petal_fast.settings import BACKENDS  # noqa: F401  (re-exported)
 
 
 class _Stack(threading.local):
@@ -40,25 +42,19 @@ _local = _Stack()
 _warned: set[str] = set()
 
 
-def _check(name: str) -> str:
-    name = name.strip().lower()
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    return name
-
-
 def requested_backend() -> str:
-    """The backend asked for: innermost ``use_backend`` context, else ``PETAL_FAST_BACKEND``, else auto."""
+    """The backend asked for: the innermost ``use_backend`` block of this thread, else the setting
+    (``PETAL_FAST_BACKEND`` / ``settings.configure(backend=...)``, default auto)."""
     stack = _local.stack
     if stack:
         return stack[-1]
-    return _check(os.environ.get("PETAL_FAST_BACKEND", "auto") or "auto")
+    return settings.current().backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
-    """Force every petal_fast op inside the ``with`` block onto backend ``name``."""
-    name = _check(name)
+    """Force every petal_fast op inside the ``with`` block (in this thread) onto backend ``name``."""
+    name = settings.parse("backend", name)
     stack = _local.stack
     stack.append(name)
     try:

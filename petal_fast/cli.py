@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
 from typing import Any, Callable, Sequence
+
+from petal_fast import settings
 
 # User mistakes and bad input: wrong config values (ConfigError), malformed data (RecordIOError, …),
 # unreadable checkpoints, missing files. Their messages name the key or file; a traceback adds nothing.
@@ -14,11 +15,11 @@ USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 def report_errors(prog: str, fn: Callable[..., int], *args: Any) -> int:
     """``fn(*args)``; a user error is printed as ``prog: error: message`` and exits with status 2 (no
-    traceback; ``PETAL_FAST_DEBUG=1`` re-raises it)."""
+    traceback; the ``debug`` setting, ``PETAL_FAST_DEBUG=1``, re-raises it)."""
     try:
         return fn(*args)
     except USER_ERRORS as err:
-        if os.environ.get("PETAL_FAST_DEBUG"):
+        if settings.current().debug:
             raise
         message = str(err)
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message only

@@ -1,23 +1,27 @@
 """The C++ PetalLinear's tuning knobs, set explicitly (the defaults are measured; see README).
 
 The CPU PetalLinear (``csrc/petal_linear.cpp``) chooses per call between row blocks that stay in
-cache and whole-matrix BLAS calls, and how many rows a block has. Two knobs override those
-choices for re-tuning on another machine. They are read from the environment once, when the
-first PetalLinear runs (``PETAL_FAST_CPU_PATH=blocked|whole``, ``PETAL_FAST_CPU_BLOCK_ROWS=n``);
-changing the environment later has no effect. To change them in a running process::
+cache and whole-matrix BLAS calls, and how many rows a block has. Two settings override those
+choices for re-tuning on another machine: ``cpu_path`` (``PETAL_FAST_CPU_PATH=auto|blocked|whole``)
+and ``cpu_block_rows`` (``PETAL_FAST_CPU_BLOCK_ROWS=n``, 0 automatic), read with every other setting
+when petal_fast is imported (:mod:`petal_fast.settings`, which hands them to the C++ library when it
+loads); changing the environment later has no effect. To change them in a running process::
 
     from petal_fast.cpu_tuning import cpu_tuning
     with cpu_tuning(path="whole", block_rows=64):
         ...                                   # previous settings restored on exit
+
+which is ``petal_fast.settings.override(cpu_path=..., cpu_block_rows=...)`` that first checks that
+the compiled ops are there to tune (``settings.configure`` alone also works without them).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
-from petal_fast import _ext
+from petal_fast import _ext, settings
 
-PATHS = ("auto", "blocked", "whole")
+PATHS = settings.CPU_PATHS
 
 
 def _op():
@@ -27,27 +31,34 @@ def _op():
     return _ext.op("petal_linear_cpu_tuning")
 
 
+def _changes(path: str | None, block_rows: int | None) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if path is not None:
+        changes["cpu_path"] = settings.parse("cpu_path", path, "path")
+    if block_rows is not None:
+        changes["cpu_block_rows"] = settings.parse("cpu_block_rows", block_rows, "block_rows")
+    return changes
+
+
 def get_cpu_tuning() -> tuple[str, int]:
-    """(path, block_rows) in force: path ``auto`` | ``blocked`` | ``whole``, block_rows 0 for automatic."""
+    """(path, block_rows) in force in the C++ library: path ``auto`` | ``blocked`` | ``whole``,
+    block_rows 0 for automatic."""
     path, rows = _op()(None, None)
     return str(path), int(rows)
 
 
 def set_cpu_tuning(path: str | None = None, block_rows: int | None = None) -> tuple[str, int]:
-    """Set the knobs given (None keeps one); returns the settings now in force."""
-    if path is not None and path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if block_rows is not None and (not isinstance(block_rows, int) or block_rows < 0):
-        raise ValueError(f"block_rows must be 0 (automatic) or a positive integer, got {block_rows!r}")
-    new_path, rows = _op()(path, block_rows)
-    return str(new_path), int(rows)
+    """Set the knobs given (None keeps one) for the rest of the process; returns the settings now in force."""
+    changes = _changes(path, block_rows)
+    _op()
+    settings.configure(**changes)
+    return get_cpu_tuning()
 
 
 @contextlib.contextmanager
 def cpu_tuning(path: str | None = None, block_rows: int | None = None) -> Iterator[tuple[str, int]]:
     """Set the knobs inside a ``with`` block; the previous settings come back on exit."""
-    before = get_cpu_tuning()
-    try:
-        yield set_cpu_tuning(path, block_rows)
-    finally:
-        set_cpu_tuning(*before)
+    changes = _changes(path, block_rows)
+    _op()
+    with settings.override(**changes):
+        yield get_cpu_tuning()

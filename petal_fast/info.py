@@ -1,6 +1,7 @@
 """``petal-fast info`` / ``python -m petal_fast.info``: what runs where, and why not the rest.
 
-Versions (petal_fast, Python, torch, CUDA, Triton, the C++ compiler), thread counts, where the
+Versions (petal_fast, Python, torch, CUDA, Triton, the C++ compiler), thread counts, the settings in
+force (:mod:`petal_fast.settings`, each with its variable, marked where not the default), where the
 compiled CPU ops come from (``petal_fast._C`` or the just-in-time build in the user cache, and the
 torch they were built for), and per op the backend that runs on CPU and on CUDA with the first line
 of the reason each faster one does not. Loading the ops builds them if needed (once, ~1 min), as
@@ -19,7 +20,7 @@ from typing import Sequence
 import torch
 
 import petal_fast
-from petal_fast import _build, _ext, backend
+from petal_fast import _build, _ext, backend, settings
 
 # op → (the name backend.resolve is asked about, the backends it implements, the Triton kernel module)
 OPS = {
@@ -116,6 +117,18 @@ def _tile_table(triton_error: str | None) -> list[str]:
         return [f"Triton tiles: {_first_line(err)}"]
 
 
+def _settings_lines() -> list[str]:
+    """One line per setting: field, value, its environment variable, and "default" where it is one."""
+    now, default = settings.current(), settings.Settings()
+    lines = ["settings     (read from the environment at import; petal_fast.settings.configure changes them)"]
+    for field, var in settings.ENV.items():
+        value = getattr(now, field)
+        shown = "unset" if value is None else str(value)
+        mark = "default" if value == getattr(default, field) else "set"
+        lines.append(f"  {field:18s} {shown:12s} {mark:8s}{var}".rstrip())
+    return lines
+
+
 def report() -> tuple[str, bool]:
     """(the report text, whether the compiled CPU ops are loaded)."""
     st = _ext.status()  # loads, building if needed: the same thing the first CPU op call does
@@ -130,9 +143,10 @@ def report() -> tuple[str, bool]:
         f"compiler     {f'{cxx[1]}  ({cxx[0]})' if cxx else 'none on PATH (CXX, else c++)'}",
         f"threads      torch {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op, "
         f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-        f"backend      PETAL_FAST_BACKEND={os.environ.get('PETAL_FAST_BACKEND') or 'auto'}",
         "",
-        f"compiled CPU ops (PETAL_FAST_BUILD={st.mode})",
+        *_settings_lines(),
+        "",
+        f"compiled CPU ops (build={st.mode})",
     ]
     if st.source is not None:
         lines.append(f"  loaded     {SOURCES[st.source]}{', compiled now' if st.built_now else ''}")
@@ -144,7 +158,7 @@ def report() -> tuple[str, bool]:
         lines.append(f"  UNAVAILABLE: {st.error}")
         lines.append("  the CPU ops run on the torch fallback (correct, slower)")
     lines += [f"  note       {note}" for note in st.notes]
-    lines.append(f"  cache      {_build.cache_root()}")
+    lines.append(f"  cache      {st.cache or _build.cache_root(settings.current().cache_dir)}")
     lines += ["", f"{'op':14s}{'CPU':8s}{'CUDA':8s}why not the fast backend"]
     for op in OPS:
         cpu, cpu_why = _cpu_row(op)
@@ -155,7 +169,7 @@ def report() -> tuple[str, bool]:
     lines += ["(cpp: the compiled CPU ops above; triton: the Triton kernels, on CPU tensors only under "
               "TRITON_INTERPRET=1,",
               " the tests' interpreter; torch: the fallback composition; reference: the float64 test oracle. "
-              "PETAL_FAST_BACKEND forces one.)"]
+              "The backend setting forces one.)"]
     if _cuda_device() is None:
         lines.append(f"CUDA column: {_cuda_line()}")
     lines += ["", *_tile_table(triton_error)]

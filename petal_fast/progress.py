@@ -2,29 +2,20 @@
 
 In a terminal a bar redraws as tqdm usually does. When its stream is not a terminal (CI, ``nohup``,
 a cluster job's log file) every redraw would be one more carriage-return line in the log, so the bar
-writes at most once per ``LOG_INTERVAL`` seconds (``PETAL_FAST_PROGRESS_INTERVAL`` overrides), plus
-its final state.
+writes at most once per ``progress_interval`` seconds (:mod:`petal_fast.settings`: default 30,
+``PETAL_FAST_PROGRESS_INTERVAL`` or ``settings.configure(progress_interval=...)``), plus its final state.
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Iterable, TextIO
 
-LOG_INTERVAL = 30.0
+from petal_fast import settings
 
 
 def log_interval() -> float:
-    value = os.environ.get("PETAL_FAST_PROGRESS_INTERVAL", "").strip()
-    if not value:
-        return LOG_INTERVAL
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"PETAL_FAST_PROGRESS_INTERVAL must be a number of seconds, got {value!r}") from None
-    if seconds < 0:
-        raise ValueError(f"PETAL_FAST_PROGRESS_INTERVAL must be >= 0, got {value!r}")
-    return seconds
+    """Seconds between redraws of a bar that writes to a log (the ``progress_interval`` setting)."""
+    return settings.current().progress_interval
 
 
 def is_terminal(stream: TextIO | None) -> bool:

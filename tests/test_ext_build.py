@@ -10,19 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from petal_fast import _build, _ext, info
+from petal_fast import _build, _ext, info, settings
 
 
-def test_build_mode(monkeypatch):
+def test_build_mode():
     for value, mode in [(None, "auto"), ("", "auto"), ("Never", "never"), (" always ", "always")]:
-        if value is None:
-            monkeypatch.delenv("PETAL_FAST_BUILD", raising=False)
-        else:
-            monkeypatch.setenv("PETAL_FAST_BUILD", value)
-        assert _build.build_mode() == mode
-    monkeypatch.setenv("PETAL_FAST_BUILD", "sometimes")
-    st = _ext._load()
-    assert st.source is None and "PETAL_FAST_BUILD must be one of" in st.error
+        environ = {} if value is None else {"PETAL_FAST_BUILD": value}
+        assert settings.from_environ(environ).build == mode
+    with pytest.raises(ValueError, match="PETAL_FAST_BUILD must be one of auto, never, always; got 'sometimes'"):
+        settings.from_environ({"PETAL_FAST_BUILD": "sometimes"})
 
 
 def test_sources_found_and_hashed(tmp_path):
@@ -41,19 +37,17 @@ def test_cache_key_and_root(monkeypatch, tmp_path):
     assert key == _build.build_key("2.13.0", "g++ 12", "abc")
     assert len({key, _build.build_key("2.12.0", "g++ 12", "abc"), _build.build_key("2.13.0", "g++ 13", "abc"),
                 _build.build_key("2.13.0", "g++ 12", "abd")}) == 4
-    monkeypatch.delenv("PETAL_FAST_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert _build.cache_root() == tmp_path / "xdg" / "petal_fast"
-    monkeypatch.setenv("PETAL_FAST_CACHE_DIR", str(tmp_path / "mine"))
-    assert _build.cache_root() == tmp_path / "mine"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the system's variable, read when used
+    assert _build.cache_root(None) == tmp_path / "xdg" / "petal_fast"
+    mine = settings.from_environ({"PETAL_FAST_CACHE_DIR": str(tmp_path / "mine")}).cache_dir
+    assert _build.cache_root(mine) == tmp_path / "mine"
 
 
 def test_no_compiler_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("PETAL_FAST_CACHE_DIR", str(tmp_path / "cache"))
     st = _ext.Status(mode="auto")
     with pytest.raises(_ext.BuildError, match="no C\\+\\+ compiler") as err:
-        _ext._jit(st)
+        _ext._jit(st, tmp_path / "cache")
     assert "apt-get install g++" in str(err.value) and "no-such-compiler" in str(err.value)
     assert not (tmp_path / "cache").exists()  # nothing attempted
 
@@ -61,9 +55,8 @@ def test_no_compiler_says_what_to_install(monkeypatch, tmp_path):
 def test_unwritable_cache_names_the_setting(monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should go")
-    monkeypatch.setenv("PETAL_FAST_CACHE_DIR", str(blocker / "cache"))
     with pytest.raises(_ext.BuildError, match="cannot write the build cache .*PETAL_FAST_CACHE_DIR"):
-        _ext._jit(_ext.Status(mode="auto"))
+        _ext._jit(_ext.Status(mode="auto"), blocker / "cache")
 
 
 def test_aot_built_for_another_torch_is_not_imported(monkeypatch, tmp_path):
@@ -79,12 +72,11 @@ def test_aot_built_for_another_torch_is_not_imported(monkeypatch, tmp_path):
     assert f"built for torch 1.0.0, this is torch {torch.__version__}" in st.notes[-1]
 
 
-def test_already_registered_ops_are_not_registered_again(monkeypatch):
+def test_already_registered_ops_are_not_registered_again(tmp_path):
     """PETAL_FAST_BUILD=always with the ops already loaded (here: the dev install's _C) reuses them."""
     if _ext.status().source is None:
         pytest.skip(f"compiled ops unavailable here: {_ext.load_error()}")
-    monkeypatch.setenv("PETAL_FAST_BUILD", "always")
-    st = _ext._load()
+    st = _ext._load("always", tmp_path / "cache")
     assert st.source == "preloaded" and st.error is None
 
 

@@ -217,18 +217,19 @@ def test_alpha_checked_and_weighted_once_per_scope(backend, monkeypatch):
         assert len(checked) - before[0] == 4
 
 
-def test_backend_switch(monkeypatch):
+def test_backend_switch():
+    from petal_fast import settings
     x, w, b, a, bb, alpha = make_inputs((3,), 8, 6, 2, 1)
     with pytest.raises(ValueError, match="backend must be one of"):
         with use_backend("cuda-magic"):
             pass
-    monkeypatch.setenv("PETAL_FAST_BACKEND", "reference")
-    assert petal_fast.requested_backend() == "reference"
-    with use_backend("cpp"):
-        assert petal_fast.requested_backend() == "cpp"
-    monkeypatch.setenv("PETAL_FAST_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        petal_linear(x, w, b, a, bb, alpha)
+    with settings.override(backend="reference"):
+        assert petal_fast.requested_backend() == "reference"
+        with use_backend("cpp"):  # the scoped choice wins over the setting
+            assert petal_fast.requested_backend() == "cpp"
+        torch.testing.assert_close(petal_linear(x, w, b, a, bb, alpha), ref_petal_linear(x, w, b, a, bb, alpha, 1.0))
+    with pytest.raises(ValueError, match="backend .PETAL_FAST_BACKEND. must be one of"):
+        settings.configure(backend="nonsense")
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
@@ -262,10 +263,9 @@ TUNING_SCRIPT = """
 import os, torch
 from petal_fast.cpu_tuning import cpu_tuning, get_cpu_tuning
 from petal_fast.ops import petal_linear
+os.environ["PETAL_FAST_CPU_PATH"], os.environ["PETAL_FAST_CPU_BLOCK_ROWS"] = "blocked", "3"  # after import
 x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 2, 8), torch.randn(2, 6, 2)
-petal_linear(x, w, None, a, b, torch.rand(4))       # the first call reads the environment
-os.environ["PETAL_FAST_CPU_PATH"], os.environ["PETAL_FAST_CPU_BLOCK_ROWS"] = "blocked", "3"
-petal_linear(x, w, None, a, b, torch.rand(4))       # later changes are not read
+petal_linear(x, w, None, a, b, torch.rand(4))       # the library loads: it gets the settings read at import
 print(get_cpu_tuning())
 with cpu_tuning(path="auto", block_rows=0):
     print(get_cpu_tuning())

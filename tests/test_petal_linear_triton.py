@@ -140,23 +140,23 @@ def test_design_dispatch(monkeypatch, p):
 
 
 def test_design_selection(monkeypatch):
+    from petal_fast import settings
     cpu = torch.device("cpu")
-    environment = lambda **env: monkeypatch.setattr(config, "SETTINGS", config.settings_from(env))  # noqa: E731
-    environment()  # the variable is read once, at import: these stand for the process's environment
-    for direction in kernels.DIRECTIONS:
-        assert kernels.design_for(cpu, direction) == kernels.DEFAULT_DESIGN["interpreter"][direction]
-    monkeypatch.setitem(kernels.DEFAULT_DESIGN, "interpreter", {"fwd": "onepass", "bwd": "split"})
-    assert (kernels.design_for(cpu, "fwd"), kernels.design_for(cpu, "bwd")) == ("onepass", "split")
-    environment(PETAL_FAST_TRITON_DESIGN="onepass")
-    assert kernels.design_for(cpu, "bwd") == "onepass"
-    with kernels.use_design("split"):  # the context wins over the environment, and nests
-        assert kernels.design_for(cpu, "fwd") == "split"
-        with kernels.use_design("onepass"):
+    with settings.override(triton_design=None):  # whatever the shell set: the generation's default
+        for direction in kernels.DIRECTIONS:
+            assert kernels.design_for(cpu, direction) == kernels.DEFAULT_DESIGN["interpreter"][direction]
+        monkeypatch.setitem(kernels.DEFAULT_DESIGN, "interpreter", {"fwd": "onepass", "bwd": "split"})
+        assert (kernels.design_for(cpu, "fwd"), kernels.design_for(cpu, "bwd")) == ("onepass", "split")
+        with settings.override(triton_design="onepass"):  # PETAL_FAST_TRITON_DESIGN's setting
             assert kernels.design_for(cpu, "bwd") == "onepass"
+            with kernels.use_design("split"):  # the context wins over the setting, and nests
+                assert kernels.design_for(cpu, "fwd") == "split"
+                with kernels.use_design("onepass"):
+                    assert kernels.design_for(cpu, "bwd") == "onepass"
+                assert kernels.design_for(cpu, "bwd") == "split"
         assert kernels.design_for(cpu, "bwd") == "split"
-    environment(PETAL_FAST_TRITON_DESIGN=" fastest ")
-    with pytest.raises(ValueError, match="PETAL_FAST_TRITON_DESIGN"):
-        kernels.design_for(cpu, "fwd")
+    with pytest.raises(ValueError, match="triton_design .PETAL_FAST_TRITON_DESIGN."):
+        settings.configure(triton_design=" fastest ")
     with pytest.raises(ValueError, match="design must be one of"):
         with kernels.use_design("fastest"):
             pass
@@ -326,19 +326,3 @@ def test_tile_table_compiles_for_gpu(arch, limit):
     assert {r["kernel"] for r in rows} == set(kernels.REDUCTION_BLOCK)
     for row in rows:
         assert 0 < row["shared_bytes"] <= limit, row
-
-
-def test_design_environment_is_read_once_at_import():
-    """PETAL_FAST_TRITON_DESIGN as the process started decides; changing it later has no effect."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import os, torch; from petal_fast.kernels.petal_linear import design_for\n"
-            "before = design_for(torch.device('cpu'), 'bwd')\n"
-            "os.environ['PETAL_FAST_TRITON_DESIGN'] = 'split'\n"
-            "print(before, design_for(torch.device('cpu'), 'bwd'))\n")
-    env = {**os.environ, "PETAL_FAST_TRITON_DESIGN": "onepass", "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["onepass", "onepass"]

@@ -34,8 +34,11 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return x ^ (x >> 16)
 
 
-def branch_key(seed: int, branch: int) -> int:
-    """key = mix(seed ^ mix(branch + 1)), a uint32 held in a Python int."""
+def branch_key(seed: int | torch.Tensor, branch: int) -> int | torch.Tensor:
+    """key = mix(seed ^ mix(branch + 1)), a uint32 held in a Python int — or, for a 1-element integer
+    tensor seed (what a traced graph holds: its value is not read on the host), in an int64 tensor."""
+    if isinstance(seed, torch.Tensor):
+        return mix32(seed.reshape(1).to(torch.int64) ^ mix32(branch + 1))
     if not 0 <= seed < 2**31:
         raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     return mix32(seed ^ mix32(branch + 1))
@@ -46,7 +49,7 @@ def keep_threshold(p: float) -> int:
     return int(round(p * (1 << UNIFORM_BITS)))
 
 
-def dropout_mask(seed: int, branch: int, rows: int, cols: int, p: float, *,
+def dropout_mask(seed: int | torch.Tensor, branch: int, rows: int, cols: int, p: float, *,
                  row_offset: int = 0, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """The (rows × cols) dropout mask of ``branch`` for ``seed``: 0 where dropped, 1/(1−p) where kept.
@@ -57,6 +60,8 @@ def dropout_mask(seed: int, branch: int, rows: int, cols: int, p: float, *,
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
     key = branch_key(seed, branch)
+    if isinstance(key, torch.Tensor):
+        key = key.to(device)
     i = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)
     j = torch.arange(cols, dtype=torch.int64, device=device)
     row_hash = mix32(i ^ key)

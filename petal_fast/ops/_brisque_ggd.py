@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from ._graph import graph_constant, real_tensors
+
 NU_LO, NU_HI = 1e-3, 1e3
 _TABLE = 4096
 _NEWTON = 2
@@ -32,6 +34,7 @@ def _dlog_phi_dlog_nu(nu: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
+@real_tensors
 def _table(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.linspace(math.log(NU_LO), math.log(NU_HI), _TABLE, dtype=torch.float64)
     return t.to(device), log_phi(torch.exp(t)).to(device)
@@ -39,7 +42,7 @@ def _table(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def solve_shape(r_hat: torch.Tensor) -> torch.Tensor:
     """ν with φ(ν) = R̂, elementwise (float64)."""
-    t_grid, lp_grid = _table(str(r_hat.device))
+    t_grid, lp_grid = map(graph_constant, _table(str(r_hat.device)))
     target = torch.log(r_hat).clamp(lp_grid[0], lp_grid[-1])
     i = torch.searchsorted(lp_grid, target.contiguous()).clamp(1, _TABLE - 1)
     lp0, lp1 = lp_grid[i - 1], lp_grid[i]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ._graph import graph_constant, real_tensors
+
 _FILES = ("svm.txt", "normalize.pickle")
 _NUMPY_ALLOWED = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -109,6 +111,7 @@ def _load_cpu() -> BrisqueModel:
 
 
 @functools.lru_cache(maxsize=None)
+@real_tensors
 def load_model(device: str = "cpu") -> BrisqueModel:
     """The package's trained model on ``device`` (loaded once, cached per device)."""
     return _load_cpu().to(device)
@@ -116,6 +119,8 @@ def load_model(device: str = "cpu") -> BrisqueModel:
 
 def predict(features: torch.Tensor, model: BrisqueModel) -> torch.Tensor:
     """(B, 36) float64 raw features → (B,) scores: scaling, then the RBF over all support vectors at once."""
+    model = BrisqueModel(*(graph_constant(t) for t in (model.f_min, model.f_max, model.support, model.coef)),
+                         model.rho, model.gamma)
     x = -1 + 2.0 / (model.f_max - model.f_min) * (features - model.f_min)
     d2 = (x * x).sum(1, keepdim=True) - 2 * x @ model.support.T + (model.support ** 2).sum(1)
     return torch.exp(-model.gamma * d2.clamp_min(0)) @ model.coef - model.rho

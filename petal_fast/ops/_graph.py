@@ -8,12 +8,21 @@
   (Not ``torch._assert_async`` in the traced graph itself: Inductor's CPU code can fuse it into an
   OpenMP-parallel loop, where the failure terminates the process instead of raising.) Shape and
   dtype checks stay plain Python errors: they depend on sizes only, which Dynamo guards on.
+- ``launchable``: how a ``triton_op`` body launches a kernel (``torch.library.wrap_triton``, so
+  AOTAutograd turns each launch into a graph node Inductor schedules).
 - ``seed_tensor``: dropout seeds travel as a 1-element int64 CPU tensor, not a Python int, so a
   new seed per step is new data for a compiled graph rather than a new constant (a recompile).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.library import wrap_triton
+
+from petal_fast.backend import triton_interpreting
 
 
 def compiling() -> bool:
@@ -32,8 +41,58 @@ def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> Non
         sync = ok.device.type == "cpu"
     if not sync:
         torch._assert_async(ok, message)
-    elif not bool(ok):
+    elif detect_fake_mode() is None and not bool(ok):  # fake tensors (a triton_op traced) hold no values
         raise ValueError(message)
+
+
+class _NoLaunch:
+    """``kernel[grid](...)`` that does nothing: an interpreted kernel met with fake tensors."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def launchable(kernel):
+    """``wrap_triton(kernel)``: inside a ``triton_op`` body, a launch that tracing records as a graph node.
+
+    Under the Triton interpreter (``TRITON_INTERPRET=1``) a kernel is no JIT function: wrap_triton
+    hands it back unwrapped, and with fake tensors (shape propagation, opcheck) the launch is skipped
+    — it only writes outputs the body allocated. (A graph compiled under the interpreter must not
+    reach here: the dispatchers use the opaque operators then.)
+    """
+    wrapped = wrap_triton(kernel)
+    if wrapped is kernel and detect_fake_mode() is not None:
+        return _NoLaunch()
+    return wrapped
+
+
+def real_tensors(make):
+    """For a cached constructor of constant tensors (tables, trained models): the tensors are real even
+    when the first call happens while a triton_op body is traced on fake tensors (a cached fake
+    tensor would poison every later call)."""
+    @functools.wraps(make)
+    def wrapper(*args, **kwargs):
+        with unset_fake_temporarily():
+            return make(*args, **kwargs)
+    return wrapper
+
+
+def graph_constant(t: torch.Tensor) -> torch.Tensor:
+    """A cached real tensor as a triton_op body may use it: itself in eager mode; traced (fake tensors),
+    a fresh ``torch.tensor`` of its values, which the trace records as a constant of the graph (a real
+    tensor cannot enter an operation on fake tensors)."""
+    if detect_fake_mode() is None:
+        return t
+    with unset_fake_temporarily():
+        data = t.tolist()
+    return torch.tensor(data, dtype=t.dtype, device=t.device)
+
+
+def triton_op_runs(backend: str) -> bool:
+    """Whether a call on ``backend`` takes the op's ``triton_op`` (its kernels visible to torch.compile)
+    rather than the opaque operator: the Triton backend, except in a graph traced under the
+    interpreter (interpreted kernels cannot be traced; see ``launchable``)."""
+    return backend == "triton" and not (compiling() and triton_interpreting())
 
 
 def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from petal_fast.backend import resolve
 from petal_fast.reference import brisque as reference_brisque  # the user-selectable `reference` backend
 
 from . import _brisque_svr as svr
+from ._graph import triton_op_runs
 from .brisque_library import OP, check_images, degenerate_to_worst, fused_brisque
 
 SUPPORTED = ("reference", "torch", "cpp", "triton")
@@ -25,6 +26,9 @@ def brisque_op(images: torch.Tensor, features: bool) -> torch.Tensor:
     """(B, C, H, W) uint8 or float in [0, 1] → (B,) float64 scores, or (B, 36) features if ``features``."""
     check_images(images, value_range=(0.0, 1.0))  # shape and dtype here; the values inside the operator
     backend = resolve(images.device, OP, supported=SUPPORTED)
+    if triton_op_runs(backend):  # the Triton kernel visible to torch.compile
+        from .brisque_triton_library import triton_brisque
+        return triton_brisque(images, features)
     if backend != "reference":
         return fused_brisque(images, features, backend)
     check_images(images)  # the oracle is plain torch: its values are scanned here

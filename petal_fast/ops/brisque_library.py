@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch._guards import detect_fake_mode
 
 from petal_fast import _ext
 
@@ -25,6 +26,7 @@ from . import _brisque_ggd as ggd
 from . import _brisque_resize as resize
 from . import _brisque_svr as svr
 from . import _brisque_torch as torch_impl
+from ._graph import value_check
 
 OP = "brisque_score"
 NAME = "petal_fast::fused_brisque"
@@ -67,8 +69,11 @@ def check_images(images: torch.Tensor, value_range: tuple[float, float] | None =
 
 def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
     """Scores of degenerate images (NaN: undefined features) → :data:`DEGENERATE_SCORE`; one warning
-    with their number. Shared by every backend, after its features and SVR."""
+    with their number. Shared by every backend, after its features and SVR. Traced (a triton_op in a
+    compiled graph: fake tensors) the scores are replaced the same, but no warning can count them."""
     bad = ~torch.isfinite(scores)
+    if detect_fake_mode() is not None:
+        return scores.masked_fill(bad, DEGENERATE_SCORE)
     n = int(bad.sum())
     if n:
         warnings.warn(f"BRISQUE: {n} of {scores.numel()} images are degenerate (constant or flat: no local "
@@ -78,7 +83,18 @@ def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def moments(images: torch.Tensor, backend: str) -> torch.Tensor:
+def check_values(images: torch.Tensor) -> None:
+    """Float images in [0, 1]: ``check_images``' ValueError with the range found; traced (fake tensors)
+    a device-side assert on CUDA (``_graph.value_check``: no host read), nothing to check on CPU."""
+    if not images.is_floating_point():
+        return
+    if detect_fake_mode() is None:
+        check_images(images)
+    else:
+        value_check(((images >= 0) & (images <= 1)).all(), "images: float images must lie in [0, 1]")
+
+
+def moments(images: torch.Tensor, backend: str, wrap=None) -> torch.Tensor:
     """The fused stage: images → (B, 2 scales, 5 maps, 5 sums) float64.
 
     Scales: the luminance Y and OpenCV's half-size resize of Y. Maps: MSCN, horizontal, vertical,
@@ -90,7 +106,8 @@ def moments(images: torch.Tensor, backend: str) -> torch.Tensor:
     half = resize.resize_half(gray).contiguous()
     if backend == "triton":
         from petal_fast.kernels import brisque as triton_brisque  # only imported when asked for
-        per_scale = triton_brisque.mscn_moments
+        per_scale = triton_brisque.mscn_moments if wrap is None else (
+            lambda g: triton_brisque.mscn_moments(g, wrap=wrap))
     else:
         per_scale = torch_impl.mscn_moments
     return torch.stack([per_scale(gray), per_scale(half)], dim=1)
@@ -113,24 +130,29 @@ def _cpp_score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, feats
 
 
-def _features(images: torch.Tensor, backend: str) -> torch.Tensor:
-    m = moments(images, backend)  # both scales fitted in one vectorised call
+def _features(images: torch.Tensor, backend: str, wrap=None) -> torch.Tensor:
+    m = moments(images, backend, wrap)  # both scales fitted in one vectorised call
     return ggd.scale_features(m.flatten(0, 1)).view(m.shape[0], 36)
 
 
-@torch.library.custom_op(NAME, mutates_args=())
-def fused_brisque(images: torch.Tensor, features: bool, backend: str) -> torch.Tensor:
-    """The operator behind ``brisque`` / ``brisque_features``: (B, C, H, W) → (B,) scores or (B, 36)
-    features, float64, values checked inside."""
+def brisque_impl(images: torch.Tensor, features: bool, backend: str, wrap=None) -> torch.Tensor:
+    """The operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper)."""
     if images.shape[0] == 0:
         return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
     images = images.contiguous()
     if backend == "cpp":
         scores, feats = _cpp_score(images)
         return feats if features else degenerate_to_worst(scores)
-    check_images(images)
-    f = _features(images, backend)
+    check_values(images)
+    f = _features(images, backend, wrap)
     return f if features else degenerate_to_worst(svr.predict(f, svr.load_model(str(images.device))))
+
+
+@torch.library.custom_op(NAME, mutates_args=())
+def fused_brisque(images: torch.Tensor, features: bool, backend: str) -> torch.Tensor:
+    """The operator behind ``brisque`` / ``brisque_features``: (B, C, H, W) → (B,) scores or (B, 36)
+    features, float64, values checked inside."""
+    return brisque_impl(images, features, backend)
 
 
 @fused_brisque.register_fake

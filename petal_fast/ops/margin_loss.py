@@ -36,15 +36,19 @@ from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
 from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
-from ._graph import compiling, value_check
+from ._graph import compiling, triton_op_runs, value_check
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
 def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
                backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs."""
-    return fused_margin_core(e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale), backend,
-                             validate)
+    """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs; the Triton
+    backend through its triton_op (torch.compile sees the kernels), the others through the opaque operator."""
+    args = (e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale))
+    if triton_op_runs(backend):
+        from .margin_loss_triton_library import triton_margin_core
+        return triton_margin_core(*args, validate)
+    return fused_margin_core(*args, backend, validate)
 
 
 def check_tensors(embeddings, weight, labels, num_classes: int | None = None) -> None:

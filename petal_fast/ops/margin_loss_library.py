@@ -41,9 +41,9 @@ def _target(e: Tensor, w: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tenso
     return owned, rows, e_acc, w_t, torch_impl.inv_norm(e_acc, NORM_EPS), torch_impl.inv_norm(w_t, NORM_EPS)
 
 
-@torch.library.custom_op(NAME, mutates_args=())
-def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str,
-                      validate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def core_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, validate: bool = False,
+              wrap=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper)."""
     if validate:
         value_check(((labels >= 0) & (labels < w.shape[0])).all(), f"labels must be in [0, num_classes={w.shape[0]})")
         value_check(torch.isfinite(e).all(), "embeddings contain non-finite values (NaN or inf)")
@@ -52,10 +52,37 @@ def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backen
         return tuple(e.new_empty(0, dtype=acc) for _ in range(3))
     fwd, _ = _impl(backend)
     e, w, labels = e.contiguous(), w.contiguous(), labels.contiguous()  # the kernels take dense row-major inputs
-    lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS)
+    lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS, **({"wrap": wrap} if wrap is not None else {}))
     owned, _, e_acc, w_t, re, rw = _target(e, w, labels)
     cos_t = ((e_acc * re.unsqueeze(1)) * (w_t * rw.unsqueeze(1))).sum(1) * owned
     return lse.to(acc), zsum.to(acc), cos_t
+
+
+def core_backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
+                       g_cos: Tensor, scale: float, need_e: bool, need_w: bool, backend: str,
+                       wrap=None) -> tuple[Tensor, Tensor]:
+    """The backward operator's body (of the Triton triton_op too, with ``wrap``)."""
+    if e.shape[0] == 0:
+        return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_zeros(w.shape) if need_w else w.new_empty(0))
+    _, bwd = _impl(backend)
+    e, w, labels, lse, g_lse, g_zsum, g_cos = (t.contiguous() for t in (e, w, labels, lse, g_lse, g_zsum, g_cos))
+    de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w,
+                 **({"wrap": wrap} if wrap is not None else {}))
+    owned, rows, e_acc, w_t, re, rw = _target(e, w, labels)  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
+    g = (g_cos.to(e_acc.dtype) * owned).unsqueeze(1)
+    if need_e:
+        de_t = torch_impl.normalise_grad(g * w_t * rw.unsqueeze(1), e_acc, re, NORM_EPS)
+        de = (de.to(e_acc.dtype) + de_t).to(e.dtype)
+    if need_w:
+        dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
+        dw = dw.index_add_(0, rows, dw_t.to(dw.dtype))
+    return (de if need_e else e.new_empty(0)), (dw if need_w else w.new_empty(0))
+
+
+@torch.library.custom_op(NAME, mutates_args=())
+def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str,
+                      validate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    return core_impl(e, w, labels, scale, backend, validate)
 
 
 @fused_margin_core.register_fake
@@ -68,20 +95,7 @@ def _(e, w, labels, scale, backend, validate=False):
 def fused_margin_core_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
                                g_cos: Tensor, scale: float, need_e: bool, need_w: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    if e.shape[0] == 0:
-        return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_zeros(w.shape) if need_w else w.new_empty(0))
-    _, bwd = _impl(backend)
-    e, w, labels, lse, g_lse, g_zsum, g_cos = (t.contiguous() for t in (e, w, labels, lse, g_lse, g_zsum, g_cos))
-    de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w)
-    owned, rows, e_acc, w_t, re, rw = _target(e, w, labels)  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
-    g = (g_cos.to(e_acc.dtype) * owned).unsqueeze(1)
-    if need_e:
-        de_t = torch_impl.normalise_grad(g * w_t * rw.unsqueeze(1), e_acc, re, NORM_EPS)
-        de = (de.to(e_acc.dtype) + de_t).to(e.dtype)
-    if need_w:
-        dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
-        dw = dw.index_add_(0, rows, dw_t.to(dw.dtype))
-    return (de if need_e else e.new_empty(0)), (dw if need_w else w.new_empty(0))
+    return core_backward_impl(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend)
 
 
 @fused_margin_core_backward.register_fake
@@ -89,22 +103,25 @@ def _(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend):
     return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_empty(w.shape) if need_w else w.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    e, w, labels, scale, backend, _validate = inputs
-    ctx.save_for_backward(e, w, labels, output[0])
-    ctx.scale, ctx.backend = scale, backend
+def register_margin_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (this module's operator pair, or the Triton
+    one): forward inputs (e, w, labels, scale, *extra, validate), backward inputs (e, w, labels, lse,
+    g_lse, g_zsum, g_cos, scale, need_e, need_w, *extra); saved: e, w, labels and lse (B values)."""
+    def setup_context(ctx, inputs, output) -> None:
+        e, w, labels, scale = inputs[:4]
+        ctx.save_for_backward(e, w, labels, output[0])
+        ctx.scale, ctx.extra, ctx.n_inputs = scale, tuple(inputs[4:-1]), len(inputs)
 
+    def backward(ctx, g_lse, g_zsum, g_cos):
+        e, w, labels, lse = ctx.saved_tensors
+        zero = lambda g: torch.zeros_like(lse) if g is None else g.contiguous()  # noqa: E731
+        need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        de, dw = backward_op(e, w, labels, lse, zero(g_lse), zero(g_zsum), zero(g_cos), ctx.scale,
+                             need_e, need_w, *ctx.extra)
+        return (de if need_e else None, dw if need_w else None) + (None,) * (ctx.n_inputs - 2)
 
-def _backward(ctx, g_lse, g_zsum, g_cos):
-    e, w, labels, lse = ctx.saved_tensors
-    zero = lambda g: torch.zeros_like(lse) if g is None else g.contiguous()  # noqa: E731
-    need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    de, dw = fused_margin_core_backward(e, w, labels, lse, zero(g_lse), zero(g_zsum), zero(g_cos), ctx.scale,
-                                        need_e, need_w, ctx.backend)
-    return (de if need_e else None), (dw if need_w else None), None, None, None, None
-
-
-fused_margin_core.register_autograd(_backward, setup_context=_setup_context)
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -112,7 +129,7 @@ def _no_double_backward(ctx, *grads):
                        "reference backend (petal_fast.use_backend('reference')) for higher-order gradients.")
 
 
-fused_margin_core_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+register_margin_autograd(fused_margin_core, fused_margin_core_backward)
 
 
 @_ext.when_loaded

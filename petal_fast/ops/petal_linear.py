@@ -25,7 +25,7 @@ import torch
 from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from ._graph import compiling, seed_tensor, value_check
+from ._graph import compiling, seed_tensor, triton_op_runs, value_check
 from .petal_linear_library import OP, forward_impl, fused_petal_linear
 
 
@@ -160,10 +160,21 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     w, b, la, lb = cast(weight), cast(bias), cast(lora_A), cast(lora_B)
     a_cat, b_cat = _concat(la, lb)
     seed_t = seed_tensor(seed) if dropout > 0.0 else _NO_SEED
-    if compiling() or (torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad
-                                                    or coef.requires_grad)):
-        y, _ = fused_petal_linear(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend,
-                                  compiling() and branches == 2)
-    else:  # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
-        y, _ = forward_impl(x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t, backend)
+    traced = compiling()
+    args = (x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t)
+    validate = traced and branches == 2
+    if not traced and not (torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad
+                                                        or coef.requires_grad)):
+        # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
+        y, _ = forward_impl(*args, backend)
+    elif triton_op_runs(backend):
+        y, _ = _triton_op().triton_petal_linear(*args, validate)  # Inductor sees its kernels
+    else:  # interpreted Triton kernels cannot be traced: the opaque operator runs them
+        y, _ = fused_petal_linear(*args, backend, validate)
     return y.view(*lead, weight.shape[0])
+
+
+def _triton_op():
+    """The triton_op module, imported on first use (it imports torch.library's Triton support)."""
+    from . import petal_linear_triton_library
+    return petal_linear_triton_library

@@ -46,16 +46,25 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _seed_arg(seed: Tensor, backend: str):
+    """The seed as the backend takes it: Triton kernels read the tensor on the device (nothing read on
+    the host: traceable), the C++ and torch backends an int."""
+    return seed if backend == "triton" else int(seed.item())
+
+
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                 coef: Tensor, p: float, seed: Tensor, backend: str, validate: bool = False) -> tuple[Tensor, Tensor]:
-    """The operator's body; eager inference calls it directly (the dispatcher costs ~35 µs a call)."""
+                 coef: Tensor, p: float, seed: Tensor, backend: str, validate: bool = False,
+                 wrap=None) -> tuple[Tensor, Tensor]:
+    """The operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper); eager
+    inference calls it directly (the dispatcher costs ~35 µs a call)."""
     if validate:
         value_check(torch.isfinite(coef).all(), "petal_linear: alpha contains non-finite values")
     if x.shape[0] == 0:  # no kernel is launched on an empty batch
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, a_cat.shape[0]))
     fwd, _ = _impl(backend)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels take dense row-major inputs)
-    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), int(seed.item()))
+    extra = {"wrap": wrap} if wrap is not None else {}
+    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), _seed_arg(seed, backend), **extra)
 
 
 @torch.library.custom_op(NAME, mutates_args=())
@@ -71,7 +80,7 @@ def _(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate=False):
     return x.new_empty((m, weight.shape[0])), x.new_empty((m, a_cat.shape[0]))
 
 
-def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed: int) -> Tensor:
+def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """dcoef (images × branches) = Σ over each image's rows of ⟨D_k(dy) B_k, U_k⟩, accumulated in fp32/fp64."""
     images, branches = coef.shape
     r = b_cat.shape[1] // branches
@@ -86,21 +95,27 @@ def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed
     return torch.stack(parts, dim=1).to(coef.dtype)
 
 
-@torch.library.custom_op(NAME + "_backward", mutates_args=())
-def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor,
-                                u: Tensor, p: float, seed: Tensor, need_x: bool, need_coef: bool,
-                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor, u: Tensor,
+                  p: float, seed: Tensor, need_x: bool, need_coef: bool, backend: str,
+                  wrap=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward operator's body (of the Triton triton_op too, with ``wrap``)."""
     if x.shape[0] == 0:
         return (x.new_empty(x.shape) if need_x else _empty(x), a_cat.new_zeros(a_cat.shape),
                 b_cat.new_zeros(b_cat.shape), coef.new_zeros(coef.shape) if need_coef else _empty(coef))
     _, bwd = _impl(backend)
     dy, x, weight, a_cat, b_cat, coef, u = (t.contiguous() for t in (dy, x, weight, a_cat, b_cat, coef, u))
-    s = int(seed.item())
-    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x)
+    s = _seed_arg(seed, backend)
+    extra = {"wrap": wrap} if wrap is not None else {}
+    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x, **extra)
     dc = coef_grad(dy, u, b_cat, coef, float(p), s) if need_coef else _empty(coef)
-    if da.untyped_storage().data_ptr() == db.untyped_storage().data_ptr():  # Triton: views of one buffer
-        da = da.clone()  # an operator's outputs may not alias each other (R·K elements)
     return (dx if need_x else _empty(x)), da.contiguous(), db.contiguous(), dc
+
+
+@torch.library.custom_op(NAME + "_backward", mutates_args=())
+def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor,
+                                u: Tensor, p: float, seed: Tensor, need_x: bool, need_coef: bool,
+                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend)
 
 
 @fused_petal_linear_backward.register_fake
@@ -110,22 +125,27 @@ def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend)
             coef.new_empty(coef.shape) if need_coef else _empty(coef))
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, a_cat, b_cat, coef, p, seed, backend, _validate = inputs
-    ctx.save_for_backward(x, weight, a_cat, b_cat, coef, output[1], seed)
-    ctx.p, ctx.backend = p, backend
+def register_petal_autograd(forward_op, backward_op) -> None:
+    """Make ``backward_op`` the gradient of ``forward_op`` (this module's operator pair, or the Triton
+    one): forward inputs (x, W, b, A_cat, B_cat, coef, p, seed, *extra, validate), backward inputs
+    (dy, x, W, A_cat, B_cat, coef, U, p, seed, need_x, need_coef, *extra); saved: x, W, A_cat, B_cat,
+    coef, U and the seed — never an M×out tensor."""
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _bias, a_cat, b_cat, coef, p, seed = inputs[:8]
+        ctx.save_for_backward(x, weight, a_cat, b_cat, coef, output[1], seed)
+        ctx.p, ctx.extra, ctx.n_inputs = p, tuple(inputs[8:-1]), len(inputs)
 
+    def backward(ctx, dy: Tensor, du: Tensor):
+        x, weight, a_cat, b_cat, coef, u, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, da, db, dc = backward_op(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, ctx.p, seed,
+                                     need[0], need[5], *ctx.extra)
+        grads = (dx if need[0] else None, None, None, da if need[3] else None, db if need[4] else None,
+                 dc if need[5] else None)
+        return grads + (None,) * (ctx.n_inputs - len(grads))
 
-def _backward(ctx, dy: Tensor, du: Tensor):
-    x, weight, a_cat, b_cat, coef, u, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, da, db, dc = fused_petal_linear_backward(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, ctx.p, seed,
-                                                 need[0], need[5], ctx.backend)
-    return (dx if need[0] else None, None, None, da if need[3] else None, db if need[4] else None,
-            dc if need[5] else None, None, None, None, None)
-
-
-fused_petal_linear.register_autograd(_backward, setup_context=_setup_context)
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def _no_double_backward(ctx, *grads):
@@ -135,7 +155,7 @@ def _no_double_backward(ctx, *grads):
         "(petal_fast.use_backend('reference')) for higher-order gradients.")
 
 
-fused_petal_linear_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+register_petal_autograd(fused_petal_linear, fused_petal_linear_backward)
 
 
 # -- the raw C++ kernels: fake implementations so they trace when called directly -----------------------

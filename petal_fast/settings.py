@@ -1,0 +1,212 @@
+"""Every petal_fast setting in one frozen object, read from the environment once, at import.
+
+=============================  ==========================  ==========================================
+field (``configure(...)``)     environment variable        values (default first)
+=============================  ==========================  ==========================================
+``backend``                    ``PETAL_FAST_BACKEND``      auto | reference | torch | cpp | triton
+``build``                      ``PETAL_FAST_BUILD``        auto | never | always
+``cache_dir``                  ``PETAL_FAST_CACHE_DIR``    None ($XDG_CACHE_HOME/petal_fast, else
+                                                           ~/.cache/petal_fast) | a folder
+``progress_interval``          ``PETAL_FAST_PROGRESS_      30.0 | seconds ≥ 0
+                               INTERVAL``
+``debug``                      ``PETAL_FAST_DEBUG``        False | True (1/true/yes/on; 0/false/no/off)
+``triton_design``              ``PETAL_FAST_TRITON_        None (the GPU generation's DEFAULT_DESIGN) |
+                               DESIGN``                    split | onepass
+``cpu_path``                   ``PETAL_FAST_CPU_PATH``     auto | blocked | whole
+``cpu_block_rows``             ``PETAL_FAST_CPU_BLOCK_     0 (automatic) | rows per block ≥ 1
+                               ROWS``
+=============================  ==========================  ==========================================
+
+``current()`` is the :class:`Settings` in force. ``configure(**changes)`` replaces fields for the rest
+of the process; ``with override(**changes):`` for a block (the fields it changed come back on exit).
+Changing ``os.environ`` after import has no effect. An empty variable counts as unset; a bad value
+raises at import, naming the variable, the value and what it may be.
+
+Why at import, not at first use: ``current()`` is then a plain read of a module attribute, which
+torch.compile traces and guards on (``backend`` is read while tracing: a ``configure(backend=...)``
+recompiles) with no lock or ``os.environ`` access inside a graph; and a bad value fails at once
+instead of an hour into training, when the first progress bar or CPU op would have read it.
+
+The scoped APIs sit on top: ``use_backend(name)`` (thread-local, wins over ``backend``),
+``use_design(name)`` (wins over ``triton_design``) and ``cpu_tuning(path, block_rows)`` (an
+``override`` of ``cpu_path`` / ``cpu_block_rows``). ``build`` and ``cache_dir`` matter once, when the
+compiled CPU ops load (the first CPU op call or ``petal-fast info``); changing them later has no effect.
+
+Two layers below keep a copy that this module writes, and never read the environment themselves:
+``kernels/`` may import nothing of ``petal_fast`` but ``definitions`` (docs/design.md §2), so the
+Triton design is handed to ``petal_linear_config.configure_design``; the C++ knobs live in
+``csrc/petal_linear.cpp`` and are set through its ``petal_linear_cpu_tuning`` op when the library loads
+and on every change.
+
+Not ours, so read where they are used: ``CXX``, ``PATH`` and ``XDG_CACHE_HOME`` (the build),
+``TRITON_INTERPRET`` (Triton's own switch, read by Triton when kernels are defined),
+``OMP_NUM_THREADS``, and torchrun's ``LOCAL_RANK`` / ``WORLD_SIZE``. ``PETAL_FAST_NO_EXT`` is read by
+setup.py at build time; ``PETAL_FAST_SLOW_EXPORT`` and ``PETAL_FAST_TEST_TORCH`` only by the tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from petal_fast import _ext  # reads build / cache_dir from here when it loads, not at import
+from petal_fast.kernels import petal_linear_config  # torch only: no Triton needed
+from petal_fast.kernels.petal_linear_config import DESIGNS as TRITON_DESIGNS
+
+BACKENDS = ("reference", "torch", "cpp", "triton")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+BUILD_MODES = ("auto", "never", "always")
+CPU_PATHS = ("auto", "blocked", "whole")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+ENV = {"backend": "PETAL_FAST_BACKEND", "build": "PETAL_FAST_BUILD", "cache_dir": "PETAL_FAST_CACHE_DIR",
+       "progress_interval": "PETAL_FAST_PROGRESS_INTERVAL", "debug": "PETAL_FAST_DEBUG",
+       "triton_design": "PETAL_FAST_TRITON_DESIGN", "cpu_path": "PETAL_FAST_CPU_PATH",
+       "cpu_block_rows": "PETAL_FAST_CPU_BLOCK_ROWS"}
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, name: str) -> str:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        return text
+    return parse
+
+
+def _design(value: Any, name: str) -> str | None:
+    return None if value is None else _choice(TRITON_DESIGNS)(value, name)
+
+
+def _seconds(value: Any, name: str) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number of seconds >= 0; got {value!r}") from None
+    if not seconds >= 0 or seconds == float("inf"):  # also NaN
+        raise ValueError(f"{name} must be a number of seconds >= 0; got {value!r}")
+    return seconds
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{name} must be one of {', '.join(_TRUE)} (on) or {', '.join(_FALSE)} (off); got {value!r}")
+
+
+def _folder(value: Any, name: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"{name} must be a folder path (or None for the default); got {value!r}")
+    return Path(str(value).strip()).expanduser()
+
+
+def _rows(value: Any, name: str) -> int:
+    rows = value.strip() if isinstance(value, str) else value
+    if isinstance(rows, str) and rows.isdecimal():
+        rows = int(rows)
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows < 2**31:  # the C++ side: int64
+        raise ValueError(f"{name} must be 0 (automatic) or a positive whole number of rows (< 2**31); got {value!r}")
+    return rows
+
+
+_PARSE: dict[str, Callable[[Any, str], Any]] = {
+    "backend": _choice(BACKEND_CHOICES), "build": _choice(BUILD_MODES), "cache_dir": _folder,
+    "progress_interval": _seconds, "debug": _flag, "triton_design": _design, "cpu_path": _choice(CPU_PATHS),
+    "cpu_block_rows": _rows}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The settings in force (see the module docstring); every instance is validated and normalised."""
+    backend: str = "auto"
+    build: str = "auto"
+    cache_dir: Path | None = None
+    progress_interval: float = 30.0
+    debug: bool = False
+    triton_design: str | None = None
+    cpu_path: str = "auto"
+    cpu_block_rows: int = 0
+
+    def __post_init__(self) -> None:
+        for field, parse in _PARSE.items():
+            object.__setattr__(self, field, parse(getattr(self, field), f"{field} ({ENV[field]})"))
+
+
+def parse(field: str, value: Any, name: str | None = None) -> Any:
+    """``value`` checked and normalised as ``field`` would be; errors call it ``name`` (default: the field).
+    For APIs that take one setting as an argument, such as ``use_backend(name)``."""
+    return _PARSE[field](value, name or field)
+
+
+def from_environ(environ: Mapping[str, str]) -> Settings:
+    """The settings ``environ`` asks for: each variable that is set and not empty, else the default."""
+    values = {}
+    for field, var in ENV.items():
+        raw = environ.get(var, "")
+        if raw.strip():
+            values[field] = _PARSE[field](raw, var)
+    return Settings(**values)
+
+
+def current() -> Settings:
+    """The settings in force (a plain attribute read: torch.compile traces and guards on it)."""
+    return _current
+
+
+def configure(**changes: Any) -> Settings:
+    """Replace the named fields for the rest of the process (validated together: a bad value changes
+    nothing); returns the settings now in force."""
+    global _current
+    unknown = sorted(set(changes) - set(ENV))
+    if unknown:
+        raise TypeError(f"configure: unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(ENV)}")
+    with _lock:
+        new = dataclasses.replace(_current, **changes)
+        _current = new  # before the push: a library loading meanwhile pushes this one itself
+        _push(new)
+    return new
+
+
+@contextlib.contextmanager
+def override(**changes: Any) -> Iterator[Settings]:
+    """``configure(**changes)`` inside a ``with`` block; on exit the fields it changed get back the
+    values they had when it began (others changed meanwhile are kept). Process-wide, like what it
+    sets: for scripts, benchmarks and tests, not for threads that want different values at once."""
+    before = {field: getattr(_current, field) for field in changes if field in ENV}
+    new = configure(**changes)
+    try:
+        yield new
+    finally:
+        configure(**before)
+
+
+def _push(new: Settings) -> None:
+    """Hand the lower layers their copy (see the module docstring)."""
+    petal_linear_config.configure_design(new.triton_design)
+    if _ext.loaded():
+        _push_cpu(new)
+
+
+def _push_cpu(new: Settings) -> None:
+    if _ext.has_op("petal_linear_cpu_tuning"):
+        _ext.op("petal_linear_cpu_tuning")(new.cpu_path, new.cpu_block_rows)
+
+
+def _push_cpu_on_load() -> None:
+    _push_cpu(_current)
+
+
+_lock = threading.Lock()
+_current = from_environ(os.environ)
+_push(_current)
+_ext.when_loaded(_push_cpu_on_load)
