@@ -64,6 +64,9 @@ def inference_rows(preset: str, batch: int, repeat: int) -> list[dict]:
     compile_s = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # no spin-waiting after a run: ORT's idle workers would otherwise hold the cores while the next
+    # provider of the interleaved timing runs, slowing whichever comes after an ORT call
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions, export_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, how in (("onnxruntime", "input"), ("onnxruntime_merged", 0.5)):
