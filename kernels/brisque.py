@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import direct
+
 MAPS, SUMS = 5, 5
 C_MSCN = 1.0 / 255.0
 
@@ -85,11 +87,7 @@ def gaussian_window(device, dtype, n: int = 7, sigma: float = 7.0 / 6.0) -> torc
     return (k / k.sum()).to(device=device, dtype=dtype).contiguous()
 
 
-def _direct(kernel):
-    return kernel
-
-
-def mscn_moments(gray: torch.Tensor, block_h: int = 16, block_w: int = 32, wrap=_direct) -> torch.Tensor:
+def mscn_moments(gray: torch.Tensor, block_h: int = 16, block_w: int = 32, wrap=direct) -> torch.Tensor:
     """(B, H, W) float32/float64 luminance → (B, 5 maps, 5 sums) in gray's dtype; ``wrap`` is applied
     to the kernel before its launch (``wrap_triton`` in a triton_op)."""
     if gray.dim() != 3 or gray.shape[1] < 2 or gray.shape[2] < 2:

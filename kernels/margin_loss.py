@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cdiv, direct
 
 BLOCK_B = 16
 BLOCK_C = 32
@@ -137,10 +137,6 @@ def _bwd_dw_kernel(en_ptr, w_ptr, r_ptr, lab_ptr, lse_ptr, a_ptr, b_ptr, dw_ptr,
              mask=c_ok[:, None] & (offs_d[None, :] < D))
 
 
-def _direct(kernel):
-    return kernel
-
-
 def _inv_norms(x: torch.Tensor, eps: float, rows: int = 1 << 16) -> torch.Tensor:
     """1/max(‖x_i‖, ε) in fp32, a block of rows at a time (no fp32 copy of a bf16 C×D weight).
     A batch of embeddings (symbolic size in a traced graph) is one block."""
@@ -171,7 +167,7 @@ def _prep(e: torch.Tensor, w: torch.Tensor, eps: float):
     return e32, re, en, r, meta
 
 
-def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float, eps: float, wrap=_direct):
+def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float, eps: float, wrap=direct):
     """(lse, zsum) per row; ``wrap`` is applied to each kernel before its launch (``wrap_triton`` in a triton_op)."""
     B, D = e.shape
     C = w.shape[0]
@@ -186,7 +182,7 @@ def forward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float
 
 
 def backward(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g_lse: torch.Tensor,
-             g_zsum: torch.Tensor, scale: float, eps: float, need_e: bool, need_w: bool, wrap=_direct):
+             g_zsum: torch.Tensor, scale: float, eps: float, need_e: bool, need_w: bool, wrap=direct):
     """(dE or None, dW or None) of the non-target statistics (``wrap`` as in ``forward``)."""
     B, D = e.shape
     C = w.shape[0]

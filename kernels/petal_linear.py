@@ -46,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from ._host import cdiv
+from ._host import cdiv, direct
 from ._rng import host_threshold
 from .petal_linear_config import (  # noqa: F401  (re-exported: the public names of the Triton PetalLinear)
     DEFAULT_DESIGN, DESIGN_KERNELS, DESIGNS, DIRECTIONS, MAX_R, REDUCTION_BLOCK, TILE_CONFIGS, config_for,
@@ -65,10 +65,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _direct(kernel: Callable) -> Callable:
-    return kernel
-
-
 @dataclass(frozen=True)
 class LaunchParams:
     """What every launch of one forward or backward call shares, computed once per call."""
@@ -82,7 +78,7 @@ class LaunchParams:
     coef: torch.Tensor     # (images, branches) fp32, contiguous
     rp: int                # branches·rank padded for tl.dot
     precision: str         # tl.dot input_precision
-    wrap: Callable = _direct  # kernel → launchable: torch.library.wrap_triton inside a triton_op
+    wrap: Callable = direct  # kernel → launchable: torch.library.wrap_triton inside a triton_op
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -116,7 +112,7 @@ def _seed_on(device: torch.device, seed: int | torch.Tensor) -> torch.Tensor:
 
 
 def launch_params(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int | torch.Tensor,
-                  wrap: Callable = _direct) -> LaunchParams:
+                  wrap: Callable = direct) -> LaunchParams:
     """The launch parameters of one call: shapes of the branches, dropout seed, coefficients, precision."""
     branches = coef.shape[1]
     dropout = p > 0.0
@@ -164,16 +160,13 @@ def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, params, cfg)
 
 def _dy_split(m_tiles, n_tiles: int, target: int):
     """(programs over N, N-tiles per program, atomic dT?) for the dY pass: enough programs to fill
-    the device. M symbolic (a traced graph with a dynamic batch): the same count in SymInt
-    arithmetic, and atomic dT whenever N has more than one tile (correct for any split, no guard)."""
-    if isinstance(m_tiles, int):
-        split = max(1, min(n_tiles, cdiv(target, m_tiles)))
-        per = cdiv(n_tiles, split)
-        split = cdiv(n_tiles, per)
-        return split, per, split > 1
+    the device (SymInt arithmetic: M may be symbolic in a traced graph with a dynamic batch). dT is
+    atomic when N is split; with M symbolic, whenever N has more than one tile (correct for any
+    split, no guard on M)."""
     split = torch.sym_max(1, torch.sym_min(n_tiles, cdiv(target, m_tiles)))
     per = cdiv(n_tiles, split)
-    return cdiv(n_tiles, per), per, n_tiles > 1
+    split = cdiv(n_tiles, per)
+    return split, per, (split > 1) if isinstance(m_tiles, int) else n_tiles > 1
 
 
 def _launch_bwd_dy(dy, b_cat, u, dt, db, params, cfg) -> None:
@@ -205,7 +198,7 @@ def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, cfg) -> None:
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
             b_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int | torch.Tensor,
-            table: dict | None = None, wrap: Callable = _direct) -> tuple[torch.Tensor, torch.Tensor]:
+            table: dict | None = None, wrap: Callable = direct) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, U): y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ), U = x A_catᵀ (M × R, x's dtype, unscaled).
 
     ``seed``: an int, or a 1-element integer tensor (read by the kernels on the device);
@@ -232,7 +225,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
              coef: torch.Tensor, u: torch.Tensor, p: float, seed: int | torch.Tensor, need_x: bool,
              table: dict | None = None,
-             wrap: Callable = _direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+             wrap: Callable = direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype, three separate tensors; W, b frozen.
 
     The one-pass design covers p = 0 with dX wanted; with dropout (masks would be hashed in the

@@ -41,8 +41,14 @@ def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> Non
         sync = ok.device.type == "cpu"
     if not sync:
         torch._assert_async(ok, message)
-    elif detect_fake_mode() is None and not bool(ok):  # fake tensors (a triton_op traced) hold no values
+    elif _has_values(ok) and not bool(ok):
         raise ValueError(message)
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """False for the fake tensors of a traced triton_op body (they hold no values). A plain tensor
+    answers without the ~3 µs mode lookup: the eager α check runs per layer call."""
+    return type(t) is torch.Tensor or detect_fake_mode() is None
 
 
 class _NoLaunch:
@@ -64,6 +70,12 @@ def launchable(kernel):
     if wrapped is kernel and detect_fake_mode() is not None:
         return _NoLaunch()
     return wrapped
+
+
+def wrap_kwargs(wrap) -> dict:
+    """How an operator body passes a triton_op's kernel wrapper to its backend function: ``wrap=`` for
+    the Triton launchers inside a triton_op, nothing otherwise (the other backends take no wrapper)."""
+    return {} if wrap is None else {"wrap": wrap}
 
 
 def real_tensors(make):

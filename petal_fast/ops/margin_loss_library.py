@@ -22,7 +22,7 @@ from petal_fast.backend import implementation
 from petal_fast.definitions.margin import NORM_EPS
 
 from . import _margin_loss_torch as torch_impl
-from ._graph import value_check
+from ._graph import value_check, wrap_kwargs
 
 OP = "margin_loss"
 NAME = "petal_fast::fused_margin_core"
@@ -52,7 +52,7 @@ def core_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, 
         return tuple(e.new_empty(0, dtype=acc) for _ in range(3))
     fwd, _ = _impl(backend)
     e, w, labels = e.contiguous(), w.contiguous(), labels.contiguous()  # the kernels take dense row-major inputs
-    lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS, **({"wrap": wrap} if wrap is not None else {}))
+    lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS, **wrap_kwargs(wrap))
     owned, _, e_acc, w_t, re, rw = _target(e, w, labels)
     cos_t = ((e_acc * re.unsqueeze(1)) * (w_t * rw.unsqueeze(1))).sum(1) * owned
     return lse.to(acc), zsum.to(acc), cos_t
@@ -67,7 +67,7 @@ def core_backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse:
     _, bwd = _impl(backend)
     e, w, labels, lse, g_lse, g_zsum, g_cos = (t.contiguous() for t in (e, w, labels, lse, g_lse, g_zsum, g_cos))
     de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w,
-                 **({"wrap": wrap} if wrap is not None else {}))
+                 **wrap_kwargs(wrap))
     owned, rows, e_acc, w_t, re, rw = _target(e, w, labels)  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
     g = (g_cos.to(e_acc.dtype) * owned).unsqueeze(1)
     if need_e:

@@ -32,7 +32,7 @@ from petal_fast.backend import implementation
 from petal_fast.definitions.dropout import dropout_mask
 
 from . import _petal_linear_torch as torch_impl
-from ._graph import value_check
+from ._graph import value_check, wrap_kwargs
 
 OP = "petal_linear"
 NAME = "petal_fast::fused_petal_linear"
@@ -63,8 +63,8 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tenso
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, a_cat.shape[0]))
     fwd, _ = _impl(backend)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels take dense row-major inputs)
-    extra = {"wrap": wrap} if wrap is not None else {}
-    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), _seed_arg(seed, backend), **extra)
+    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), _seed_arg(seed, backend),
+               **wrap_kwargs(wrap))
 
 
 @torch.library.custom_op(NAME, mutates_args=())
@@ -105,8 +105,7 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: T
     _, bwd = _impl(backend)
     dy, x, weight, a_cat, b_cat, coef, u = (t.contiguous() for t in (dy, x, weight, a_cat, b_cat, coef, u))
     s = _seed_arg(seed, backend)
-    extra = {"wrap": wrap} if wrap is not None else {}
-    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x, **extra)
+    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x, **wrap_kwargs(wrap))
     dc = coef_grad(dy, u, b_cat, coef, float(p), s) if need_coef else _empty(coef)
     return (dx if need_x else _empty(x)), da.contiguous(), db.contiguous(), dc
 
