@@ -126,7 +126,24 @@ def test_killed_during_checkpoint_write_resumes_from_last_complete(tmp_path):
     assert training_state.load(tmp_path / "run" / training_state.LAST)["step"] == 6
 
 
-DDP_SCRIPT = textwrap.dedent("""
+# Registered before the Trainer, so it runs after the Trainer's own exit handler (atexit is LIFO):
+# it records whether the process group the Trainer created was torn down before the interpreter.
+EXIT_PROBE = textwrap.dedent("""
+    import atexit, os, torch.distributed as dist
+    def _probe(path=os.path.join({out!r}, "exit-rank" + os.environ["RANK"])):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").write("alive" if dist.is_initialized() else "destroyed")
+    atexit.register(_probe)
+""")
+
+
+def assert_group_destroyed_at_exit(out: Path) -> None:
+    """A rank that exits with its Gloo group alive can abort (SIGABRT) during interpreter teardown."""
+    for rank in range(2):
+        assert (out / f"exit-rank{rank}").read_text() == "destroyed"
+
+
+DDP_SCRIPT = EXIT_PROBE + textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {root!r})
     from pathlib import Path
@@ -158,6 +175,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
+    assert_group_destroyed_at_exit(tmp_path / "ddp")
     single = Trainer(tiny_cfg(tmp_path, mode="lora", dropout=0.0, batch_size=8, output=str(tmp_path / "one")))
     single.fit()
     ddp = torch.load(tmp_path / "ddp" / "weights.pt", weights_only=True)
@@ -167,7 +185,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
         torch.testing.assert_close(ddp[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
+SHARDED_SCRIPT = EXIT_PROBE + textwrap.dedent("""
     import os, sys, torch
     import torch.distributed as dist
     sys.path.insert(0, {root!r})
@@ -221,6 +239,7 @@ def test_sharded_head_two_process_equals_single_process(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
+    assert_group_destroyed_at_exit(tmp_path / "sharded")
     saved = torch.load(tmp_path / "sharded" / "grads.pt", weights_only=True)
     single = Trainer(tiny_cfg(tmp_path, mode="lora", dropout=0.0, batch_size=8, output=str(tmp_path / "one")))
     with torch.no_grad():

@@ -4,6 +4,7 @@ With one process every method is a pass-through, so the trainer reads the same e
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -25,9 +26,18 @@ def _init_process_group(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The group is ours, so is its teardown. A process that exits with the group alive can die
+        # of SIGABRT ("terminate called without an active exception"): Gloo's worker threads still
+        # hold finished work whose tensors are freed while the interpreter is being torn down.
+        atexit.register(_destroy_if_initialized)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _EmbeddingNet(nn.Module):
