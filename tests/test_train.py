@@ -150,7 +150,8 @@ DDP_SCRIPT = EXIT_PROBE + textwrap.dedent("""
     from tests.test_train import tiny_cfg
     from petal_fast.train import Trainer
     from petal_fast.models import trainable_state_dict
-    t = Trainer(tiny_cfg(Path({tmp!r}), mode="lora", dropout=0.0, batch_size={batch}, output={out!r}))
+    t = Trainer(tiny_cfg(Path({tmp!r}), mode="lora", dropout=0.0, batch_size={batch}, output={out!r},
+                         compile={compile}))
     t.fit()
     if t.rank == 0:
         torch.save(trainable_state_dict(t.model), {out!r} + "/weights.pt")
@@ -163,13 +164,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_equals_single_process(tmp_path):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_two_process_gloo_equals_single_process(tmp_path, compile):
+    """DDP over 2 gloo ranks trains to the weights of one eager process with the global batch; compiled,
+    DDP wraps the fullgraph-compiled model (Dynamo cannot trace DDP's own forward in one graph)."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        script = DDP_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path), batch=4, out=str(tmp_path / "ddp"))
+        script = DDP_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path), batch=4, out=str(tmp_path / "ddp"),
+                                   compile=compile)
         procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
@@ -193,7 +198,8 @@ SHARDED_SCRIPT = EXIT_PROBE + textwrap.dedent("""
     from tests.test_train import first_step_grads, tiny_cfg
     from petal_fast.train import Trainer
     out = {out!r}
-    t = Trainer(tiny_cfg(Path({tmp!r}), mode="lora", dropout=0.0, batch_size=4, sharded_head=True, output=out))
+    t = Trainer(tiny_cfg(Path({tmp!r}), mode="lora", dropout=0.0, batch_size=4, sharded_head=True, output=out,
+                         compile={compile}))
     head0 = t.full_head_weight()
     grads = first_step_grads(t, lambda images, labels: t.model.head(t.ddp(images), labels))
     shard_grad = t.model.head.weight.grad.detach()
@@ -225,15 +231,18 @@ def first_step_grads(trainer: Trainer, loss_fn) -> dict[str, torch.Tensor]:
             if p.requires_grad and p.grad is not None and not n.startswith("head.")}
 
 
-def test_sharded_head_two_process_equals_single_process(tmp_path):
-    """Class-sharded head over 2 gloo ranks: the same gradients as one process holding every class
-    with the same global batch (adapters and every class centre), and the ranks stay in sync."""
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_sharded_head_two_process_equals_single_process(tmp_path, compile):
+    """Class-sharded head over 2 gloo ranks: the same gradients as one eager process holding every class
+    with the same global batch (adapters and every class centre), and the ranks stay in sync; compiled,
+    the embedding is one graph and the head's collectives run eagerly."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        script = SHARDED_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path), out=str(tmp_path / "sharded"))
+        script = SHARDED_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path), out=str(tmp_path / "sharded"),
+                                       compile=compile)
         procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     for p in procs:
@@ -248,8 +257,10 @@ def test_sharded_head_two_process_equals_single_process(tmp_path):
     ref["head.weight"] = single.model.head.weight.grad
     got = saved["grads"]
     assert ref.keys() == got.keys() and any("lora_B" in k for k in ref)
+    # compiled: Inductor's fused float32 reductions reorder sums (seen: 3.6e-6 on a 1e-2 head gradient)
+    tol = dict(rtol=1e-3, atol=1e-5) if compile else dict(rtol=1e-4, atol=1e-6)
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
 def test_config_files_and_overrides(tmp_path):

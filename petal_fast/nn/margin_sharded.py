@@ -101,7 +101,7 @@ class ShardedMarginSoftmaxLoss(MarginHead):
         backend = resolve(embeddings.device, OP, supported=("torch", "cpp", "triton"))
         e_all = _AllGather.apply(embeddings, self.group)
         labels_all = torch.empty(labels.numel() * self.world, dtype=torch.long, device=labels.device)
-        dist.all_gather_into_tensor(labels_all, labels.long().contiguous(), group=self.group)
+        dist.all_gather_single(labels_all, labels.long().contiguous(), group=self.group)
         local = labels_all - self.start
         owned = (local >= 0) & (local < self.weight.shape[0])
         weight, classes = self.weight, self.num_classes

@@ -68,29 +68,29 @@ class Distributed:
         self.sharded = False
 
     def wrap(self, model: nn.Module, cfg: TrainConfig) -> None:
-        """Shard the head's classes over the ranks (``sharded_head``) and put the rest under DDP;
-        with ``compile = true`` the forward (and fused margin loss) becomes one compiled graph
-        (AOTAutograd compiles the backward; the optimizer step stays eager: it is conditional on a
-        finite loss and gradient)."""
-        self._wrap_ddp(model, cfg)
-        net = self.ddp or model
-        self.forward = torch.compile(net, fullgraph=True) if cfg.compile else net
+        """Shard the head's classes over the ranks (``sharded_head``) and put the rest under DDP.
 
-    def _wrap_ddp(self, model: nn.Module, cfg: TrainConfig) -> None:
-        if self.world == 1:
-            return
-        self.sharded = cfg.sharded_head
+        With ``compile = true`` the module DDP wraps is compiled with ``fullgraph=True``: the model's
+        forward and fused margin loss as one graph (AOTAutograd compiles the backward), or with a
+        sharded head the embedding only (the head's collectives stay eager). DDP wraps the compiled
+        module, not the reverse: Dynamo cannot trace DDP's own forward in one graph (its logger call,
+        torch 2.13). The optimizer step stays eager: it is conditional on a finite loss and gradient."""
+        self.sharded = self.world > 1 and cfg.sharded_head
         if self.sharded:
             self._shard_head(model, cfg)
         # A sharded head must stay outside DDP: DDP would broadcast rank 0's class shard to every
         # rank and average shard gradients that belong to different classes.
         net = _EmbeddingNet(model) if self.sharded else model
-        self.ddp = nn.parallel.DistributedDataParallel(
-            net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.sharded:
-            # The sharded loss is already the global-batch mean on every rank and each rank's
-            # backbone gradient covers only its own rows: sum them instead of averaging.
-            self.ddp.register_comm_hook(None, _allreduce_sum_hook)
+        if cfg.compile:
+            net = torch.compile(net, fullgraph=True)
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.sharded:
+                # The sharded loss is already the global-batch mean on every rank and each rank's
+                # backbone gradient covers only its own rows: sum them instead of averaging.
+                self.ddp.register_comm_hook(None, _allreduce_sum_hook)
+        self.forward = self.ddp or net
 
     def _shard_head(self, model: nn.Module, cfg: TrainConfig) -> None:
         from petal_fast.nn.margin_sharded import ShardedMarginSoftmaxLoss
