@@ -83,6 +83,20 @@ def test_one_branch_and_no_bias(backend, p):
     check_against_reference(backend, x, w, b, a, bb, alpha, 2.0, p, 77, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("branches", [1, 2])
+def test_gradients_have_the_parameters_strides(backend, branches):
+    """Each adapter's gradient has its parameter's exact strides, size-1 dims included: DDP compares
+    them literally with its bucket views (else a warning and a copy per step)."""
+    layer = PetalLinear(16, 24, rank=4, branches=branches)
+    alpha = torch.rand(3) if branches == 2 else None
+    with use_backend(backend):
+        layer(torch.randn(3, 5, 16), alpha=alpha).sum().backward()
+    for name, param in layer.named_parameters():
+        if param.requires_grad:
+            assert param.grad.stride() == param.stride(), name
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_dtypes(backend, dtype):

@@ -32,6 +32,11 @@ from .petal_linear_library import OP, forward_impl, fused_petal_linear
 def _concat(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A_cat (R × in) and B_cat (out × R), R = branches·r: both branches as one skinny GEMM each."""
     branches, r, k = lora_A.shape
+    if branches == 1:
+        # squeeze, not permute: its gradient is lora_B's canonical strides. permute's keeps stride r on
+        # the size-1 dim, which autograd accepts but DDP does not ("grad strides do not match bucket
+        # view strides": a copy per step and a warning).
+        return lora_A.squeeze(0), lora_B.squeeze(0)
     return lora_A.reshape(branches * r, k), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
 
 
