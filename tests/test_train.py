@@ -60,6 +60,17 @@ def test_exact_resume(tmp_path):
     assert (tmp_path / "full" / "model.pt").exists() and (tmp_path / "full" / "log.jsonl").exists()
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["skipped"] == 0
+    assert 0 < summary["warmup_seconds"] < summary["seconds"] and summary["warmup_images"] == 8
+
+
+def test_throughput_excludes_the_first_step():
+    """The first step (compilation with compile = true) is reported apart, not averaged into img/s."""
+    from petal_fast.training.result import TrainResult
+    run = TrainResult(steps=5, images=40, seconds=10.0, warmup_seconds=8.0, warmup_images=8)
+    assert run.images_per_second == 16.0
+    assert "first step 8.0 s" in run.summary() and "16.0 img/s" in run.summary()
+    assert TrainResult(steps=1, images=8, seconds=4.0, warmup_seconds=4.0, warmup_images=8).images_per_second == 2.0
+    assert TrainResult().images_per_second == 0.0
 
 
 def test_non_finite_loss_skips_step(tmp_path):

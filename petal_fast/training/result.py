@@ -10,6 +10,9 @@ class TrainResult:
     skipped: int = 0
     images: int = 0
     seconds: float = 0.0
+    # the first step of this run: torch.compile, first kernel calls and allocations (not throughput)
+    warmup_seconds: float = 0.0
+    warmup_images: int = 0
     final_loss: float = float("nan")
     losses: list[float] = field(default_factory=list)
     output: str = ""
@@ -18,7 +21,12 @@ class TrainResult:
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        """Throughput after the first step (all steps when there is only one): with ``compile = true``
+        the first step holds the compilation, tens of seconds that are not the training speed."""
+        images, seconds = self.images - self.warmup_images, self.seconds - self.warmup_seconds
+        if images <= 0 or seconds <= 0:
+            images, seconds = self.images, self.seconds
+        return images / seconds if seconds > 0 else 0.0
 
     def to_summary(self) -> dict:
         """The ``summary.json`` record (every field but the per-step losses)."""
@@ -27,8 +35,8 @@ class TrainResult:
     def summary(self) -> str:
         final = f"{self.final_loss:.4f}" if self.losses else "— (no step run: the run in output was already complete)"
         rows = [("steps", f"{self.steps}"), ("skipped (non-finite)", f"{self.skipped}"),
-                ("images", f"{self.images}"), ("time", f"{self.seconds:.1f} s"),
-                ("throughput", f"{self.images_per_second:.1f} img/s"), ("final loss", final),
+                ("images", f"{self.images}"), ("time", f"{self.seconds:.1f} s (first step {self.warmup_seconds:.1f} s)"),
+                ("throughput", f"{self.images_per_second:.1f} img/s (after the first step)"), ("final loss", final),
                 ("trainable", f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / max(1, self.total):.3f}%)"),
                 ("output", self.output)]
         width = max(len(k) for k, _ in rows)

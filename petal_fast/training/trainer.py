@@ -223,10 +223,13 @@ class Trainer:
                 loss, applied = self.train_step(images, labels)
                 result.losses.append(loss)
                 result.images += images.shape[0] * self.world
+                if len(result.losses) == 1:
+                    result.warmup_seconds, result.warmup_images = time.perf_counter() - t0, result.images
                 done = i + 1 == self.steps_per_epoch
                 if self._checkpoint_due(done):
                     self.save(epoch + 1 if done else epoch, 0 if done else i + 1)
-                speed = result.images / max(1e-9, time.perf_counter() - t0)
+                result.seconds = time.perf_counter() - t0
+                speed = result.images_per_second
                 if self.step % self.cfg.log_every == 0 or not applied:
                     log.record(self.step, epoch, loss, self.scheduler.get_last_lr()[0], applied, self.skipped, speed)
                 log.tick(loss, speed, self.skipped)
