@@ -198,7 +198,7 @@ def test_two_process_gloo_equals_single_process(tmp_path, compile):
     ref = weights(single)
     assert ddp.keys() == ref.keys()
     for k in ref:
-        torch.testing.assert_close(ddp[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(ddp[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
 SHARDED_SCRIPT = EXIT_PROBE + textwrap.dedent("""
