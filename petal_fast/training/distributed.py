@@ -5,7 +5,9 @@ With one process every method is a pass-through, so the trainer reads the same e
 from __future__ import annotations
 
 import atexit
+import gc
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -29,13 +31,22 @@ def _init_process_group(device: torch.device) -> tuple[int, int]:
         # The group is ours, so is its teardown. A process that exits with the group alive can die
         # of SIGABRT ("terminate called without an active exception"): Gloo's worker threads still
         # hold finished work whose tensors are freed while the interpreter is being torn down.
-        atexit.register(_destroy_if_initialized)
+        atexit.register(_teardown)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _destroy_if_initialized() -> None:
+_WRAPPED: weakref.WeakSet[Distributed] = weakref.WeakSet()  # those holding a DDP wrapper
+
+
+def _teardown() -> None:
+    """At exit, while Python still runs: drop every DDP wrapper (each holds the process group, so
+    destroy_process_group alone would leave the group and its worker threads alive), then the group,
+    whose destructor joins its threads."""
+    for wrapper in list(_WRAPPED):
+        wrapper.ddp = wrapper.forward = None
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -86,6 +97,7 @@ class Distributed:
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            _WRAPPED.add(self)
             if self.sharded:
                 # The sharded loss is already the global-batch mean on every rank and each rank's
                 # backbone gradient covers only its own rows: sum them instead of averaging.
