@@ -15,6 +15,7 @@ BRISQUE undefined, NaN) score :data:`DEGENERATE_SCORE` with one :class:`Degenera
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -26,7 +27,7 @@ from . import _brisque_ggd as ggd
 from . import _brisque_resize as resize
 from . import _brisque_svr as svr
 from . import _brisque_torch as torch_impl
-from ._graph import value_check
+from ._graph import value_check, wrap_kwargs
 
 OP = "brisque_score"
 NAME = "petal_fast::fused_brisque"
@@ -106,8 +107,7 @@ def moments(images: torch.Tensor, backend: str, wrap=None) -> torch.Tensor:
     half = resize.resize_half(gray).contiguous()
     if backend == "triton":
         from petal_fast.kernels import brisque as triton_brisque  # only imported when asked for
-        per_scale = triton_brisque.mscn_moments if wrap is None else (
-            lambda g: triton_brisque.mscn_moments(g, wrap=wrap))
+        per_scale = functools.partial(triton_brisque.mscn_moments, **wrap_kwargs(wrap))
     else:
         per_scale = torch_impl.mscn_moments
     return torch.stack([per_scale(gray), per_scale(half)], dim=1)

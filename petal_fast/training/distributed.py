@@ -114,7 +114,9 @@ class Distributed:
 
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The model's loss on this rank's batch, through DDP when there is one."""
-        module = self.forward if self.forward is not None else (self.ddp or model)  # a compiled module has no truth value
+        # no DDP when forward is unset (before wrap, after the exit teardown); `is not None`: a compiled
+        # module has no truth value
+        module = self.forward if self.forward is not None else model
         return model.head(module(images), labels) if self.sharded else module(images, labels)
 
     def all_true(self, ok: torch.Tensor) -> bool:
