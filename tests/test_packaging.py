@@ -22,3 +22,20 @@ def test_kernels_subpackage_from_a_source_checkout():
     package, kernels = out.stdout.split()
     assert Path(package) == REPO / "petal_fast" / "__init__.py"
     assert Path(kernels) == REPO / "kernels" / "petal_linear.py"
+
+
+def test_top_level_kernels_does_not_shadow_the_pypi_package():
+    """``kernels/`` is installed as ``petal_fast.kernels`` only: from the repository root, ``import kernels``
+    (transformers imports the PyPI package of that name) must not find our directory as a regular package."""
+    assert not (REPO / "kernels" / "__init__.py").exists()
+    code = ("import importlib.util as u\n"
+            "s = u.find_spec('kernels')\n"
+            "print(s.origin if s and s.origin else 'namespace' if s else 'none')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    origin = out.stdout.strip()
+    assert not origin.startswith(str(REPO / "kernels")), origin
+    # the third-party import that failed with the shadowing package
+    out = subprocess.run([sys.executable, "-c", "import transformers.integrations.hub_kernels"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
