@@ -4,9 +4,8 @@ Quality-weighted two-branch LoRA (:class:`PetalLinear`), margin-softmax losses
 (:class:`MarginSoftmaxLoss`), batched BRISQUE (:mod:`petal_fast.quality`), the PETALface model
 (:mod:`petal_fast.models`) and its training script. See the README and docs/design.md.
 
-α reaches PetalLinear layers through ``with petal_fast.alpha_scope(alpha):``. Its earlier name
-``petal_fast.quality(alpha)`` still works: ``petal_fast.quality`` is the quality package
-(``petal_fast.quality.brisque(images)``), made callable for that alias.
+α reaches PetalLinear layers through ``with petal_fast.alpha_scope(alpha):``. ``petal_fast.quality`` is
+the quality package (``petal_fast.quality.brisque(images)``), imported on first use.
 
 Every setting (``PETAL_FAST_*``, read once at import) is in :mod:`petal_fast.settings`:
 ``petal_fast.settings.current()``, ``configure(...)``, ``override(...)``.
@@ -22,11 +21,19 @@ if _util.find_spec("petal_fast.kernels") is None and (_Path(__file__).resolve().
 
 from .backend import requested_backend, use_backend  # noqa: E402
 from .nn import (InjectionReport, PetalLinear, adapter_state_dict, alpha_scope, inject_petal,
-                 load_adapter_state_dict, merge_petal, parameter_counts, quality, unmerge_petal)
+                 load_adapter_state_dict, merge_petal, parameter_counts, unmerge_petal)
 from .nn.margin import MarginSoftmaxLoss
 
 __version__ = "0.1.0"
 
 __all__ = ["InjectionReport", "MarginSoftmaxLoss", "PetalLinear", "adapter_state_dict", "alpha_scope", "inject_petal",
-           "load_adapter_state_dict", "merge_petal", "parameter_counts", "quality", "requested_backend",
+           "load_adapter_state_dict", "merge_petal", "parameter_counts", "requested_backend",
            "unmerge_petal", "use_backend"]
+
+
+def __getattr__(name: str):
+    """Subpackages on first use (``petal_fast.quality.brisque``): ``import petal_fast`` stays light."""
+    if name == "quality":
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

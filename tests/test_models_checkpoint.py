@@ -74,7 +74,7 @@ def test_model_file_into_bare_backbone():
     bare = PetalFace("tiny", quality=None).backbone.eval()
     report = load_petalface_checkpoint(bare, sd)
     assert report.kind == "full" and not (report.missing or report.unexpected)
-    with torch.no_grad(), petal_fast.quality(torch.full((2,), 0.3)):
+    with torch.no_grad(), petal_fast.alpha_scope(torch.full((2,), 0.3)):
         x = torch.randn(2, 3, 40, 40)
         assert torch.equal(bare(x), src.backbone(x))
 

@@ -24,24 +24,24 @@ def column_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_inputs(m: int = 12, k: int = 16, n: int = 20, r: int = 2, images: int = 3, grad: bool = True):
+    """x, W, b, A (2, r, k), B (2, n, r), α: the operator's tensor inputs (the layer's parameters as they are)."""
     x = torch.randn(m, k)
     w, b = torch.randn(n, k) / 4, torch.randn(n)
-    a_cat, b_cat = torch.randn(2 * r, k) / 4, torch.randn(n, 2 * r) / 4
+    lora_a, lora_b = torch.randn(2, r, k) / 4, torch.randn(2, n, r) / 4
     alpha = torch.rand(images)
-    coef = torch.stack((0.7 * (1 - alpha), 0.7 * alpha), 1)
     if grad:
-        for t in (x, a_cat, b_cat, coef):
+        for t in (x, w, b, lora_a, lora_b, alpha):
             t.requires_grad_()
-    return x, w, b, a_cat, b_cat, coef
+    return x, w, b, lora_a, lora_b, alpha
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_opcheck_petal_linear(backend, p):
     op = torch.ops.petal_fast.fused_petal_linear.default
-    x, w, b, a_cat, b_cat, coef = linear_inputs()
+    x, w, b, lora_a, lora_b, alpha = linear_inputs()
     seed = torch.tensor([11])
-    args = (x, w, b, a_cat, b_cat, coef, p, seed, backend, False)
+    args = (x, w, b, lora_a, lora_b, alpha, 0.7, p, seed, 3, backend, False)
     torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
     y, u = op(*args)
     for i in (0, 1, 2, 3, 4, 5):  # each tensor input in a dense permuted layout gives the same numbers
@@ -54,11 +54,12 @@ def test_opcheck_petal_linear(backend, p):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_petal_linear_backward(backend):
     op = torch.ops.petal_fast.fused_petal_linear_backward.default
-    x, w, b, a_cat, b_cat, coef = linear_inputs(grad=False)
-    _, u = torch.ops.petal_fast.fused_petal_linear(x, w, b, a_cat, b_cat, coef, 0.1, torch.tensor([3]), backend)
+    x, w, b, lora_a, lora_b, alpha = linear_inputs(grad=False)
+    seed = torch.tensor([3])
+    _, u = torch.ops.petal_fast.fused_petal_linear(x, w, b, lora_a, lora_b, alpha, 0.7, 0.1, seed, 5, backend)
     dy = torch.randn(x.shape[0], w.shape[0])
-    for need_x, need_coef in ((True, True), (False, False)):
-        args = (dy, x, w, a_cat, b_cat, coef, u, 0.1, torch.tensor([3]), need_x, need_coef, backend)
+    for need in ((True, True, True, True), (False, False, False, False)):
+        args = (dy, x, w, lora_a, lora_b, alpha, u, 0.7, 0.1, seed, 5, *need, backend)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(op, (column_major(dy), column_major(x), *args[2:]), test_utils=("test_faketensor",))
 
@@ -92,7 +93,9 @@ def test_opcheck_brisque(backend):
 
 def test_opcheck_raw_cpp_kernels():
     """The C++ kernels registered by csrc/ have fake implementations too (they trace when called directly)."""
-    x, w, b, a_cat, b_cat, coef = linear_inputs(grad=False)
+    from petal_fast.ops.petal_linear_library import branch_coefficients, concat
+    x, w, b, lora_a, lora_b, alpha = linear_inputs(grad=False)
+    (a_cat, b_cat), coef = concat(lora_a, lora_b), branch_coefficients(alpha, 2, 0.7)
     torch.library.opcheck(torch.ops.petal_fast.petal_linear_fwd.default, (x, w, b, a_cat, b_cat, coef, 0.0, 0),
                           test_utils=("test_schema", "test_faketensor"))
     e, w, labels = (t.detach() for t in margin_inputs())
@@ -190,10 +193,9 @@ def test_reference_petal_linear_empty():
 
 
 def test_inference_mode_first_then_training():
-    """The branch weights cached by a first call in inference mode can be saved for a later backward."""
-    import importlib
-    ops = importlib.import_module("petal_fast.ops.petal_linear")
-    ops._single_branch_weights.cache_clear()
+    """Tensors cached by a first call in inference mode (the unused-seed tensor) can be saved for a later backward."""
+    from petal_fast.ops import _graph
+    _graph.unused_seed.cache_clear()
     layer, lora = petal_fast.PetalLinear(8, 6, rank=2), petal_fast.PetalLinear(8, 6, rank=2, branches=1)
     x, alpha = torch.randn(4, 3, 8), torch.rand(4)
     with torch.inference_mode():

@@ -192,43 +192,43 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
-def test_alpha_checked_and_weighted_once_per_scope(backend, monkeypatch):
-    """Every layer in an ``alpha_scope`` gets the same α: its values are checked and its branch
-    weights built once (per scale), and an in-place change of α is seen (new weights, new check).
-    Without a scope (α passed per call) both happen on every call."""
+def test_alpha_checked_once_per_scope(backend, monkeypatch):
+    """Every layer in an ``alpha_scope`` gets the same α: its values are checked once, and an in-place
+    change of α is seen (a new check, new branch weights). Without a scope (α passed per call) it is
+    checked on every call. (The branch weights themselves are computed by each backend per call — inside
+    the kernels on CUDA.)"""
     import importlib
     ops = importlib.import_module("petal_fast.ops.petal_linear")
-    built, checked = [], []
-    for name, log in (("branch_coefficients", built), ("check_alpha_values", checked)):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _log=log, **k: (_log.append(1), _real(*a, **k))[1])
+    checked = []
+    real = ops.check_alpha_values
+    monkeypatch.setattr(ops, "check_alpha_values", lambda *a, **k: (checked.append(1), real(*a, **k))[1])
     x, w, b, a, bb, alpha = make_inputs((6, 3), 8, 5, 2, 6)
     layers = [PetalLinear(8, 5, rank=2, scale=scale) for scale in (0.5, 0.5, 2.0, 0.5)]  # two scales
     for layer in layers:
         with torch.no_grad():
             layer.weight.copy_(w), layer.bias.copy_(b), layer.lora_A.copy_(a), layer.lora_B.copy_(bb)
-    fused = backend != "reference"  # the test oracle checks every call and builds no weights
+    fused = backend != "reference"  # the test oracle checks every call
     with use_backend(backend), torch.no_grad():
         with petal_fast.alpha_scope(alpha):
             for layer in layers:
                 torch.testing.assert_close(layer(x), ref_petal_linear(x, w, b, a, bb, alpha, layer.scale))
-            assert (len(checked), len(built)) == ((1, 2) if fused else (4, 0))
+            assert len(checked) == (1 if fused else 4)
             alpha.mul_(0.5)  # in place: the version counter moves
             torch.testing.assert_close(layers[0](x), ref_petal_linear(x, w, b, a, bb, alpha, 0.5))
-            assert (len(checked), len(built)) == ((2, 3) if fused else (5, 0))
+            assert len(checked) == (2 if fused else 5)
             alpha[2] = float("inf")
             with pytest.raises(ValueError, match="non-finite"):
                 layers[0](x)
         alpha[2] = 0.5
-        before = (len(checked), len(built))
-        for _ in range(2):  # no scope: checked and built on every call
+        before = len(checked)
+        for _ in range(2):  # no scope: checked on every call
             torch.testing.assert_close(petal_linear(x, w, b, a, bb, alpha, 0.5),
                                        ref_petal_linear(x, w, b, a, bb, alpha, 0.5))
-        assert (len(checked) - before[0], len(built) - before[1]) == ((2, 2) if fused else (2, 0))
+        assert len(checked) - before == 2
         with torch.inference_mode(), petal_fast.alpha_scope(torch.rand(6)) as scope:  # no version counter
             for _ in range(2):
                 torch.testing.assert_close(layers[0](x), ref_petal_linear(x, w, b, a, bb, scope.alpha, 0.5))
-        assert len(checked) - before[0] == 4
+        assert len(checked) - before == 4
 
 
 def test_backend_switch():

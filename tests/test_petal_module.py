@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import petal_fast
-from petal_fast import PetalLinear, adapter_state_dict, inject_petal, load_adapter_state_dict, quality
+from petal_fast import PetalLinear, adapter_state_dict, inject_petal, load_adapter_state_dict, alpha_scope
 from petal_fast.reference import petal_linear as ref_petal_linear
 from conftest import rel_err
 
@@ -50,15 +50,15 @@ def test_quality_context_and_explicit_alpha():
     x, a1, a2 = torch.randn(3, 4, 8), torch.rand(3), torch.rand(3)
     expect1 = ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, a1, 1.0)
     expect2 = ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, a2, 1.0)
-    with quality(a1):
+    with alpha_scope(a1):
         torch.testing.assert_close(model(x), expect1)
-        with quality(a2):  # innermost wins
+        with alpha_scope(a2):  # innermost wins
             torch.testing.assert_close(model(x), expect2)
         torch.testing.assert_close(layer(x, alpha=a2), expect2)  # explicit beats the context
-    with pytest.raises(ValueError, match="petal_fast.quality"):
+    with pytest.raises(ValueError, match="petal_fast.alpha_scope"):
         model(x)
     with pytest.raises(TypeError, match="alpha must be a tensor"):
-        with quality([0.5]):
+        with alpha_scope([0.5]):
             pass
 
 
@@ -129,7 +129,7 @@ def test_inject_into_transformers_vit():
     base_out = original(pixel_values=pixels).last_hidden_state
     report = inject_petal(model, ["q_proj", "k_proj", "v_proj"], rank=4, scale=0.5)
     assert len(report.replaced) == 6
-    with quality(alpha):
+    with alpha_scope(alpha):
         torch.testing.assert_close(model(pixel_values=pixels).last_hidden_state, base_out)
     randomise_adapters(model)
     for name in report.replaced:
@@ -137,7 +137,7 @@ def test_inject_into_transformers_vit():
         parent, _, child = name.rpartition(".")
         setattr(original.get_submodule(parent), child,
                 RefLoRA(original.get_submodule(name), layer.lora_A, layer.lora_B, layer.scale))
-    with quality(alpha):
+    with alpha_scope(alpha):
         got = model(pixel_values=pixels).last_hidden_state
         expect = original(pixel_values=pixels).last_hidden_state
     assert rel_err(got, expect) < 1e-5 and rel_err(got, base_out) > 1e-3
@@ -161,7 +161,7 @@ def test_adapter_state_dict_round_trip():
     loaded = load_adapter_state_dict(fresh, torch.load(buf, weights_only=True))
     assert sorted(loaded) == sorted(sd)
     x, a = torch.randn(2, 5, 8), torch.rand(2)
-    with quality(a):
+    with alpha_scope(a):
         torch.testing.assert_close(fresh(x), model(x))
     with pytest.raises(KeyError, match="missing"):
         load_adapter_state_dict(fresh, {k: v for k, v in sd.items() if "0." not in k[:2]})

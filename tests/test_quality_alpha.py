@@ -178,8 +178,16 @@ def test_callable_source_and_module_default():
         CallableQuality(5)
 
 
-def test_package_stays_the_alpha_context_manager():
-    """``import petal_fast.quality`` must not break ``with petal_fast.quality(alpha):``."""
-    alpha = torch.rand(3)
-    with petal_fast.quality(alpha) as a:
-        assert a is alpha or torch.equal(a, alpha)
+def test_removed_quality_alias_names_alpha_scope():
+    """``petal_fast.quality(alpha)`` (once an alias of alpha_scope) is the quality package: calling it says
+    what to use, before and after ``import petal_fast.quality``."""
+    import subprocess
+    import sys
+    code = ("import petal_fast, torch\n"
+            "try:\n    petal_fast.quality(torch.rand(3))\n"
+            "except TypeError as e:\n    print('alpha_scope' in str(e))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+    import petal_fast.quality  # noqa: F401
+    with pytest.raises(TypeError, match="alpha_scope"):
+        petal_fast.quality(torch.rand(3))

@@ -4,8 +4,7 @@
         embeddings = backbone(images)
 
 Every two-branch PetalLinear called inside the block without an explicit ``alpha=`` uses it.
-Contexts nest; the innermost wins. ``petal_fast.quality(alpha)`` is the same context under its earlier
-name. Thread-local, so data-parallel threads do not mix them.
+Contexts nest; the innermost wins. Thread-local, so data-parallel threads do not mix them.
 """
 from __future__ import annotations
 
@@ -32,14 +31,28 @@ _local = _Stack()
 class AlphaScope:
     """The α of one ``with alpha_scope(alpha):`` block and what its layers share.
 
-    ``shared`` is filled by :func:`petal_fast.ops.petal_linear`: α's value check and its branch
-    weights per (scale, dtype), done once for all the layers of a forward pass instead of once per
-    layer (3–5 kernel launches each on CUDA); an in-place change of α inside the block is seen (its
-    version counter moves) and redoes them. Nothing outlives the block.
+    ``shared`` is filled by :func:`petal_fast.ops.petal_linear`: α's value check, done once for all the
+    layers of a forward pass instead of once per layer (3 kernel launches each on CUDA); an in-place
+    change of α inside the block is seen (its version counter moves) and redoes it. ``seed`` gives the
+    layers with dropout one seed per device drawn once for the block (each hashes it with its own
+    stream); a layer called a second time in the block gets a fresh one. Nothing outlives the block.
     """
 
     alpha: torch.Tensor
     shared: dict = dataclasses.field(default_factory=dict)
+    _seeds: dict = dataclasses.field(default_factory=dict)
+    _seeded: set = dataclasses.field(default_factory=set)
+
+    def seed(self, layer: object, device: torch.device) -> torch.Tensor:
+        """The block's dropout seed on ``device`` for ``layer`` (drawn by the device's generator)."""
+        key = id(layer)
+        if key in self._seeded:  # the same layer again (weight sharing): its masks must differ
+            return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        self._seeded.add(key)
+        seed = self._seeds.get(device)
+        if seed is None:
+            seed = self._seeds[device] = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        return seed
 
 
 @contextlib.contextmanager
@@ -54,14 +67,6 @@ def alpha_scope(alpha: torch.Tensor) -> Iterator[AlphaScope]:
         yield scope
     finally:
         stack.pop()
-
-
-@contextlib.contextmanager
-def quality(alpha: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The earlier name of :func:`alpha_scope`, kept for existing code (``with petal_fast.quality(α):``);
-    yields α itself."""
-    with alpha_scope(alpha):
-        yield alpha
 
 
 def current_scope() -> AlphaScope | None:

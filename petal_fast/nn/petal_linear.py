@@ -8,15 +8,18 @@ are trained; branch 0 (``branch_lr``) is weighted by (1 − α), branch 1 (``bra
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 from torch import nn
 
 from petal_fast.ops import petal_linear
-from petal_fast.ops._graph import draw_seed
+from petal_fast.ops._graph import compiling, draw_seed
 
 from .context import current_scope
+
+_STREAMS = itertools.count(1)  # each layer's dropout stream: layers that share a seed draw different masks
 
 
 class PetalLinear(nn.Module):
@@ -52,6 +55,7 @@ class PetalLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(branches, rank, in_features, device=pdev, dtype=pdt))
         self.lora_B = nn.Parameter(torch.zeros(branches, out_features, rank, device=pdev, dtype=pdt))
         self.reset_adapters()
+        self.stream = next(_STREAMS) % 2**31
         self._merged_alpha: float | None = None
         self._is_merged = False
         # A merged layer's weight already holds the adapters: saving it with them would double them on
@@ -80,14 +84,15 @@ class PetalLinear(nn.Module):
         if self._is_merged:
             return nn.functional.linear(x, self.weight, self.bias)
         shared = None
-        if self.branches == 2 and alpha is None:
-            scope = current_scope()  # the block's α and what its layers share (check, branch weights)
-            if scope is not None:
-                alpha, shared = scope.alpha, scope.shared
+        scope = current_scope()  # the block's α and what its layers share (α's check, the dropout seed)
+        if scope is not None and self.branches == 2 and alpha is None:
+            alpha, shared = scope.alpha, scope.shared
         p = self.dropout if self.training else 0.0
-        seed = draw_seed() if p > 0.0 else 0  # a tensor: a compiled graph takes a new seed as data
+        seed = 0
+        if p > 0.0:  # drawn on x's device: no host→device copy; one draw per scope, this layer's own stream
+            seed = scope.seed(self, x.device) if scope is not None and not compiling() else draw_seed(x.device)
         return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
-                            alpha if self.branches == 2 else None, self.scale, p, seed, shared)
+                            alpha if self.branches == 2 else None, self.scale, p, seed, self.stream, shared)
 
     # -- fixed-quality deployment -------------------------------------------------------------
     def delta_weight(self, alpha: float | None = None) -> torch.Tensor:

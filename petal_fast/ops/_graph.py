@@ -10,8 +10,9 @@
   dtype checks stay plain Python errors: they depend on sizes only, which Dynamo guards on.
 - ``launchable``: how a ``triton_op`` body launches a kernel (``torch.library.wrap_triton``, so
   AOTAutograd turns each launch into a graph node Inductor schedules).
-- ``seed_tensor``: dropout seeds travel as a 1-element int64 CPU tensor, not a Python int, so a
-  new seed per step is new data for a compiled graph rather than a new constant (a recompile).
+- ``seed_tensor`` / ``draw_seed``: dropout seeds travel as a 1-element int64 tensor on x's device, not
+  a Python int (a new seed per step is new data for a compiled graph rather than a new constant, a
+  recompile) and not a CPU tensor (copied to a GPU it would synchronise the host).
 """
 from __future__ import annotations
 
@@ -107,15 +108,31 @@ def triton_op_runs(backend: str) -> bool:
     return backend == "triton" and not (compiling() and triton_interpreting())
 
 
-def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
-    """The dropout seed as the ops take it: a 1-element int64 tensor on the CPU."""
+def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The dropout seed as the ops take it: a 1-element int64 tensor on ``device`` (x's device).
+
+    A tensor already there is used as it is (what the modules pass: drawn on the device). An int becomes
+    a tensor with ``torch.full`` (on CUDA a fill kernel: the value travels as a kernel argument, not as
+    a host→device copy, which would synchronise). A tensor on another device is moved, which from the
+    CPU to a GPU is such a copy: pass seeds on x's device."""
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.is_floating_point():
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
             raise ValueError(f"seed must be an int or a 1-element integer tensor, got {seed.dtype} {tuple(seed.shape)}")
-        return seed.reshape(1).to("cpu", torch.int64)
-    return torch.tensor([int(seed)], dtype=torch.int64)
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31) or a 1-element integer tensor, got {seed!r}")
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
 
 
-def draw_seed() -> torch.Tensor:
-    """A fresh dropout seed in [0, 2³¹) from torch's CPU generator (traceable: no ``.item()``)."""
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+@functools.lru_cache(maxsize=None)
+def unused_seed(device: torch.device) -> torch.Tensor:
+    """A seed tensor for p = 0 (never read): made once per device, so a call without dropout allocates
+    and launches nothing for it."""
+    with torch.inference_mode(False):
+        return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh dropout seed in [0, 2³¹) drawn by ``device``'s generator, on that device (a CUDA seed is
+    drawn by a kernel: no host→device copy, no synchronisation, capturable in a CUDA graph)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)

@@ -1,47 +1,40 @@
-"""The fused PetalLinear op: the ``petal_fast::fused_petal_linear`` operator, dispatched by backend
-(docs/design.md §1.1, §3).
+"""The fused PetalLinear op, dispatched by backend (docs/design.md §1.1, §3).
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
-Computed in the split-fused form: U = x A_catᵀ (M × 2r), scaled per row by c = [s(1−α), sα],
-then ``y = b + x Wᵀ + (c ⊙ U) B_catᵀ`` with the expand in the base GEMM's accumulator.
-Backward (W, b frozen, α an input): dU = dY·B_cat, dT = c ⊙ dU, dB = dYᵀ(c ⊙ U), dA = dTᵀx,
-dX = dY·W + dT·A_cat. Saved for backward: x, U (M × 2r), the branch weights c (per image) and
-the dropout seed — never an M×out tensor; dropout masks are regenerated from the seed.
+Computed in the split-fused form (``petal_linear_library``): U = x A_catᵀ (M × 2r), the expand
+``(c ⊙ U) B_catᵀ`` in the base GEMM's accumulator, c = [s(1−α), sα] per row. Saved for backward: x, U,
+α and the dropout seed — never an M × out tensor; masks are regenerated from (seed, stream).
 
-Gradients: x, lora_A, lora_B always; α too when it requires grad, on every backend
-(dy/dα_i = s·(branch_hr − branch_lr) summed over image i's rows and outputs, dropout applied).
-Double backward through the fused backends raises; the reference backend is plain autograd.
-Under torch.compile / torch.export the α cache below is bypassed (it is Python state) and α's
-finiteness is checked inside the operator (``validate=True``: a ValueError on CPU, a device-side
-assert on CUDA; see ``_graph.value_check``); in eager mode it is checked once per α tensor.
+Gradients: x, lora_A, lora_B; α, W and b too when they require grad, on every backend.
+Which route runs:
+
+- eager (no tracing): inference calls the operator body directly; training goes through a plain
+  ``autograd.Function`` (``EagerPetalLinear``) — no custom-op dispatch on the hot path;
+- ``torch.compile``: the Triton backend's ``triton_op`` (Inductor sees its kernels), otherwise the
+  opaque operator; α's finiteness is checked inside the operator (``validate=True``);
+- ``torch.export`` (and so ONNX export): the torch composition written out of ATen operations, so an
+  exported program of any model holding PetalLinear layers needs no petal_fast operator to run.
+
+α's value check (finite) runs eagerly once per call, or once per α version for all the layers of an
+``alpha_scope`` (``shared``). On CUDA it is a device-side assert: no host synchronisation.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from ._graph import compiling, seed_tensor, triton_op_runs, value_check
-from .petal_linear_library import OP, forward_impl, fused_petal_linear
+from ._graph import compiling, seed_tensor, triton_op_runs, unused_seed, value_check
+from . import _petal_linear_torch as torch_impl
+from .petal_linear_library import OP, EagerPetalLinear, branch_coefficients, forward_impl, fused_petal_linear
 
-
-def _concat(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_cat (R × in) and B_cat (out × R), R = branches·r: both branches as one skinny GEMM each."""
-    branches, r, k = lora_A.shape
-    if branches == 1:
-        # squeeze, not permute: its gradient is lora_B's canonical strides. permute's keeps stride r on
-        # the size-1 dim, which autograd accepts but DDP does not ("grad strides do not match bucket
-        # view strides": a copy per step and a warning).
-        return lora_A.squeeze(0), lora_B.squeeze(0)
-    return lora_A.reshape(branches * r, k), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
+_CPU_DTYPES = (torch.float32, torch.float64)  # what the C++ kernels compute in
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float) -> None:
+                 lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float, scale: float) -> None:
     """Raise ValueError/TypeError naming the argument for every malformed input."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
@@ -57,10 +50,15 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if not (isinstance(scale, (int, float)) and abs(float(scale)) < float("inf")):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if branches == 2:
         if alpha is None:
             raise ValueError("alpha is required for a two-branch PetalLinear: pass alpha=... or wrap the "
-                             "call in `with petal_fast.quality(alpha):`")
+                             "call in `with petal_fast.alpha_scope(alpha):`")
         if not isinstance(alpha, torch.Tensor):
             raise TypeError(f"alpha must be a tensor, got {type(alpha).__name__}")
         if not alpha.is_floating_point():
@@ -83,38 +81,14 @@ def check_alpha_values(alpha: torch.Tensor) -> None:
     value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
 
 
-_NO_SEED = torch.zeros(1, dtype=torch.int64)  # p = 0: the seed is unused
-
-
-@functools.lru_cache(maxsize=None)
-def _single_branch_weights(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[[s]]: the one-branch weights are a constant per (scale, dtype, device)."""
-    with torch.inference_mode(False):  # made once, maybe saved for backward later
-        return branch_coefficients(None, 1, scale, dtype, device)
-
-
-def _coefficients(alpha: torch.Tensor | None, branches: int, scale: float, dtype: torch.dtype,
-                  device: torch.device, shared: dict | None) -> torch.Tensor:
-    """``branch_coefficients`` after α's value check; with ``shared`` (an ``alpha_scope``'s dict: every
-    layer of a forward pass gets the same α) both happen once per α version and scale, not per call."""
-    if compiling():  # Python state is not traced: compute (α is checked inside the operator)
-        return branch_coefficients(alpha, branches, scale, dtype, device)
-    if branches == 1:
-        return _single_branch_weights(float(scale), dtype, device)
+def _check_alpha_once(alpha: torch.Tensor, shared: dict | None) -> None:
+    """α's value check, once per α version for the calls that share ``shared`` (an alpha_scope's)."""
     version = _version(alpha)
-    if shared is None or version is None or (alpha.requires_grad and torch.is_grad_enabled()):
-        # no scope, an inference tensor (no version counter), or dα wanted (weights in this graph)
+    if shared is None or version is None:
         check_alpha_values(alpha)
-        return branch_coefficients(alpha, branches, scale, dtype, device)
-    if shared.get("version") != version:  # first layer, or α changed in place since
+    elif shared.get("checked") is not alpha or shared.get("version") != version:
         check_alpha_values(alpha)
-        shared.clear()
-        shared["version"] = version
-    key = (float(scale), dtype)
-    if key not in shared:
-        with torch.inference_mode(False):  # reused later, maybe by a step that saves it for backward
-            shared[key] = branch_coefficients(alpha, branches, scale, dtype, device)
-    return shared[key]
+        shared["checked"], shared["version"] = alpha, version
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -124,59 +98,74 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
-                        dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """(images, branches) per-image weights: [s(1−α), sα] for two branches, [[s]] for one."""
-    if branches == 1:
-        return torch.full((1, 1), float(scale), dtype=dtype, device=device)
-    a = alpha.to(dtype)
-    return torch.stack((scale * (1.0 - a), scale * a), dim=1).contiguous()
+def _composition(x, weight, bias, lora_A, lora_B, alpha, scale):
+    """Inference as ATen operations (what ``torch.export`` records): y = x Wᵀ + b + (c ⊙ x A_catᵀ) B_catᵀ."""
+    branches = lora_A.shape[0]
+    coef = branch_coefficients(alpha, branches, scale, x.dtype, x.device)
+    a_cat = lora_A.reshape(-1, lora_A.shape[2])
+    b_cat = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+    u = x @ a_cat.T
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + torch_impl.row_scale(u, coef) @ b_cat.T
 
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None = None, scale: float = 1.0,
-                 dropout: float = 0.0, seed: int | torch.Tensor = 0, shared: dict | None = None) -> torch.Tensor:
-    """Fused PetalLinear forward; differentiable in x, lora_A, lora_B and α (W, b frozen).
+                 dropout: float = 0.0, seed: int | torch.Tensor = 0, stream: int = 0,
+                 shared: dict | None = None) -> torch.Tensor:
+    """Fused PetalLinear forward; differentiable in x, lora_A, lora_B, α, W and b.
 
     x: (..., in); weight: (out, in); lora_A: (branches, r, in); lora_B: (branches, out, r);
     alpha: (images,) for two branches (rows_per_image = rows / images), ignored for one;
-    seed: an int in [0, 2³¹) or a 1-element integer tensor (what a compiled graph should pass);
+    seed: an int in [0, 2³¹) or a 1-element integer tensor, best on x's device (what the modules pass);
+    stream: the layer's dropout stream (layers sharing a seed draw different masks);
     shared: a dict that calls with the same α share (``petal_fast.alpha_scope`` gives its layers one):
-    α's value check and branch weights are computed into it once instead of per call.
+    α's value check then runs once per α version instead of per call.
     """
-    check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout)
+    check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout, scale)
     backend = resolve(x.device, OP)
     branches = lora_A.shape[0]
+    alpha = alpha if branches == 2 else None
+    p = float(dropout)
     if backend == "reference":
-        if branches == 2 and not compiling():  # traced, the oracle checks nothing (no opaque op to do it)
+        if alpha is not None and not compiling():  # traced, the oracle checks nothing (no opaque op to do it)
             check_alpha_values(alpha)
         if isinstance(seed, torch.Tensor):
-            seed = int(seed.item())
-        return reference_petal_linear(x, weight, bias, lora_A, lora_B, alpha, scale, dropout, seed)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the one explicit copy of a non-contiguous input
-    coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    coef = _coefficients(alpha if branches == 2 else None, branches, scale, coef_dtype, x.device, shared)
+            seed = int(seed.reshape(-1)[0])
+        return reference_petal_linear(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream)
+    lead, out_f = x.shape[:-1], weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the op is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)
-        x2 = x2.to(dtype)
-    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731  (.to costs ~1.5 µs)
-    w, b, la, lb = cast(weight), cast(bias), cast(lora_A), cast(lora_B)
-    a_cat, b_cat = _concat(la, lb)
-    seed_t = seed_tensor(seed) if dropout > 0.0 else _NO_SEED
+    if torch.compiler.is_exporting():
+        if p > 0.0:
+            raise ValueError("petal_linear: export a model in eval mode (dropout is a training-time op)")
+        return _composition(x2.to(dtype), *_cast((weight, bias, lora_A, lora_B), dtype), alpha,
+                            scale).view(*lead, out_f)
+    compute = dtype if backend != "cpp" or dtype in _CPU_DTYPES else torch.float32  # no 16-bit C++ kernels
+    x2 = x2.to(compute).contiguous()  # the one explicit copy of a non-contiguous input
+    w, b, la, lb = _cast((weight, bias, lora_A, lora_B), compute)
+    seed_t = seed_tensor(seed, x.device) if p > 0.0 else unused_seed(x.device)
     traced = compiling()
-    args = (x2, w, b, a_cat, b_cat, coef, float(dropout), seed_t)
-    validate = traced and branches == 2
-    if not traced and not (torch.is_grad_enabled() and (x2.requires_grad or la.requires_grad or lb.requires_grad
-                                                        or coef.requires_grad)):
-        # eager inference: the operator's body without the dispatcher, no autograd node, nothing saved
-        y, _ = forward_impl(*args, backend)
+    if alpha is not None and not traced:
+        _check_alpha_once(alpha, shared)
+    args = (x2, w, b, la, lb, alpha, float(scale), p, seed_t, int(stream))
+    if not traced:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w, b, la, lb, alpha)):
+            y = EagerPetalLinear.apply(*args, backend)
+        else:  # inference: the body itself, no autograd node, nothing saved
+            y, _ = forward_impl(*args, backend)
     elif triton_op_runs(backend):
-        y, _ = _triton_op().triton_petal_linear(*args, validate)  # Inductor sees its kernels
+        y, _ = _triton_op().triton_petal_linear(*args, alpha is not None)  # Inductor sees its kernels
     else:  # interpreted Triton kernels cannot be traced: the opaque operator runs them
-        y, _ = fused_petal_linear(*args, backend, validate)
-    return y.view(*lead, weight.shape[0])
+        y, _ = fused_petal_linear(*args, backend, alpha is not None)
+    return y.to(dtype).view(*lead, out_f)
+
+
+def _cast(tensors, dtype):
+    """Each tensor in ``dtype`` (None stays None; ``.to`` of a tensor already there costs ~1.5 µs)."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def _triton_op():

@@ -1,27 +1,35 @@
-"""PetalLinear as PyTorch operators (``torch.library``): what ``torch.compile`` and ``torch.export`` see.
+"""PetalLinear as PyTorch operators (``torch.library``) and as an eager ``autograd.Function``.
 
-    petal_fast::fused_petal_linear(x, W, b?, A_cat, B_cat, coef, p, seed, backend, validate) -> (y, U)
-        y = b + x Wᵀ + Σ_k D_k((coef[:, k] ⊙ U_k) B_kᵀ),   U = x A_catᵀ  (M × R, unscaled)
-    petal_fast::fused_petal_linear_backward(dy, x, W, A_cat, B_cat, coef, U, p, seed, need_x, need_coef, backend)
-        -> (dX | empty, dA_cat, dB_cat, dcoef | empty)
-        dcoef[i, k] = Σ_{rows m of image i} ⟨D_k(dy)_m B_k, U_k,m⟩   (only when coef needs a gradient)
+    petal_fast::fused_petal_linear(x, W, b?, A, B, α?, s, p, seed, stream, backend, validate) -> (y, U)
+        y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ),  U = x A_catᵀ (M × R, unscaled),
+        c = [s(1 − α_i), s·α_i] per row (one branch: c = s)
+    petal_fast::fused_petal_linear_backward(dy, x, W, A, B, α?, U, s, p, seed, stream,
+                                            need_x, need_alpha, need_weight, need_bias, backend)
+        -> (dX | empty, dA, dB, dα | empty, dW | empty, db | empty)
+        dU = D(dy) B_cat, dT = c ⊙ dU, dA = dTᵀ x, dB = D(dy)ᵀ (c ⊙ U), dX = dy W + dT A_cat,
+        dα_i = s·Σ_{rows of i} (⟨dU_hr, U_hr⟩ − ⟨dU_lr, U_lr⟩),  dW = dyᵀ x,  db = Σ_rows dy
 
-One operator pair for every non-reference backend (``backend``: "torch" | "cpp" | "triton", a
-string argument: a constant in a traced graph). ``validate``: check that ``coef`` (α's branch
-weights) is finite inside the operator — how a traced graph checks α (see ``_graph.value_check``). Each has a fake implementation that allocates exactly
-what the real one returns, and ``register_autograd`` makes the backward op the forward's gradient.
-The seed is a 1-element int64 CPU tensor (read on the host inside the op: no device sync).
+``A`` (branches × r × in) and ``B`` (branches × out × r) are the layer's parameters as they are; the
+gradients come back in their layout. α enters as itself: the branch weights are computed by each
+backend (inside the Triton kernels; on the host for the CPU backends), so a call on CUDA launches no
+kernel to build them. ``seed`` is a 1-element int64 tensor on x's device (read by the kernels on the
+device: no host synchronisation) and ``stream`` the layer's stream (petal_fast.definitions.dropout).
+``validate``: check α's finiteness inside the operator (how a traced graph checks it).
 
-- Zero rows (M = 0): empty outputs and zero gradients without launching any backend kernel.
-- Gradient of ``coef`` (so of α, through ``branch_coefficients``): computed on every backend by the
-  same torch code inside the backward op, only when asked for (an extra dY·B_cat pass).
-- Double backward (differentiating the gradients again): a clear RuntimeError on every backend.
+Two routes run the same bodies (``forward_impl`` / ``backward_impl``):
 
-The raw C++ kernels (``petal_fast::petal_linear_fwd`` / ``_bwd``, registered by ``csrc/``) get fake
-implementations here too, so they trace as well when called directly.
+- eager calls go through :class:`EagerPetalLinear`, a plain ``torch.autograd.Function``: no
+  dispatcher, no schema parsing (the custom-op route costs hundreds of µs of host time per call);
+- ``torch.compile`` / ``torch.export`` see the operators (this module's opaque pair, or the Triton
+  ``triton_op`` pair in ``petal_linear_triton_library``), with fake implementations and registered
+  autograd.
+
+Saved for backward: x, W, A, B, α, U and the seed — never an M × out tensor. W and b get gradients
+only when they require them (dW = dyᵀx and db by torch on every backend). Double backward raises.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -29,7 +37,7 @@ from torch import Tensor
 
 from petal_fast import _ext
 from petal_fast.backend import implementation
-from petal_fast.definitions.dropout import dropout_mask
+from petal_fast.definitions.dropout import dropout_mask, stream_seed
 
 from . import _petal_linear_torch as torch_impl
 from ._graph import value_check, wrap_kwargs
@@ -46,101 +54,219 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _seed_arg(seed: Tensor, backend: str):
-    """The seed as the backend takes it: Triton kernels read the tensor on the device (nothing read on
-    the host: traceable), the C++ and torch backends an int."""
-    return seed if backend == "triton" else int(seed.item())
+def concat(lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+    """A_cat (R × in) and B_cat (out × R), R = branches·r: the CPU backends' layout of both branches."""
+    branches, r, k = lora_A.shape
+    if branches == 1:
+        return lora_A[0], lora_B[0]
+    return lora_A.reshape(branches * r, k), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
 
 
-def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                 coef: Tensor, p: float, seed: Tensor, backend: str, validate: bool = False,
-                 wrap=None) -> tuple[Tensor, Tensor]:
-    """The operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper); eager
-    inference calls it directly (the dispatcher costs ~35 µs a call)."""
-    if validate:
-        value_check(torch.isfinite(coef).all(), "petal_linear: alpha contains non-finite values")
+def split_b(db_cat: Tensor, branches: int) -> Tensor:
+    """dB_cat (out × R) → (branches, out, r) with lora_B's canonical strides (DDP compares them literally)."""
+    if branches == 1:
+        return db_cat.unsqueeze(0)
+    return db_cat.reshape(db_cat.shape[0], branches, -1).permute(1, 0, 2).contiguous()
+
+
+def branch_coefficients(alpha: Tensor | None, branches: int, scale: float, dtype: torch.dtype = torch.float32,
+                        device=None) -> Tensor:
+    """(images, branches) per-image weights: [s(1−α), sα] for two branches, [[s]] for one."""
+    if branches == 1:
+        return torch.full((1, 1), float(scale), dtype=dtype, device=device)
+    a = alpha.to(dtype)
+    return torch.stack((scale * (1.0 - a), scale * a), dim=1)
+
+
+def host_seed(seed: Tensor, stream: int) -> int | Tensor:
+    """The layer's seed as the CPU backends take it: an int read on the host for a CPU tensor (no
+    device to wait for), a device tensor otherwise (the torch composition hashes it on the device)."""
+    if seed.device.type == "cpu":
+        return stream_seed(int(seed.reshape(-1)[0]), stream)
+    return stream_seed(seed, stream)
+
+
+def _cpu_args(lora_A: Tensor, lora_B: Tensor, alpha: Tensor | None, scale: float, x: Tensor):
+    a_cat, b_cat = concat(lora_A, lora_B)
+    coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    coef = branch_coefficients(alpha, lora_A.shape[0], scale, coef_dtype, x.device)
+    return a_cat.contiguous(), b_cat.contiguous(), coef
+
+
+def _triton():
+    return _LegacyTriton  # TEMPORARY until the new launcher API lands
+
+
+class _LegacyTriton:  # TEMPORARY: the old launcher API (A_cat, B_cat, coef, seed')
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, wrap=None):
+        k = importlib.import_module("petal_fast.kernels.petal_linear")
+        a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
+        return k.forward(x, weight, bias, a_cat, b_cat, coef, p, stream_seed(seed, stream), **wrap_kwargs(wrap))
+
+    @staticmethod
+    def backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, wrap=None):
+        k = importlib.import_module("petal_fast.kernels.petal_linear")
+        a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
+        dx, da_cat, db_cat = k.backward(dy, x, weight, a_cat, b_cat, coef, u, p, stream_seed(seed, stream), need_x,
+                                        **wrap_kwargs(wrap))
+        return dx, da_cat.reshape(lora_A.shape), split_b(db_cat, lora_A.shape[0])
+
+
+def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 alpha: Optional[Tensor], scale: float, p: float, seed: Tensor, stream: int, backend: str,
+                 validate: bool = False, wrap=None) -> tuple[Tensor, Tensor]:
+    """(y, U) on ``backend``; ``wrap``: a triton_op's kernel wrapper (``torch.library.wrap_triton``)."""
+    if validate and alpha is not None:
+        value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
+    branches, r = lora_A.shape[:2]
     if x.shape[0] == 0:  # no kernel is launched on an empty batch
-        return x.new_empty((0, weight.shape[0])), x.new_empty((0, a_cat.shape[0]))
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0, branches * r))
+    x = x.contiguous()  # the kernels take x row-major (a no-op for what the dispatcher passes)
+    if backend == "triton":
+        return _triton().forward(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream,
+                                 **wrap_kwargs(wrap))
     fwd, _ = _impl(backend)
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (the kernels take dense row-major inputs)
-    return fwd(c(x), c(weight), c(bias), c(a_cat), c(b_cat), c(coef), float(p), _seed_arg(seed, backend),
-               **wrap_kwargs(wrap))
+    a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
+    s = host_seed(seed, stream) if p > 0.0 else 0
+    return fwd(x, weight.contiguous(), None if bias is None else bias.contiguous(), a_cat, b_cat, coef, float(p), s)
 
 
-@torch.library.custom_op(NAME, mutates_args=())
-def fused_petal_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                       coef: Tensor, p: float, seed: Tensor, backend: str,
-                       validate: bool = False) -> tuple[Tensor, Tensor]:
-    return forward_impl(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate)
-
-
-@fused_petal_linear.register_fake
-def _(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate=False):
-    m = x.shape[0]
-    return x.new_empty((m, weight.shape[0])), x.new_empty((m, a_cat.shape[0]))
-
-
-def coef_grad(dy: Tensor, u: Tensor, b_cat: Tensor, coef: Tensor, p: float, seed: int | Tensor) -> Tensor:
-    """dcoef (images × branches) = Σ over each image's rows of ⟨D_k(dy) B_k, U_k⟩, accumulated in fp32/fp64."""
-    images, branches = coef.shape
-    r = b_cat.shape[1] // branches
-    acc = torch.float64 if coef.dtype == torch.float64 else torch.float32
-    parts = []
-    for k in range(branches):
-        sl = slice(k * r, (k + 1) * r)
-        dyk = dy if p == 0.0 else dy * dropout_mask(seed, k, dy.shape[0], dy.shape[1], p, dtype=dy.dtype,
+def alpha_grad(dy: Tensor, u: Tensor, lora_B: Tensor, alpha: Tensor, scale: float, p: float, seed: Tensor,
+               stream: int) -> Tensor:
+    """dα_i = s·Σ_{rows m of image i} (⟨D_hr(dy)_m B_hr, U_hr,m⟩ − ⟨D_lr(dy)_m B_lr, U_lr,m⟩), accumulated
+    in fp32 (fp64 for fp64 inputs); masks from the same (seed, stream) as the forward."""
+    images, r = alpha.shape[0], lora_B.shape[2]
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    s = host_seed(seed, stream)
+    part = []
+    for k in range(2):
+        dyk = dy if p == 0.0 else dy * dropout_mask(s, k, dy.shape[0], dy.shape[1], p, dtype=dy.dtype,
                                                    device=dy.device)
-        du = (dyk @ b_cat[:, sl]).to(acc)
-        parts.append((du * u[:, sl].to(acc)).view(images, -1).sum(1))
-    return torch.stack(parts, dim=1).to(coef.dtype)
+        du = (dyk @ lora_B[k]).to(acc)
+        part.append((du * u[:, k * r:(k + 1) * r].to(acc)).view(images, -1).sum(1))
+    return (scale * (part[1] - part[0])).to(alpha.dtype)
 
 
-def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor, u: Tensor,
-                  p: float, seed: Tensor, need_x: bool, need_coef: bool, backend: str,
-                  wrap=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward operator's body (of the Triton triton_op too, with ``wrap``)."""
+def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: Optional[Tensor],
+                  u: Tensor, scale: float, p: float, seed: Tensor, stream: int, need_x: bool, need_alpha: bool,
+                  need_weight: bool, need_bias: bool, backend: str,
+                  wrap=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dX | empty, dA, dB, dα | empty, dW | empty, db | empty) on ``backend``."""
+    dw = (dy.T @ x).to(weight.dtype) if need_weight else _empty(weight)
+    dbias = dy.sum(0).to(weight.dtype) if need_bias else _empty(weight)
     if x.shape[0] == 0:
-        return (x.new_empty(x.shape) if need_x else _empty(x), a_cat.new_zeros(a_cat.shape),
-                b_cat.new_zeros(b_cat.shape), coef.new_zeros(coef.shape) if need_coef else _empty(coef))
-    _, bwd = _impl(backend)
-    dy, x, weight, a_cat, b_cat, coef, u = (t.contiguous() for t in (dy, x, weight, a_cat, b_cat, coef, u))
-    s = _seed_arg(seed, backend)
-    dx, da, db = bwd(dy, x, weight, a_cat, b_cat, coef, u, float(p), s, need_x, **wrap_kwargs(wrap))
-    dc = coef_grad(dy, u, b_cat, coef, float(p), s) if need_coef else _empty(coef)
-    return (dx if need_x else _empty(x)), da.contiguous(), db.contiguous(), dc
+        return (x.new_empty(x.shape) if need_x else _empty(x), torch.zeros_like(lora_A),
+                torch.zeros_like(lora_B), torch.zeros_like(alpha) if need_alpha else _empty(x), dw, dbias)
+    dy, x, u = dy.contiguous(), x.contiguous(), u.contiguous()
+    if backend == "triton":
+        dx, da, db = _triton().backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x,
+                                        **wrap_kwargs(wrap))
+    else:
+        _, bwd = _impl(backend)
+        a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
+        s = host_seed(seed, stream) if p > 0.0 else 0
+        dx, da_cat, db_cat = bwd(dy, x, weight.contiguous(), a_cat, b_cat, coef, u, float(p), s, need_x)
+        da, db = da_cat.reshape(lora_A.shape), split_b(db_cat, lora_A.shape[0])
+    dalpha = alpha_grad(dy, u, lora_B, alpha, scale, p, seed, stream) if need_alpha else _empty(x)
+    return (dx if need_x else _empty(x)), da, db, dalpha, dw, dbias
+
+
+# -- the eager route ---------------------------------------------------------------------------------
+class EagerPetalLinear(torch.autograd.Function):
+    """The eager route: the operator bodies behind a plain autograd node (same numbers, same masks)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, backend):
+        y, u = forward_impl(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, alpha, u, seed)
+        ctx.args = (scale, p, stream, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, alpha, u, seed = ctx.saved_tensors
+        scale, p, stream, backend = ctx.args
+        need = ctx.needs_input_grad
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = backward_impl(dy.contiguous(), x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream,
+                                  need[0], need[5], need[1], need[2], backend)
+        if create_graph:  # the gradients are not differentiable: fail when they are differentiated
+            grads = _NoDoubleBackward.apply(len(grads), *grads, x, weight, lora_A, lora_B, alpha)
+        dx, da, db, dalpha, dw, dbias = grads
+        return (dx if need[0] else None, dw if need[1] else None, dbias if need[2] else None,
+                da if need[3] else None, db if need[4] else None, dalpha if need[5] else None,
+                None, None, None, None, None)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the gradients of a create_graph backward whose own backward raises the op's message."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):  # the inputs after the n gradients tie them to the graph
+        return tuple(g.clone() for g in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx)
+
+
+# -- the operators (what torch.compile and torch.export see) -----------------------------------------
+@torch.library.custom_op(NAME, mutates_args=())
+def fused_petal_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                       alpha: Optional[Tensor], scale: float, p: float, seed: Tensor, stream: int, backend: str,
+                       validate: bool = False) -> tuple[Tensor, Tensor]:
+    return forward_impl(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, backend, validate)
+
+
+def fake_forward(x, weight, bias, lora_A, lora_B, alpha, *rest):
+    m = x.shape[0]
+    return x.new_empty((m, weight.shape[0])), x.new_empty((m, lora_A.shape[0] * lora_A.shape[1]))
+
+
+fused_petal_linear.register_fake(fake_forward)
 
 
 @torch.library.custom_op(NAME + "_backward", mutates_args=())
-def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor,
-                                u: Tensor, p: float, seed: Tensor, need_x: bool, need_coef: bool,
-                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backward_impl(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend)
+def fused_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                alpha: Optional[Tensor], u: Tensor, scale: float, p: float, seed: Tensor,
+                                stream: int, need_x: bool, need_alpha: bool, need_weight: bool, need_bias: bool,
+                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, need_alpha,
+                         need_weight, need_bias, backend)
 
 
-@fused_petal_linear_backward.register_fake
-def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, backend):
+def fake_backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, need_alpha,
+                  need_weight, need_bias, *rest):
     # contiguous, whatever the inputs' layouts (new_empty, not empty_like: the real ones are row-major)
-    return (x.new_empty(x.shape) if need_x else _empty(x), a_cat.new_empty(a_cat.shape), b_cat.new_empty(b_cat.shape),
-            coef.new_empty(coef.shape) if need_coef else _empty(coef))
+    return (x.new_empty(x.shape) if need_x else _empty(x), lora_A.new_empty(lora_A.shape),
+            lora_B.new_empty(lora_B.shape), alpha.new_empty(alpha.shape) if need_alpha else _empty(x),
+            weight.new_empty(weight.shape) if need_weight else _empty(weight),
+            weight.new_empty(weight.shape[:1]) if need_bias else _empty(weight))
+
+
+fused_petal_linear_backward.register_fake(fake_backward)
 
 
 def register_petal_autograd(forward_op, backward_op) -> None:
     """Make ``backward_op`` the gradient of ``forward_op`` (this module's operator pair, or the Triton
-    one): forward inputs (x, W, b, A_cat, B_cat, coef, p, seed, *extra, validate), backward inputs
-    (dy, x, W, A_cat, B_cat, coef, U, p, seed, need_x, need_coef, *extra); saved: x, W, A_cat, B_cat,
-    coef, U and the seed — never an M×out tensor."""
+    one): forward inputs (x, W, b, A, B, α, s, p, seed, stream, *extra, validate), backward inputs
+    (dy, x, W, A, B, α, U, s, p, seed, stream, need_x, need_alpha, need_weight, need_bias, *extra)."""
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, _bias, a_cat, b_cat, coef, p, seed = inputs[:8]
-        ctx.save_for_backward(x, weight, a_cat, b_cat, coef, output[1], seed)
-        ctx.p, ctx.extra, ctx.n_inputs = p, tuple(inputs[8:-1]), len(inputs)
+        x, weight, _bias, lora_A, lora_B, alpha, scale, p, seed, stream = inputs[:10]
+        ctx.save_for_backward(x, weight, lora_A, lora_B, alpha, output[1], seed)
+        ctx.args, ctx.extra, ctx.n_inputs = (scale, p, stream), tuple(inputs[10:-1]), len(inputs)
+        ctx.set_materialize_grads(False)  # U's gradient is never used: no zero-filled M × R tensor
 
     def backward(ctx, dy: Tensor, du: Tensor):
-        x, weight, a_cat, b_cat, coef, u, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_B, alpha, u, seed = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, da, db, dc = backward_op(dy.contiguous(), x, weight, a_cat, b_cat, coef, u, ctx.p, seed,
-                                     need[0], need[5], *ctx.extra)
-        grads = (dx if need[0] else None, None, None, da if need[3] else None, db if need[4] else None,
-                 dc if need[5] else None)
+        scale, p, stream = ctx.args
+        dx, da, db, dalpha, dw, dbias = backward_op(dy.contiguous(), x, weight, lora_A, lora_B, alpha, u, scale, p,
+                                                    seed, stream, need[0], need[5], need[1], need[2], *ctx.extra)
+        grads = (dx if need[0] else None, dw if need[1] else None, dbias if need[2] else None,
+                 da if need[3] else None, db if need[4] else None, dalpha if need[5] else None)
         return grads + (None,) * (ctx.n_inputs - len(grads))
 
     forward_op.register_autograd(backward, setup_context=setup_context)

@@ -1,11 +1,12 @@
 """PetalLinear's Triton backend as ``torch.library.triton_op`` operators: torch.compile sees the kernels.
 
-    petal_fast::triton_petal_linear(x, W, b?, A_cat, B_cat, coef, p, seed, validate) -> (y, U)
-    petal_fast::triton_petal_linear_backward(dy, x, W, A_cat, B_cat, coef, U, p, seed, need_x, need_coef)
-        -> (dX | empty, dA_cat, dB_cat, dcoef | empty)
+    petal_fast::triton_petal_linear(x, W, b?, A, B, α?, s, p, seed, stream, validate) -> (y, U)
+    petal_fast::triton_petal_linear_backward(dy, x, W, A, B, α?, U, s, p, seed, stream,
+                                             need_x, need_alpha, need_weight, need_bias)
+        -> (dX | empty, dA, dB, dα | empty, dW | empty, db | empty)
 
 Same formulas, outputs and rules as ``petal_fast::fused_petal_linear`` (``petal_linear_library``:
-empty batch, dcoef, double backward). The difference is what a compiler sees. These bodies are made
+empty batch, dα, dW, double backward). The difference is what a compiler sees. These bodies are made
 only of torch operations and kernel launches through ``torch.library.wrap_triton``, with no value
 read on the host (the dropout seed is a device tensor that the kernels hash themselves). So under
 ``torch.compile`` AOTAutograd decomposes the operator, and Inductor gets each launch as a node of
@@ -33,17 +34,20 @@ NAME = "petal_fast::triton_petal_linear"
 
 
 @triton_op(NAME, mutates_args=())
-def triton_petal_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_cat: Tensor, b_cat: Tensor,
-                        coef: Tensor, p: float, seed: Tensor, validate: bool = False) -> tuple[Tensor, Tensor]:
-    return forward_impl(x, weight, bias, a_cat, b_cat, coef, p, seed, "triton", validate, wrap=_launchable)
+def triton_petal_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                        alpha: Optional[Tensor], scale: float, p: float, seed: Tensor, stream: int,
+                        validate: bool = False) -> tuple[Tensor, Tensor]:
+    return forward_impl(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, "triton", validate,
+                        wrap=_launchable)
 
 
 @triton_op(NAME + "_backward", mutates_args=())
-def triton_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, a_cat: Tensor, b_cat: Tensor, coef: Tensor,
-                                 u: Tensor, p: float, seed: Tensor, need_x: bool,
-                                 need_coef: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return backward_impl(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x, need_coef, "triton",
-                         wrap=_launchable)
+def triton_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                 alpha: Optional[Tensor], u: Tensor, scale: float, p: float, seed: Tensor,
+                                 stream: int, need_x: bool, need_alpha: bool, need_weight: bool,
+                                 need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, need_alpha,
+                         need_weight, need_bias, "triton", wrap=_launchable)
 
 
 register_petal_autograd(triton_petal_linear, triton_petal_linear_backward)

@@ -5,9 +5,8 @@
     q2a = calibrate("brisque", train_images)    # τ = median score of the training data
     alpha = q2a(images)                         # clamp(0.5 + k·(τ − score), 0, 1)
 
-``petal_fast.quality(alpha)`` is the earlier name of ``petal_fast.alpha_scope(alpha)``, the context
-that hands α to PetalLinear layers. Importing this package sets the attribute ``petal_fast.quality``
-to the package, so for that alias the package module is callable and forwards the call.
+``petal_fast.quality(alpha)`` was once a second name of ``petal_fast.alpha_scope(alpha)``; it is gone
+(it did not trace like ``alpha_scope``), and calling the package says so.
 """
 import sys
 import types
@@ -27,9 +26,10 @@ __all__ = ["MODES", "BrisqueQuality", "CallableQuality", "FeatureNormQuality", "
 
 
 class _CallableModule(types.ModuleType):
-    def __call__(self, alpha):
-        from petal_fast.nn.context import quality  # the alias of alpha_scope that yields α
-        return quality(alpha)
+    def __call__(self, *args, **kwargs):
+        raise TypeError("petal_fast.quality is the image-quality package (brisque, calibrate, QualityToAlpha); "
+                        "the context that hands α to PetalLinear layers is `with petal_fast.alpha_scope(alpha):` "
+                        "(petal_fast.quality(alpha) was its earlier name and has been removed)")
 
 
 sys.modules[__name__].__class__ = _CallableModule

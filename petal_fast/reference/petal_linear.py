@@ -25,8 +25,9 @@ def branch_weights(alpha: torch.Tensor | None, rows: int, branches: int, scale: 
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: torch.Tensor | None,
-                 scale: float, dropout: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """``lora_A``: (branches, r, in); ``lora_B``: (branches, out, r); ``alpha``: (images,) or None."""
+                 scale: float, dropout: float = 0.0, seed: int = 0, stream: int = 0) -> torch.Tensor:
+    """``lora_A``: (branches, r, in); ``lora_B``: (branches, out, r); ``alpha``: (images,) or None;
+    ``seed``, ``stream``: the dropout masks' hash inputs (petal_fast.definitions.dropout)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rows, branches = x2.shape[0], lora_A.shape[0]
@@ -34,7 +35,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     for b, c in enumerate(branch_weights(alpha, rows, branches, scale, x2.dtype)):
         p = (x2 @ lora_A[b].T) @ lora_B[b].T
         if dropout > 0.0:
-            p = p * dropout_mask(seed, b, rows, p.shape[1], dropout, dtype=p.dtype, device=p.device)
+            p = p * dropout_mask(seed, b, rows, p.shape[1], dropout, stream=stream, dtype=p.dtype, device=p.device)
         y = y + c * p
     return y.reshape(*lead, weight.shape[0])
 

@@ -6,6 +6,6 @@ is checked against, :mod:`petal_fast.definitions.dropout` (see there for the has
 from __future__ import annotations
 
 from petal_fast.definitions.dropout import (GOLDEN, MASK32, MUL1, MUL2, branch_key, dropout_mask, keep_threshold,
-                                            mix32)
+                                            mix32, stream_seed)
 
-__all__ = ["GOLDEN", "MASK32", "MUL1", "MUL2", "branch_key", "dropout_mask", "keep_threshold", "mix32"]
+__all__ = ["GOLDEN", "MASK32", "MUL1", "MUL2", "branch_key", "dropout_mask", "keep_threshold", "mix32", "stream_seed"]
