@@ -6,9 +6,10 @@
   the feature LoRA: W ← W + s·B A), so the file is the plain backbone: ``images → embeddings``,
   zero adapter overhead.
 - ``--alpha input``: the quality-aware model, ``(images, alpha) → embeddings`` with α (one value per
-  image) a graph input. The ``petal_fast::fused_petal_linear`` operator is decomposed into ordinary
-  ops (``decompose_petal_linear``): y = x Wᵀ + b + ((c ⊙ x A_catᵀ)) B_catᵀ with c = [s(1 − α_i), s·α_i]
-  per row, so ONNX Runtime, ``torch.export.load`` and other runtimes need no petal_fast.
+  image) a graph input. While exporting, PetalLinear records its ATen composition (``ops.petal_linear``):
+  y = x Wᵀ + b + ((c ⊙ x A_catᵀ)) B_catᵀ with c = [s(1 − α_i), s·α_i] per row, so ONNX Runtime,
+  ``torch.export.load`` and other runtimes need no petal_fast — for any model holding PetalLinear
+  layers, exported with plain ``torch.export`` / ``torch.onnx.export(..., dynamo=True)``.
 
 Inputs are images in the model's input range ([−1, 1], insightface normalisation) at the backbone's
 size; outputs are the raw (unnormalised) embeddings, ``model.embedding`` in PyTorch. The batch
@@ -24,25 +25,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from petal_fast.backend import use_backend
 from petal_fast.nn import PetalLinear
 from petal_fast.nn.context import alpha_scope
 
 FORMATS = ("onnx", "pt2")
-
-
-def decompose_petal_linear(x, weight, bias, a_cat, b_cat, coef, p, seed, backend, validate=False):
-    """``fused_petal_linear`` as plain ops (inference: dropout is off in an exported model).
-
-    U = x A_catᵀ (M × R); V = U scaled per image and branch by coef (images × branches);
-    y = x Wᵀ + b + V B_catᵀ. Returns (y, U) like the operator.
-    """
-    images, branches = coef.shape
-    m, r_total = x.shape[0], a_cat.shape[0]
-    u = x @ a_cat.t()
-    v = (u.reshape(images, -1, branches, r_total // branches) * coef.to(u.dtype)[:, None, :, None]).reshape(m, r_total)
-    y = x @ weight.t() + v @ b_cat.t()
-    return (y + bias if bias is not None else y), u
 
 
 class Embedder(nn.Module):
@@ -80,15 +66,13 @@ def example_inputs(embedder: Embedder, image_size: int, batch: int = 2) -> tuple
 
 
 def export_program(embedder: Embedder, image_size: int) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch, the fused operator decomposed into plain ops."""
+    """torch.export with a dynamic batch (PetalLinear records plain ATen operations while exporting)."""
     args = example_inputs(embedder, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     shapes = {"images": {0: batch}, "alpha": {0: batch}} if embedder.alpha_input else {"images": {0: batch}}
-    with torch.no_grad(), use_backend("torch"):  # any fused backend: the operator is decomposed below
+    with torch.no_grad():
         program = torch.export.export(embedder, args, dynamic_shapes=shapes, strict=False)
-    table = torch.export.default_decompositions()
-    table[torch.ops.petal_fast.fused_petal_linear.default] = decompose_petal_linear
-    return program.run_decompositions(table)
+    return program.run_decompositions()
 
 
 def export(model: nn.Module, image_size: int, fmt: str, alpha: float | str, output: str | Path) -> Path:

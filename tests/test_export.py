@@ -114,3 +114,50 @@ def test_paper_preset_onnx_batch_2(tmp_path):
     (emb,) = session.run(None, {"images": images.numpy(), "alpha": alpha.numpy()})
     print(f"paper preset: export + ONNX Runtime {time.perf_counter() - t0:.0f} s")
     assert rel_err(torch.from_numpy(emb), expect) < TOL
+
+
+class _ScopedViT(torch.nn.Module):
+    """A user's own model: a transformers ViT with PetalLinear injected, α handed in through alpha_scope."""
+
+    def __init__(self, vit) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixels: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        import petal_fast
+        with petal_fast.alpha_scope(alpha):
+            return self.vit(pixel_values=pixels).last_hidden_state
+
+
+def test_any_model_with_petal_linear_exports_with_plain_torch_apis(tmp_path):
+    """No petal_fast-specific step: torch.export and torch.onnx.export(dynamo=True) of a transformers ViT with
+    injected two-branch layers (α an input), run in ONNX Runtime at another batch size, equal eager."""
+    transformers = pytest.importorskip("transformers")
+    from petal_fast import inject_petal
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=4, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(cfg).eval()
+    inject_petal(vit, ["q_proj", "v_proj"], rank=4, scale=0.5)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model = _ScopedViT(vit).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    args = (torch.randn(2, 3, 16, 16), torch.rand(2))
+    with torch.no_grad():
+        program = torch.export.export(model, args, dynamic_shapes={"pixels": {0: batch}, "alpha": {0: batch}})
+    assert not [n for n in program.graph.nodes if "petal_fast" in str(n.target)]
+    pixels, alpha = torch.randn(5, 3, 16, 16), torch.rand(5)
+    with torch.no_grad():
+        expect = model(pixels, alpha)
+        assert rel_err(program.module()(pixels, alpha), expect) < TOL
+        onnx_program = torch.onnx.export(model, args, input_names=["pixels", "alpha"], dynamo=True,
+                                         dynamic_shapes={"pixels": {0: batch}, "alpha": {0: batch}})
+    path = tmp_path / "vit.onnx"
+    onnx_program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"pixels": pixels.numpy(), "alpha": alpha.numpy()})[0]
+    assert rel_err(torch.from_numpy(got), expect) < TOL

@@ -30,9 +30,6 @@ from ._graph import compiling, seed_tensor, triton_op_runs, unused_seed, value_c
 from . import _petal_linear_torch as torch_impl
 from .petal_linear_library import OP, EagerPetalLinear, branch_coefficients, forward_impl, fused_petal_linear
 
-_CPU_DTYPES = (torch.float32, torch.float64)  # what the C++ kernels compute in
-
-
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float, scale: float) -> None:
     """Raise ValueError/TypeError naming the argument for every malformed input."""
@@ -123,10 +120,17 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     α's value check then runs once per α version instead of per call.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout, scale)
-    backend = resolve(x.device, OP)
     branches = lora_A.shape[0]
     alpha = alpha if branches == 2 else None
     p = float(dropout)
+    if torch.compiler.is_exporting():  # plain ATen operations: the exported program runs anywhere
+        if p > 0.0:
+            raise ValueError("petal_linear: export a model in eval mode (dropout is a training-time op)")
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = _composition(x2, *_cast((weight, bias, lora_A, lora_B), dtype), alpha, scale)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    backend = resolve(x.device, OP)
     if backend == "reference":
         if alpha is not None and not compiling():  # traced, the oracle checks nothing (no opaque op to do it)
             check_alpha_values(alpha)
@@ -138,14 +142,8 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the op is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)
-    if torch.compiler.is_exporting():
-        if p > 0.0:
-            raise ValueError("petal_linear: export a model in eval mode (dropout is a training-time op)")
-        return _composition(x2.to(dtype), *_cast((weight, bias, lora_A, lora_B), dtype), alpha,
-                            scale).view(*lead, out_f)
-    compute = dtype if backend != "cpp" or dtype in _CPU_DTYPES else torch.float32  # no 16-bit C++ kernels
-    x2 = x2.to(compute).contiguous()  # the one explicit copy of a non-contiguous input
-    w, b, la, lb = _cast((weight, bias, lora_A, lora_B), compute)
+    x2 = x2.to(dtype).contiguous()  # the one explicit copy of a non-contiguous input
+    w, b, la, lb = _cast((weight, bias, lora_A, lora_B), dtype)
     seed_t = seed_tensor(seed, x.device) if p > 0.0 else unused_seed(x.device)
     traced = compiling()
     if alpha is not None and not traced:
@@ -160,7 +158,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         y, _ = _triton_op().triton_petal_linear(*args, alpha is not None)  # Inductor sees its kernels
     else:  # interpreted Triton kernels cannot be traced: the opaque operator runs them
         y, _ = fused_petal_linear(*args, backend, alpha is not None)
-    return y.to(dtype).view(*lead, out_f)
+    return y.view(*lead, out_f)
 
 
 def _cast(tensors, dtype):
