@@ -206,3 +206,38 @@ def test_module_bfloat16_on_cpu():
     assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2
     y.sum().backward()
     assert layer.lora_A.grad.dtype == torch.bfloat16 and torch.isfinite(layer.lora_A.grad).all()
+
+
+def test_merge_and_unload_gives_a_plain_model_that_loads_weights_only(tmp_path):
+    """Fold the adapters at a fixed α into plain nn.Linear layers (two-branch and one-branch), save the
+    state dict, load it with weights_only=True into the untouched backbone: the same outputs."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(TinyBlock(), TinyBlock())
+    model = copy.deepcopy(plain)
+    inject_petal(model, "qkv", rank=3, scale=0.7)
+    inject_petal(model, "mlp", rank=2, branches=1, scale=1.5)
+    randomise_adapters(model)
+    x, alpha = torch.randn(4, 5, 8), 0.3
+    with torch.no_grad(), alpha_scope(torch.full((4,), alpha)):
+        expect = model(x)
+    merged = petal_fast.merge_and_unload(model, alpha)
+    assert merged is model and not any(isinstance(m, PetalLinear) for m in model.modules())
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("qkv", "mlp")))
+    torch.save(model.state_dict(), tmp_path / "merged.pt")
+    plain.load_state_dict(torch.load(tmp_path / "merged.pt", weights_only=True))
+    with torch.no_grad():
+        assert rel_err(plain(x), expect) < 1e-5
+    # a two-branch model needs α; a lone layer comes back as the Linear itself
+    with pytest.raises(ValueError, match="alpha"):
+        petal_fast.merge_and_unload(inject_and_return(TinyBlock()))
+    layer = PetalLinear(8, 6, rank=2)
+    randomise_adapters(layer)
+    linear = petal_fast.merge_and_unload(layer, 1.0)
+    xs = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(xs), layer(xs, alpha=torch.ones(3)))
+
+
+def inject_and_return(module: nn.Module) -> nn.Module:
+    inject_petal(module, "qkv", rank=2)
+    return module

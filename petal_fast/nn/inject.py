@@ -94,6 +94,24 @@ def merge_petal(model: nn.Module, alpha: float | None = None) -> int:
     return len(layers)
 
 
+def merge_and_unload(model: nn.Module, alpha: float | None = None) -> nn.Module:
+    """Fold every PetalLinear of ``model`` at a fixed α into a plain ``nn.Linear`` (PEFT's
+    ``merge_and_unload``): W ← W + s·((1 − α) B_lr A_lr + α B_hr A_hr), one-branch layers W + s·B A. The
+    model is changed in place and returned; its state dict then loads into the plain backbone
+    (``load_state_dict``, ``weights_only=True``). ``alpha`` may be omitted when every layer has one branch."""
+    layers = petal_layers(model)
+    if any(layer.branches == 2 and not layer.merged for _, layer in layers) and alpha is None:
+        raise ValueError("merge_and_unload: two-branch PetalLinear layers need a fixed alpha in [0, 1]")
+    for name, layer in layers:
+        linear = layer.to_linear(alpha if layer.branches == 2 else None)
+        linear.train(layer.training)
+        if not name:
+            return linear
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model
+
+
 def unmerge_petal(model: nn.Module) -> int:
     layers = [m for _, m in petal_layers(model) if m.merged]
     for layer in layers:

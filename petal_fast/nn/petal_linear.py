@@ -121,6 +121,21 @@ class PetalLinear(nn.Module):
         self._merged_alpha, self._is_merged = None, False
         return self
 
+    @torch.no_grad()
+    def to_linear(self, alpha: float | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` computing this layer at a fixed α with dropout off: weight W + ΔW(α)
+        (W itself if the layer is already merged), the same bias; the adapters are dropped.
+        Two-branch layers need α in [0, 1]; one-branch layers take none."""
+        if self.branches == 2 and not self._is_merged and (alpha is None or not 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"to_linear needs a fixed alpha in [0, 1] for a two-branch layer, got {alpha!r}")
+        weight = self.weight if self._is_merged else (self.weight.float() + self.delta_weight(alpha)).to(self.weight.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return linear
+
     @property
     def merged(self) -> bool:
         return self._is_merged
