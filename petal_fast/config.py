@@ -63,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     amp: str = "auto"                    # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
     compile: bool = False                # torch.compile(fullgraph=True) the forward + margin loss (backward too)
+    cuda_graphs: bool = False            # compile as above with mode="reduce-overhead": CUDA-graph replay (CUDA only)
     # adapters
     rank: int = 8
     scale: float = 1.0
@@ -147,6 +148,8 @@ class TrainConfig:
             raise ConfigError("mode=full_ft fine-tunes a pretrained backbone: set pretrained=<checkpoint>")
         if self.loss == "combined" and self.margins is None:
             raise ConfigError("loss=combined needs margins=[m1, m2, m3]")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ConfigError("cuda_graphs=true replays CUDA graphs: it needs device=cuda (or auto on a GPU machine)")
         return self
 
     def _check_backbone(self) -> None:

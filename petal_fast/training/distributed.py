@@ -85,15 +85,18 @@ class Distributed:
         forward and fused margin loss as one graph (AOTAutograd compiles the backward), or with a
         sharded head the embedding only (the head's collectives stay eager). DDP wraps the compiled
         module, not the reverse: Dynamo cannot trace DDP's own forward in one graph (its logger call,
-        torch 2.13). The optimizer step stays eager: it is conditional on a finite loss and gradient."""
+        torch 2.13). The optimizer step stays eager: it is conditional on a finite loss and gradient.
+        ``cuda_graphs = true`` compiles the same way with ``mode="reduce-overhead"`` (CUDA devices only)."""
         self.sharded = self.world > 1 and cfg.sharded_head
         if self.sharded:
             self._shard_head(model, cfg)
         # A sharded head must stay outside DDP: DDP would broadcast rank 0's class shard to every
         # rank and average shard gradients that belong to different classes.
         net = _EmbeddingNet(model) if self.sharded else model
-        if cfg.compile:
-            net = torch.compile(net, fullgraph=True)
+        if cfg.compile or cfg.cuda_graphs:
+            # reduce-overhead: Inductor records the forward and backward graphs as CUDA graphs and replays
+            # them (static shapes per batch size); nothing in them may be a CPU tensor or a host sync
+            net = torch.compile(net, fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -54,6 +54,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, dataset=None):
         self.cfg = cfg.validate()
         self.device = resolve_device(cfg.device)
+        if cfg.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=true needs a CUDA device; this run is on {self.device}")
         self.dist = Distributed(self.device)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
