@@ -241,3 +241,67 @@ def test_merge_and_unload_gives_a_plain_model_that_loads_weights_only(tmp_path):
 def inject_and_return(module: nn.Module) -> nn.Module:
     inject_petal(module, "qkv", rank=2)
     return module
+
+
+class _CheckpointedBlock(nn.Module):
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.block, self.use_reentrant = TinyBlock(), use_reentrant
+        inject_petal(self.block, ["qkv", "proj"], rank=3, dropout=0.3)
+        randomise_adapters(self.block)
+
+    def forward(self, x, checkpointed: bool):
+        if not checkpointed:
+            return self.block(x)
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_backward_anywhere(use_reentrant):
+    """Forward inside an alpha_scope, backward outside it or inside another scope: the recomputed forward
+    uses the α and the dropout seed of the original one, so the gradients equal the uncheckpointed run's."""
+    model = _CheckpointedBlock(use_reentrant).train()
+    x, alpha = torch.randn(4, 6, 8, requires_grad=True), torch.rand(4)
+    grads = {}
+    for case in ("plain", "outside", "other_scope"):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(5)
+        with alpha_scope(alpha):
+            out = model(x, checkpointed=case != "plain")
+        if case == "other_scope":
+            with alpha_scope(torch.rand(4)):
+                out.square().sum().backward()
+        else:
+            out.square().sum().backward()
+        grads[case] = [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+    for case in ("outside", "other_scope"):
+        for got, expect in zip(grads[case], grads["plain"]):
+            torch.testing.assert_close(got, expect)
+
+
+def test_two_threads_with_different_alpha():
+    """alpha_scope is per thread: two threads running the same layer with different α each get their own."""
+    import threading
+    layer = PetalLinear(8, 5, rank=2)
+    randomise_adapters(layer)
+    x = torch.randn(3, 4, 8)
+    alphas = [torch.rand(3) for _ in range(2)]
+    expect = [ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, a, 1.0) for a in alphas]
+    errors, barrier = [], threading.Barrier(2)
+
+    def run(i: int) -> None:
+        try:
+            with torch.no_grad(), alpha_scope(alphas[i]):
+                barrier.wait()  # both scopes open at once
+                for _ in range(20):
+                    torch.testing.assert_close(layer(x), expect[i])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -22,6 +22,12 @@ from .context import current_scope
 _STREAMS = itertools.count(1)  # each layer's dropout stream: layers that share a seed draw different masks
 
 
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass on this thread: a forward called now is activation
+    checkpointing's recomputation (torch.utils.checkpoint, reentrant or not)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class PetalLinear(nn.Module):
     BRANCH_LR, BRANCH_HR = 0, 1
 
@@ -56,6 +62,7 @@ class PetalLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(branches, out_features, rank, device=pdev, dtype=pdt))
         self.reset_adapters()
         self.stream = next(_STREAMS) % 2**31
+        self._last_call: tuple = (None, 0)  # (α, seed) of the last forward: what a checkpoint recompute reuses
         self._merged_alpha: float | None = None
         self._is_merged = False
         # A merged layer's weight already holds the adapters: saving it with them would double them on
@@ -83,14 +90,23 @@ class PetalLinear(nn.Module):
     def forward(self, x: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         if self._is_merged:
             return nn.functional.linear(x, self.weight, self.bias)
+        p = self.dropout if self.training else 0.0
+        if not compiling() and _recomputing():
+            # activation checkpointing re-runs this forward inside backward, where the α scope of the
+            # original forward may be gone or another one active: use what that forward used
+            used_alpha, seed = self._last_call
+            alpha = used_alpha if alpha is None else alpha
+            return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
+                                alpha if self.branches == 2 else None, self.scale, p, seed, self.stream)
         shared = None
         scope = current_scope()  # the block's α and what its layers share (α's check, the dropout seed)
         if scope is not None and self.branches == 2 and alpha is None:
             alpha, shared = scope.alpha, scope.shared
-        p = self.dropout if self.training else 0.0
         seed = 0
         if p > 0.0:  # drawn on x's device: no host→device copy; one draw per scope, this layer's own stream
             seed = scope.seed(self, x.device) if scope is not None and not compiling() else draw_seed(x.device)
+        if not compiling():
+            self._last_call = (alpha, seed)
         return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
                             alpha if self.branches == 2 else None, self.scale, p, seed, self.stream, shared)
 
