@@ -305,3 +305,19 @@ def test_two_threads_with_different_alpha():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("route", ["numpy", "data", "inplace"])
+def test_alpha_changed_in_place_inside_a_scope_is_seen(route):
+    """Branch weights are built from α on every call (inside the kernels on CUDA): a change of α by any
+    route inside a scope — a numpy view, .data, an in-place op — reaches the next call."""
+    layer = PetalLinear(8, 5, rank=2)
+    randomise_adapters(layer)
+    x, alpha = torch.randn(3, 4, 8), torch.rand(3)
+    with torch.no_grad(), alpha_scope(alpha):
+        layer(x)
+        new = torch.rand(3)
+        {"numpy": lambda: alpha.numpy().__setitem__(slice(None), new.numpy()),
+         "data": lambda: alpha.data.copy_(new), "inplace": lambda: alpha.copy_(new)}[route]()
+        torch.testing.assert_close(layer(x), ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A,
+                                                              layer.lora_B, new, 1.0))
