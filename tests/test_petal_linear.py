@@ -372,9 +372,9 @@ def test_layers_in_one_scope_share_a_seed_but_not_their_masks():
     assert layers[0].stream != layers[1].stream
     x, alpha = torch.randn(4, 8), torch.rand(4)
     with petal_fast.alpha_scope(alpha) as scope:
-        s0 = scope.seed(layers[0], x.device)
-        assert torch.equal(scope.seed(layers[1], x.device), s0)   # one draw for the block
-        assert scope.seed(layers[0], x.device) is not s0          # the same layer again: fresh
+        s0 = scope.seed(layers[0].stream, x.device)
+        assert torch.equal(scope.seed(layers[1].stream, x.device), s0)   # one draw for the block
+        assert scope.seed(layers[0].stream, x.device) is not s0          # the same layer again: fresh
     for layer in layers[1:]:  # identical parameters: only the streams tell the layers apart
         layer.load_state_dict(layers[0].state_dict())
     calls = []
@@ -382,7 +382,7 @@ def test_layers_in_one_scope_share_a_seed_but_not_their_masks():
     with petal_fast.alpha_scope(alpha) as scope, pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "randint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
         y0, y1 = layers[0](x), layers[1](x)
-        seed = int(scope._seeds[x.device])
+        seed = int(scope._seed)
     assert len(calls) == 1 and not torch.equal(y0, y1)
     for layer, y in zip(layers, (y0, y1)):
         expect = ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, alpha, 1.0, 0.5, seed,

@@ -40,19 +40,19 @@ class AlphaScope:
 
     alpha: torch.Tensor
     shared: dict = dataclasses.field(default_factory=dict)
-    _seeds: dict = dataclasses.field(default_factory=dict)
+    _seed: torch.Tensor | None = None
     _seeded: set = dataclasses.field(default_factory=set)
 
-    def seed(self, layer: object, device: torch.device) -> torch.Tensor:
-        """The block's dropout seed on ``device`` for ``layer`` (drawn by the device's generator)."""
-        key = id(layer)
-        if key in self._seeded:  # the same layer again (weight sharing): its masks must differ
+    def seed(self, stream: int, device: torch.device) -> torch.Tensor:
+        """The block's dropout seed for the layer of ``stream``: drawn once on ``device`` by its generator
+        (a kernel on CUDA: no host→device copy); a layer called again in the block gets a fresh one.
+        Plain attribute and set updates, so eager and torch.compile draw the same seeds."""
+        if stream in self._seeded or (self._seed is not None and self._seed.device != device):
             return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-        self._seeded.add(key)
-        seed = self._seeds.get(device)
-        if seed is None:
-            seed = self._seeds[device] = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-        return seed
+        self._seeded.add(stream)
+        if self._seed is None:
+            self._seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+        return self._seed
 
 
 @contextlib.contextmanager

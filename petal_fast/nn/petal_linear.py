@@ -104,7 +104,7 @@ class PetalLinear(nn.Module):
             alpha, shared = scope.alpha, scope.shared
         seed = 0
         if p > 0.0:  # drawn on x's device: no host→device copy; one draw per scope, this layer's own stream
-            seed = scope.seed(self, x.device) if scope is not None and not compiling() else draw_seed(x.device)
+            seed = scope.seed(self.stream, x.device) if scope is not None else draw_seed(x.device)
         if not compiling():
             self._last_call = (alpha, seed)
         return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
