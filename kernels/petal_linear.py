@@ -2,59 +2,70 @@
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
-With U = x A_catᵀ (M × R, R = branches·r) and the per-row branch weights c = [s(1−α_i), sα_i]
-(``coef[row // rows_per_image]``), two designs compute the same numbers (U is rounded to x's
-dtype in both, so they agree to the accumulation order):
+    forward(x, W, b, lora_A, lora_B, α, s, p, seed, stream)            -> (y, U)
+    backward(dY, x, W, lora_A, lora_B, α, U, s, p, seed, stream, need_x) -> (dX | None, dA, dB)
 
-split (LoRAFusion's choice; 4 launches per step)
-    forward   U = x A_catᵀ                                   (shrink_kernel)
-              y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ)        (fwd_kernel: one fp32 accumulator)
-    backward  dU_k = D_k(dY) B_k,  dT = c ⊙ dU,
-              dB_k = D_k(dY)ᵀ (c_k ⊙ U_k)                     (bwd_dy_kernel: one pass over dY)
-              dX = dY W + dT A_cat,  dA = dTᵀ x               (bwd_dx_kernel: one accumulator)
-one-pass (2 launches per step)
-    forward   x Wᵀ and U = x A_catᵀ from the same x tiles, then the same epilogue; the first
-              N-tile's programs store U for backward       (fwd_kernel, ONEPASS)
-    backward  dY W and dU = dY B_cat from the same dY tiles; dB from the same tiles, each N-tile
-              added by one K-tile column of programs; then dX and dA as above (bwd_onepass_kernel;
-              p = 0 with dX wanted — otherwise the split kernels run)
+x (M × K) and dY (M × N) row-major, W (N × K) and b (N,) frozen, lora_A (branches, r, K) and
+lora_B (branches, N, r) the parameters in any strides (A_cat = lora_A as R × K rows, B_cat the
+N × R concatenation, R = branches·r, never built), α (images,) for two branches (None for one),
+seed a 1-element int64 tensor on x's device (read by the kernels only, and only with p > 0), stream a
+layer's int in [0, 2³¹) (seed' = (seed ^ mix(stream)) & 0x7FFFFFFF, kernels/_rng.py). The branch
+weights c = [s(1 − α_i), sα_i] (c = s with one branch) are computed in fp32 inside the kernels per row,
+i = row // (M / images). U = x A_catᵀ (M × R, x's dtype, unscaled) is returned for backward; dA and dB
+come back in the parameters' dtype, contiguous in their canonical layout.
 
-In both, y is stored once and no M×N intermediate exists; with p > 0 each branch's product is
-computed by its own small dot and masked before it is added (the masks differ per branch); with
-p = 0 both branches are one dot and no hash is evaluated.
+Two designs compute the same numbers (U is rounded to x's dtype in both):
 
-``use_design`` / ``PETAL_FAST_TRITON_DESIGN`` force either design; ``DEFAULT_DESIGN`` holds the
-per-generation choice (kernels/petal_linear_config.py, with the tile table); why each generation's
-choice is what it is, and the trade-off between the designs, is in docs/design.md.
+split (LoRAFusion's choice)
+    forward   U = x A_catᵀ (shrink), y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ)        (fwd: one accumulator)
+    backward  dU_k = D_k(dY) B_k, dT = c ⊙ dU, dB_k = D_k(dY)ᵀ (c_k ⊙ U_k)            (bwd_dy: one pass over dY)
+              dX = dY W + dT A_cat, dA = dTᵀ x                                       (bwd_dx: one accumulator)
+one-pass
+    forward   x Wᵀ and U from the same x tiles, the first N-tile's programs store U   (fwd_onepass)
+    backward  dY W, dU and dB from the same dY tiles, then dX and dA (bwd_onepass; p = 0 with dX
+              wanted, otherwise the split kernels run)
 
-Backward reductions over M (dB, dA) are fp32 atomics into zeroed buffers; dT is reduced over
-N-splits with atomics only when the dY pass is split over N for occupancy. Atomics make dA/dB
-bit-nondeterministic run to run (fp32 summation order), not inexact.
+Launches per call (the CUDA work; allocations are torch.empty only):
+    forward   split: shrink + fwd = 2 Triton launches; one-pass: 1. No other CUDA kernel.
+    backward  one memset of one fp32 workspace [dA | dB | dT when the dY pass splits N] + bwd_dy +
+              bwd_dx (split) or bwd_onepass + finalize (the cast of dA, dB to the parameters' dtype;
+              none for float32 unless dT shares the workspace): ≤ 3 Triton launches + 1 memset.
+The reductions over M (dA, dB, dT across N-splits) are fp32 atomics: bit-nondeterministic run to run
+(summation order), not inexact.
 
-Ranks: R = branches·r ≤ 128 is padded to RP (a power of two ≥ 16, what ``tl.dot`` needs); the
-padded columns are masked on load. Any M, K, N (masked edges); float32 (IEEE dot unless torch
-allows TF32 matmuls), float16 and bfloat16 with fp32 accumulation.
+Host path: everything that depends only on (device, dtype, shapes, p, flags, design, table) — tiles,
+grids, the launch's constexpr keywords — is computed once and cached (``_forward_plan`` /
+``_backward_plan``); a call builds its argument tuple, allocates, and launches.
 
-Layout: the kernels are in ``petal_linear_kernels``, tiles and designs in ``petal_linear_config``,
-the re-tuning and compile-check command in ``tune_petal_linear`` (``tune`` and ``compile_check``
-stay importable from here). This module holds the launchers.
+On Hopper, 16-bit inputs whose strides TMA can address run the persistent TMA kernels of
+``petal_linear_tma`` for the forward GEMM and dX (their descriptors need a global scratch, allocated
+through ``triton.set_allocator``); everything else, and the interpreter's default table, runs the
+pointer kernels of ``petal_linear_kernels``. Tiles and designs: ``petal_linear_config``; re-tuning and
+the ahead-of-time compile check: ``tune_petal_linear`` (``tune`` and ``compile_check`` stay importable
+from here).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import torch
+import triton
 
-from ._host import cdiv, direct
-from ._rng import host_threshold
+from ._host import direct
+from ._rng import host_threshold, stream_mix
 from .petal_linear_config import (  # noqa: F401  (re-exported: the public names of the Triton PetalLinear)
-    DEFAULT_DESIGN, DESIGN_KERNELS, DESIGNS, DIRECTIONS, MAX_R, REDUCTION_BLOCK, TILE_CONFIGS, config_for,
-    design_for, generation, padded_rank, sm_count, use_design)
-from .petal_linear_kernels import bwd_dx_kernel, bwd_dy_kernel, bwd_onepass_kernel, fwd_kernel, shrink_kernel
+    DEFAULT_DESIGN, DESIGN_KERNELS, DESIGNS, DIRECTIONS, KERNELS, MAX_R, REDUCTION_BLOCK, TILE_CONFIGS, TMA_KERNELS,
+    choose, design_for, generation, ladder, padded_rank, sm_count, tiles, use_design)
+from .petal_linear_kernels import (bwd_dx_kernel, bwd_dy_kernel, bwd_onepass_kernel, finalize_kernel, fwd_kernel,
+                                   shrink_kernel)
+from .petal_linear_tma import bwd_dx_tma_kernel, fwd_tma_kernel
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FINALIZE_BLOCK = 1024
 _TOOL = ("tune", "compile_check", "CANDIDATES", "QUICK_CANDIDATES")  # kernels/tune_petal_linear.py
+_HOST_ONLY = ("programs_per_sm", "TMA")  # table keys that are not kernel arguments
+_PLAN_CACHE_LIMIT = 4096
 
 
 def __getattr__(name: str):
@@ -65,20 +76,33 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass(frozen=True)
-class LaunchParams:
-    """What every launch of one forward or backward call shares, computed once per call."""
-    branches: int
-    rank: int              # per branch
+class Launch(NamedTuple):
+    """One kernel launch of a plan: the JIT function, its grid and its constexpr keywords."""
+    kernel: Callable
+    grid: tuple[int, ...]
+    meta: dict
+
+
+class ForwardPlan(NamedTuple):
+    shrink: Launch | None
+    fwd: Launch | None
     rows_per_image: int
-    dropout: bool
-    seed: torch.Tensor     # 1-element int64 on x's device: the kernels derive the branches' keys from it
-    threshold: int         # keep an element when its hash is ≥ threshold
-    keep_scale: float      # 1 / (1 − p)
-    coef: torch.Tensor     # (images, branches) fp32, contiguous
-    rp: int                # branches·rank padded for tl.dot
-    precision: str         # tl.dot input_precision
-    wrap: Callable = direct  # kernel → launchable: torch.library.wrap_triton inside a triton_op
+    threshold: int
+    keep_scale: float
+
+
+class BackwardPlan(NamedTuple):
+    onepass: Launch | None
+    dy: Launch | None
+    dy_tiles_per_split: int  # N-tiles per program of the dY pass
+    dx: Launch | None
+    finalize: Launch | None
+    ws_numel: int      # fp32 workspace: [dA (R·K) | dB (R·N) | dT (M·RP) when it must start at zero]
+    dt_in_ws: bool
+    rp: int
+    rows_per_image: int
+    threshold: int
+    keep_scale: float
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -88,167 +112,268 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch_opts(cfg: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in cfg.items() if k != "programs_per_sm"}
+def _meta(cfg: dict[str, int], **consts) -> dict:
+    return {**{k: v for k, v in cfg.items() if k not in _HOST_ONLY}, **consts}
 
 
-def _check(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor) -> None:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch of a launch (the TMA kernels' device-side descriptors), from torch's caching allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """TMA kernels need ``triton.set_allocator``; it is a context variable, so each thread that
+    launches (autograd runs backward on its own threads) sets ours unless one is set there."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def _tma_ok(dtype: torch.dtype, device: torch.device, *row_elems: int) -> bool:
+    """TMA kernels: 16-bit inputs on a GPU (the interpreter runs any dtype), nonempty, 16-byte row strides."""
+    if device.type == "cuda" and dtype.itemsize != 2:
+        return False
+    return all(n > 0 and n * dtype.itemsize % 16 == 0 for n in row_elems)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Base pointers 16-byte aligned (TMA)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits % 16 == 0
+
+
+def _check(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: torch.Tensor | None) -> None:
+    """Validated once per plan (a cached plan was validated when it was made)."""
     if x.dtype not in DTYPES:
         raise TypeError(f"petal_linear (triton): x must be float32, float16 or bfloat16, got {x.dtype}")
-    if a_cat.shape[0] > MAX_R:
+    branches, rank = lora_A.shape[0], lora_A.shape[1]
+    if branches * rank > MAX_R:
         raise ValueError(f"petal_linear (triton): branches·rank must be ≤ {MAX_R} (rank ≤ 64 per branch), "
-                         f"got {a_cat.shape[0]}")
-    if a_cat.shape[0] % coef.shape[1] or x.shape[0] % coef.shape[0]:
-        raise ValueError("petal_linear (triton): coef must be (images, branches) dividing rows and A_cat rows")
+                         f"got {branches * rank}")
+    if branches not in (1, 2) or (alpha is None) != (branches == 1):
+        raise ValueError("petal_linear (triton): alpha must be given for two branches and None for one, "
+                         f"got {branches} branches and alpha {'None' if alpha is None else 'given'}")
+    if alpha is not None and (alpha.dim() != 1 or alpha.shape[0] == 0 or x.shape[0] % alpha.shape[0]
+                              or not alpha.dtype.is_floating_point or not alpha.is_contiguous()):
+        raise ValueError(f"petal_linear (triton): alpha must be a contiguous float (images,) tensor dividing the "
+                         f"{x.shape[0]} rows, got {tuple(alpha.shape)} {alpha.dtype}")
+    if lora_B.shape[0] != branches or lora_B.shape[2] != rank:
+        raise ValueError(f"petal_linear (triton): lora_B must be ({branches}, N, {rank}), got {tuple(lora_B.shape)}")
 
 
-def _seed_on(device: torch.device, seed: int | torch.Tensor) -> torch.Tensor:
-    """The seed as the kernels read it: a 1-element int64 tensor on ``device`` (no host read of a tensor)."""
-    if isinstance(seed, torch.Tensor):
-        return seed.reshape(1).to(device=device, dtype=torch.int64)
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
+_forward_plans: dict[tuple, ForwardPlan] = {}
+_backward_plans: dict[tuple, BackwardPlan] = {}
 
 
-def launch_params(x: torch.Tensor, a_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int | torch.Tensor,
-                  wrap: Callable = direct) -> LaunchParams:
-    """The launch parameters of one call: shapes of the branches, dropout seed, coefficients, precision."""
-    branches = coef.shape[1]
-    dropout = p > 0.0
-    coef32 = coef.to(torch.float32).contiguous()
-    return LaunchParams(branches=branches, rank=a_cat.shape[0] // branches,
-                        rows_per_image=x.shape[0] // coef.shape[0], dropout=dropout,
-                        seed=_seed_on(x.device, seed) if dropout else coef32,  # p = 0: never read
-                        threshold=host_threshold(p) if dropout else 0, keep_scale=1.0 / (1.0 - p),
-                        coef=coef32, rp=padded_rank(a_cat.shape[0]), precision=_precision(x.dtype), wrap=wrap)
+def _remember(cache: dict, key: tuple, plan) -> None:
+    if len(cache) >= _PLAN_CACHE_LIMIT:
+        cache.clear()  # dynamic shapes without end: start over rather than grow
+    cache[key] = plan
 
 
-def _launch_shrink(x, a_cat, u, params, cfg) -> None:
-    M, K = x.shape
-    grid = (cdiv(M, cfg["BLOCK_M"]),)
-    params.wrap(shrink_kernel)[grid](x, a_cat, u, M, K, a_cat.shape[0], x.stride(0), x.stride(1), a_cat.stride(0),
-                        a_cat.stride(1), u.stride(0), RP=params.rp, PRECISION=params.precision,
-                        **_launch_opts(cfg))
+def _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p: float, table: dict | None,
+                  design: str, tma_aligned: bool) -> ForwardPlan:
+    _check(x, lora_A, lora_B, alpha)
+    device, dtype = x.device, x.dtype
+    (M, K), N = x.shape, weight.shape[0]
+    branches, rank = lora_A.shape[0], lora_A.shape[1]
+    rp, precision, dropout, sms = padded_rank(branches * rank), _precision(dtype), p > 0.0, sm_count(device)
+    shrink = fwd = None
+    onepass = design == "onepass" and N > 0
+    if not onepass:
+        cfg = tiles(choose("shrink", ladder("shrink", device, table), M, 0, sms), "shrink", dtype)
+        shrink = Launch(shrink_kernel, (_cdiv(M, cfg["BLOCK_M"]),), _meta(cfg, RP=rp, PRECISION=precision))
+    if N:
+        name = "fwd_onepass" if onepass else "fwd"
+        rung = choose(name, ladder(name, device, table, dropout), M, N, sms)
+        tma = (bool(rung.get("TMA")) and tma_aligned and weight.stride(1) == 1
+               and _tma_ok(dtype, device, K, N, weight.stride(0)))
+        cfg = tiles(rung, name, dtype, tma)
+        consts = dict(BRANCHES=branches, HAS_BIAS=bias is not None, DROPOUT=dropout, ONEPASS=onepass, RP=rp,
+                      PRECISION=precision)
+        m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])
+        if tma:
+            grid = (min(m_tiles * n_tiles, sms * cfg.get("programs_per_sm", 1)),)
+            fwd = Launch(fwd_tma_kernel, grid, _meta(cfg, **consts))
+        else:
+            fwd = Launch(fwd_kernel, (m_tiles * n_tiles,),
+                         _meta({k: v for k, v in cfg.items() if k not in ("EPI_SPLIT", "FLATTEN")}, **consts))
+    return ForwardPlan(
+        shrink, fwd, M // alpha.shape[0] if alpha is not None else M,
+        host_threshold(p) if dropout else 0, 1.0 / (1.0 - p))
 
 
-def _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, params, cfg, onepass: bool) -> None:
-    M, K = x.shape
-    N = weight.shape[0]
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    params.wrap(fwd_kernel)[grid](x, weight, bias if bias is not None else weight, a_cat, u, b_cat, params.coef, y,
-                     M, N, K, u.shape[1], params.rank, params.rows_per_image, params.seed,
-                     params.threshold, params.keep_scale,
-                     x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
-                     a_cat.stride(1), u.stride(0), b_cat.stride(0), b_cat.stride(1), y.stride(0),
-                     BRANCHES=params.branches, HAS_BIAS=bias is not None, DROPOUT=params.dropout,
-                     ONEPASS=onepass, RP=params.rp, PRECISION=params.precision, **_launch_opts(cfg))
+def _dy_split(m_tiles: int, n_tiles: int, target: int) -> tuple[int, int]:
+    """(programs over N, N-tiles per program) for the dY pass: enough programs to fill the device."""
+    split = max(1, min(n_tiles, _cdiv(target, m_tiles)))
+    per = _cdiv(n_tiles, split)
+    return _cdiv(n_tiles, per), per
 
 
-def _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, params, cfg) -> None:
-    M, K = x.shape
-    N = weight.shape[0]
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-    params.wrap(bwd_onepass_kernel)[grid](dy, weight, b_cat, u, params.coef, a_cat, x, dx, da, db, M, N, K, a_cat.shape[0],
-                             params.rank, params.rows_per_image,
-                             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_cat.stride(0),
-                             b_cat.stride(1), u.stride(0), a_cat.stride(0), a_cat.stride(1), x.stride(0),
-                             x.stride(1), dx.stride(0),
-                             BRANCHES=params.branches, RP=params.rp, PRECISION=params.precision,
-                             **_launch_opts(cfg))
+def _backward_plan(x, weight, lora_A, lora_B, alpha, p: float, need_x: bool, table: dict | None,
+                   design: str, tma_aligned: bool) -> BackwardPlan:
+    _check(x, lora_A, lora_B, alpha)
+    device, dtype = x.device, x.dtype
+    (M, K), N = x.shape, weight.shape[0]
+    branches, rank = lora_A.shape[0], lora_A.shape[1]
+    R = branches * rank
+    rp, precision, dropout, sms = padded_rank(R), _precision(dtype), p > 0.0, sm_count(device)
+    onepass = dy = dx = None
+    dt_in_ws, per = False, 0
+    if design == "onepass" and need_x and not dropout and N and K:
+        cfg = tiles(choose("bwd_onepass", ladder("bwd_onepass", device, table), M, K, sms), "bwd_onepass", dtype)
+        grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_K"]),)
+        onepass = Launch(bwd_onepass_kernel, grid, _meta(cfg, BRANCHES=branches, RP=rp, PRECISION=precision))
+    else:
+        if N:
+            rung = choose("bwd_dy", ladder("bwd_dy", device, table, dropout), M, N, sms)
+            cfg = tiles(rung, "bwd_dy", dtype)
+            m_tiles = _cdiv(M, cfg["BLOCK_M"])
+            split, per = _dy_split(m_tiles, _cdiv(N, cfg["BLOCK_N"]), sms * cfg.get("programs_per_sm", 1))
+            dt_in_ws = split > 1
+            dy = Launch(bwd_dy_kernel, (m_tiles, split),
+                        _meta(cfg, BRANCHES=branches, DROPOUT=dropout, ATOMIC_DT=dt_in_ws, RP=rp,
+                              PRECISION=precision))
+        else:
+            dt_in_ws = True  # no dY pass: dT = 0, the zeroed workspace
+        if K:
+            rung = choose("bwd_dx", ladder("bwd_dx", device, table, dropout), M, K, sms)
+            tma = (need_x and bool(rung.get("TMA")) and tma_aligned and weight.stride(1) == 1
+                   and _tma_ok(dtype, device, K, N, weight.stride(0)))
+            cfg = tiles(rung, "bwd_dx", dtype, tma)
+            count = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_K"])
+            if tma:
+                dx = Launch(bwd_dx_tma_kernel, (min(count, sms * cfg.get("programs_per_sm", 1)),),
+                            _meta({k: v for k, v in cfg.items() if k != "EPI_SPLIT"}, RP=rp, PRECISION=precision))
+            else:
+                dx = Launch(bwd_dx_kernel, (count,),
+                            _meta({k: v for k, v in cfg.items() if k not in ("EPI_SPLIT", "FLATTEN")},
+                                  COMPUTE_DX=need_x, RP=rp, PRECISION=precision))
+    grads = R * (K + N)
+    finalize = None
+    if dtype != torch.float32 or dt_in_ws:
+        finalize = Launch(finalize_kernel, (_cdiv(grads, FINALIZE_BLOCK),), dict(BLOCK=FINALIZE_BLOCK))
+    return BackwardPlan(
+        onepass, dy, per, dx, finalize, grads + (M * rp if dt_in_ws else 0), dt_in_ws, rp,
+        M // alpha.shape[0] if alpha is not None else M, host_threshold(p) if dropout else 0, 1.0 / (1.0 - p))
 
 
-def _dy_split(m_tiles, n_tiles: int, target: int):
-    """(programs over N, N-tiles per program, atomic dT?) for the dY pass: enough programs to fill
-    the device (SymInt arithmetic: M may be symbolic in a traced graph with a dynamic batch). dT is
-    atomic when N is split; with M symbolic, whenever N has more than one tile (correct for any
-    split, no guard on M)."""
-    split = torch.sym_max(1, torch.sym_min(n_tiles, cdiv(target, m_tiles)))
-    per = cdiv(n_tiles, split)
-    split = cdiv(n_tiles, per)
-    return split, per, (split > 1) if isinstance(m_tiles, int) else n_tiles > 1
+@functools.lru_cache(maxsize=4096)
+def _stream_mix(stream: int) -> int:
+    return stream_mix(stream)
 
 
-def _launch_bwd_dy(dy, b_cat, u, dt, db, params, cfg) -> None:
-    M, N = dy.shape
-    m_tiles, n_tiles = cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"])
-    split, tiles_per_split, atomic = _dy_split(m_tiles, n_tiles, cfg["programs_per_sm"] * sm_count(dy.device))
-    if atomic:
-        dt.zero_()
-    params.wrap(bwd_dy_kernel)[(m_tiles, split)](dy, b_cat, u, params.coef, dt, db, M, N, u.shape[1],
-                                                 params.rank, params.rows_per_image, params.seed,
-                                                 params.threshold, params.keep_scale, tiles_per_split,
-                                                 dy.stride(0), dy.stride(1), b_cat.stride(0), b_cat.stride(1),
-                                                 u.stride(0), BRANCHES=params.branches, DROPOUT=params.dropout,
-                                                 ATOMIC_DT=atomic, RP=params.rp, PRECISION=params.precision,
-                                                 **_launch_opts(cfg))
+def _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned, *extra) -> tuple:
+    """What a plan depends on (and was validated for)."""
+    return (x.device, x.dtype, x.shape, weight.shape, weight.stride(), lora_A.shape, lora_B.shape, bias is None,
+            None if alpha is None else (alpha.shape, alpha.dtype), p, design, tma_aligned,
+            x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
+            *extra)
 
 
-def _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, cfg) -> None:
-    M, K = x.shape
-    N = weight.shape[0]
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(K, cfg["BLOCK_K"]),)
-    out = dx if dx is not None else x  # unused pointer when dX is not wanted
-    params.wrap(bwd_dx_kernel)[grid](dy, weight, dt, a_cat, x, out, da, M, N, K, a_cat.shape[0],
-                        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), a_cat.stride(0),
-                        a_cat.stride(1), x.stride(0), x.stride(1), out.stride(0),
-                        COMPUTE_DX=dx is not None, RP=params.rp, PRECISION=params.precision,
-                        **_launch_opts(cfg))
-
-
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_cat: torch.Tensor,
-            b_cat: torch.Tensor, coef: torch.Tensor, p: float, seed: int | torch.Tensor,
-            table: dict | None = None, wrap: Callable = direct) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+            lora_B: torch.Tensor, alpha: torch.Tensor | None, scale: float, p: float, seed: torch.Tensor | None,
+            stream: int, table: dict | None = None, wrap: Callable = direct) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, U): y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ), U = x A_catᵀ (M × R, x's dtype, unscaled).
 
-    ``seed``: an int, or a 1-element integer tensor (read by the kernels on the device);
-    ``wrap``: applied to each kernel before its launch (``torch.library.wrap_triton`` in a triton_op).
+    ``table``: a tile table instead of the device's (tests, the tuner); ``wrap``: applied to each
+    kernel before its launch (``torch.library.wrap_triton`` in a triton_op).
     """
-    _check(x, a_cat, coef)
-    M, N = x.shape[0], weight.shape[0]
-    params = launch_params(x, a_cat, coef, p, seed, wrap)
-    u = torch.empty((M, a_cat.shape[0]), dtype=x.dtype, device=x.device)
+    if not x.is_contiguous():
+        raise ValueError("petal_linear (triton): x must be row-major contiguous")
+    tma_aligned = _aligned(x, weight)
+    design = design_for(x.device, "fwd")
+    key = _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned)
+    plan = _forward_plans.get(key) if table is None else None
+    if plan is None:
+        plan = _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p, table, design, tma_aligned)
+        if table is None:
+            _remember(_forward_plans, key, plan)
+    (M, K), N = x.shape, weight.shape[0]
+    rank = lora_A.shape[1]
+    R = lora_A.shape[0] * rank
+    u = torch.empty((M, R), dtype=x.dtype, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y, u
-    if N and design_for(x.device, "fwd") == "onepass":
-        cfg = config_for("fwd_onepass", x.device, x.dtype, table, params.dropout)
-        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, params, cfg, onepass=True)
-        return y, u
-    _launch_shrink(x, a_cat, u, params, config_for("shrink", x.device, x.dtype, table))
-    if N:
-        cfg = config_for("fwd", x.device, x.dtype, table, params.dropout)
-        _launch_fwd(x, weight, bias, a_cat, u, b_cat, y, params, cfg, onepass=False)
+    sa0, sa1, sak = lora_A.stride()
+    if plan.shrink is not None:
+        s = plan.shrink
+        wrap(s.kernel)[s.grid](x, lora_A, u, M, K, R, rank, sa0, sa1, sak, **s.meta)
+    if plan.fwd is not None:
+        f = plan.fwd
+        dropout = p > 0.0
+        if f.kernel is fwd_tma_kernel and x.device.type == "cuda":
+            _ensure_allocator()
+        sb0, sbn, sbr = lora_B.stride()
+        args = (x, weight, bias, lora_A, u, lora_B, alpha, y, M, N, K, R, rank, plan.rows_per_image, scale,
+                seed if dropout else None, _stream_mix(stream) if dropout else 0, plan.threshold, plan.keep_scale)
+        if f.kernel is fwd_tma_kernel:
+            wrap(f.kernel)[f.grid](*args, weight.stride(0), sa0, sa1, sak, sb0, sbn, sbr, **f.meta)
+        else:
+            wrap(f.kernel)[f.grid](*args, weight.stride(0), weight.stride(1), sa0, sa1, sak, sb0, sbn, sbr, **f.meta)
     return y, u
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
-             coef: torch.Tensor, u: torch.Tensor, p: float, seed: int | torch.Tensor, need_x: bool,
-             table: dict | None = None,
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             alpha: torch.Tensor | None, u: torch.Tensor, scale: float, p: float, seed: torch.Tensor | None,
+             stream: int, need_x: bool, table: dict | None = None,
              wrap: Callable = direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(dX or None, dA_cat (R × K), dB_cat (N × R)) in x's dtype, three separate tensors; W, b frozen.
+    """(dX or None, dA, dB): dA in lora_A's dtype and shape, dB in lora_B's, both contiguous; W, b frozen.
 
     The one-pass design covers p = 0 with dX wanted; with dropout (masks would be hashed in the
     main loop, once per K-tile) or without dX (no dY W loop to share) the split kernels run.
     """
-    _check(x, a_cat, coef)
-    M, K = x.shape
-    N, R = weight.shape[0], a_cat.shape[0]
-    params = launch_params(x, a_cat, coef, p, seed, wrap)
-    # dB and dA are reductions over M: fp32 atomics into zeroed buffers
-    db = torch.zeros((N, R), dtype=torch.float32, device=x.device)
-    da = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    if not (x.is_contiguous() and dy.is_contiguous() and u.is_contiguous()):
+        raise ValueError("petal_linear (triton): x, dy and U must be row-major contiguous")
+    tma_aligned = _aligned(x, weight, dy)
+    design = design_for(x.device, "bwd")
+    key = _key(x, weight, None, lora_A, lora_B, alpha, p, design, tma_aligned, need_x)
+    plan = _backward_plans.get(key) if table is None else None
+    if plan is None:
+        plan = _backward_plan(x, weight, lora_A, lora_B, alpha, p, need_x, table, design, tma_aligned)
+        if table is None:
+            _remember(_backward_plans, key, plan)
+    (M, K), N = x.shape, weight.shape[0]
+    rank = lora_A.shape[1]
+    R = lora_A.shape[0] * rank
+    dropout = p > 0.0
+    ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=x.device)
+    ws.zero_()  # the one memset: dA and dB (and dT when split over N) are atomic sums
+    da_ws, db_ws = ws[:R * K], ws[R * K:R * (K + N)]
     dx = torch.empty_like(x) if need_x else None
-    if M and N and K and need_x and not params.dropout and design_for(x.device, "bwd") == "onepass":
-        _launch_bwd_onepass(dy, weight, b_cat, u, a_cat, x, dx, da, db, params,
-                            config_for("bwd_onepass", x.device, x.dtype, table))
-        return dx, da.to(x.dtype), db.to(x.dtype)
-    # dT = c ⊙ dU (fp32, padded to RP): the dY pass writes every row (zeroing first when it splits N)
-    dt = (torch.empty if N else torch.zeros)((M, params.rp), dtype=torch.float32, device=x.device)
-    if M and N:
-        _launch_bwd_dy(dy, b_cat, u, dt, db, params, config_for("bwd_dy", x.device, x.dtype, table))
-    if M and K:
-        _launch_bwd_dx(dy, weight, dt, a_cat, x, dx, da, params, config_for("bwd_dx", x.device, x.dtype, table))
-    elif dx is not None:
-        dx.zero_()
-    return dx, da.to(x.dtype), db.to(x.dtype)
+    sa0, sa1, sak = lora_A.stride()
+    sb0, sbn, sbr = lora_B.stride()
+    if plan.onepass is not None:
+        o = plan.onepass
+        wrap(o.kernel)[o.grid](dy, weight, lora_B, u, alpha, lora_A, x, dx, da_ws, db_ws, M, N, K, R, rank,
+                               plan.rows_per_image, scale, weight.stride(0), weight.stride(1), sb0, sbn, sbr,
+                               sa0, sa1, sak, **o.meta)
+    else:
+        dt = ws[R * (K + N):] if plan.dt_in_ws else torch.empty((M, plan.rp), dtype=torch.float32, device=x.device)
+        if plan.dy is not None:
+            d = plan.dy
+            wrap(d.kernel)[d.grid](dy, lora_B, u, alpha, dt, db_ws, M, N, R, rank, plan.rows_per_image, scale,
+                                   seed if dropout else None, _stream_mix(stream) if dropout else 0,
+                                   plan.threshold, plan.keep_scale, plan.dy_tiles_per_split, sb0, sbn, sbr, **d.meta)
+        if plan.dx is not None:
+            d = plan.dx
+            if d.kernel is bwd_dx_tma_kernel:
+                if x.device.type == "cuda":
+                    _ensure_allocator()
+                wrap(d.kernel)[d.grid](dy, weight, dt, lora_A, x, dx, da_ws, M, N, K, R, rank, weight.stride(0),
+                                       sa0, sa1, sak, **d.meta)
+            else:
+                wrap(d.kernel)[d.grid](dy, weight, dt, lora_A, x, dx, da_ws, M, N, K, R, rank, weight.stride(0),
+                                       weight.stride(1), sa0, sa1, sak, **d.meta)
+    if plan.finalize is None:  # float32, workspace = [dA | dB]: the gradients are its two halves
+        return dx, da_ws.view(lora_A.shape), db_ws.view(lora_B.shape)
+    da = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=x.device)
+    db = torch.empty(lora_B.shape, dtype=lora_B.dtype, device=x.device)
+    f = plan.finalize
+    wrap(f.kernel)[f.grid](ws, da, db, R * K, R * (K + N), **f.meta)
+    return dx, da, db

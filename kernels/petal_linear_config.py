@@ -1,9 +1,25 @@
-"""Configuration of the PetalLinear Triton kernels, as data: tile tables, designs, and their selection.
+"""Configuration of the PetalLinear Triton kernels, as data: tile ladders, designs, and their selection.
 
 Tiles come from the static table ``TILE_CONFIGS`` keyed by the GPU's compute-capability major (no
-autotune stall at the first call); ``DEFAULT_DESIGN`` holds each generation's design per direction.
-``python -m petal_fast.kernels.tune_petal_linear --tune`` measures both on the GPU present and prints
-the entries to paste here; docs/design.md records how the current entries were chosen.
+autotune stall at the first call). Each kernel has a *ladder* of tiles, largest first; ``choose``
+picks one rung per shape (cached by the launchers per device, shape, dtype and flags):
+
+- GEMMs (fwd, fwd_onepass, bwd_dx, bwd_onepass): the rung with the shortest critical path,
+  ⌈tiles / SMs⌉ · (BLOCK_M·BLOCK_N + LOAD_COST·(BLOCK_M + BLOCK_N)) (the busiest SM's tiles, each
+  costed as its MMA work plus its operand loads), ties to the larger tile; ``programs_per_sm``
+  programs share an SM (latency hiding, not more work done). So 8192+ rows keep 128 × 256 tiles and the PETALface batch-8 shapes (M = 200..3200) step
+  down to 128 × 128 / 64 × 128 / 64 × 64 tiles instead of running 24–63 CTAs on 132 SMs.
+- Bandwidth passes (shrink, bwd_dy): the largest BLOCK_M that still gives every SM
+  ``programs_per_sm`` programs, else the smallest rung; bwd_dy then splits N over programs.
+
+A rung with ``TMA=1`` runs the Hopper kernels of ``petal_linear_tma`` (persistent, TMA descriptors)
+for 16-bit inputs whose strides TMA can address; otherwise the pointer kernels with the same tile.
+``EPI_SPLIT`` (TMA forward) finishes and stores a tile in that many column slices (dropout hashing
+in a slice's registers); ``FLATTEN`` flattens the persistent loop for the pipeliner (off: ptxas
+serialises the wgmma pipeline of the flattened loop with the epilogue, C7514/C7515).
+``DEFAULT_DESIGN`` holds each generation's design per direction.
+``python -m petal_fast.kernels.tune_petal_linear --tune`` measures both on the GPU present, and
+``--compile-check 90`` compiles every rung without one; docs/design.md records how the entries were chosen.
 
 The design in force is, in order: the innermost ``use_design`` block, the configured design,
 ``DEFAULT_DESIGN``. The configured design is ``petal_fast.settings``' ``triton_design``
@@ -18,53 +34,78 @@ from typing import Iterator
 
 import torch
 
+
+def _gemm(bm, bn, bk, warps, stages, **extra):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages, **extra)
+
+
+def _tma(bm, bn, bk, warps, stages, epi=1, pps=1):
+    return _gemm(bm, bn, bk, warps, stages, TMA=1, EPI_SPLIT=epi, FLATTEN=0, programs_per_sm=pps)
+
+
 # Block sizes are for 16-bit inputs: float32 halves the reduction block (same shared-memory
-# footprint) and the BLOCK_M of the big GEMMs (IEEE fp32 dots hold more in registers).
-# "programs_per_sm" sets the target grid of the dY pass, as a multiple of the SM count (N is split
-# over programs when M alone gives too few). A "<kernel>_dropout" entry replaces the kernel's tile
-# when p > 0: the mask hashing needs registers that a larger p = 0 tile does not leave.
-# Only the Hopper entry has been timed; Ampere and the default entry have never run: re-tune there.
-TILE_CONFIGS: dict[object, dict[str, dict[str, int]]] = {
-    9: {  # Hopper: H100 / H200 (228 KB shared memory per SM)
-        "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=4),
-        "fwd": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        "fwd_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, programs_per_sm=2),
-        "bwd_dx": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
-        "fwd_onepass": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
-        "fwd_onepass_dropout": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        "bwd_onepass": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3),
+# footprint) and, on the pointer kernels, the BLOCK_M of the big GEMMs (IEEE fp32 dots hold more
+# in registers). In bwd_dx / bwd_onepass BLOCK_N is the reduction block and BLOCK_K the output
+# column block. A "<kernel>_dropout" ladder replaces the kernel's when p > 0: the mask hashing needs
+# registers that a p = 0 tile does not leave. Only the Hopper entries have been compiled for their
+# target and (the older entries) timed; Ampere and the default entry have never run: re-tune there.
+TILE_CONFIGS: dict[object, dict[str, dict[str, dict[str, int]]]] = {
+    9: {  # Hopper: H100 / H200 (228 KB shared memory per SM, 132 SMs)
+        "shrink": {"m64": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=4, programs_per_sm=2),
+                   "m32": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=4, programs_per_sm=2),
+                   "m16": dict(BLOCK_M=16, BLOCK_K=256, num_warps=4, num_stages=3, programs_per_sm=2)},
+        "fwd": {"128x256": _tma(128, 256, 64, 8, 3), "128x128": _tma(128, 128, 64, 8, 4),
+                "64x128": _tma(64, 128, 64, 4, 4), "64x64": _tma(64, 64, 64, 4, 4, pps=2)},
+        "fwd_dropout": {"128x128": _tma(128, 128, 64, 8, 4, epi=2), "64x128": _tma(64, 128, 64, 4, 4, epi=2),
+                        "64x64": _tma(64, 64, 64, 4, 4, pps=2)},
+        "bwd_dy": {"m64": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, programs_per_sm=2),
+                   "m32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, programs_per_sm=2)},
+        "bwd_dx": {"128x128": _tma(128, 64, 128, 8, 4), "64x128": _tma(64, 64, 128, 4, 4),
+                   "64x64": _tma(64, 64, 64, 4, 4, pps=2)},
+        "fwd_onepass": {"128x256": _tma(128, 256, 64, 8, 3), "128x128": _tma(128, 128, 64, 8, 4),
+                        "64x128": _tma(64, 128, 64, 4, 4), "64x64": _tma(64, 64, 64, 4, 4, pps=2)},
+        "fwd_onepass_dropout": {"128x128": _tma(128, 128, 64, 8, 4, epi=2),
+                                "64x128": _tma(64, 128, 64, 4, 4, epi=2), "64x64": _tma(64, 64, 64, 4, 4, pps=2)},
+        "bwd_onepass": {"128x256": _gemm(128, 64, 256, 8, 3)},
     },
     8: {  # Ampere / Ada: A100 (164 KB), RTX 30xx/40xx (100 KB) — sized for the smaller
-        "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
-        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2),
-        "bwd_dx": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
-        "fwd_onepass": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-        "bwd_onepass": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+        "shrink": {"m64": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3, programs_per_sm=2),
+                   "m16": dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=3, programs_per_sm=2)},
+        "fwd": {"128x128": _gemm(128, 128, 32, 8, 4), "64x64": _gemm(64, 64, 32, 4, 4)},
+        "bwd_dy": {"m64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, programs_per_sm=2)},
+        "bwd_dx": {"128x64": _gemm(128, 32, 64, 8, 4), "64x64": _gemm(64, 32, 64, 4, 4)},
+        "fwd_onepass": {"128x128": _gemm(128, 128, 32, 8, 3), "64x64": _gemm(64, 64, 32, 4, 4)},
+        "bwd_onepass": {"128x128": _gemm(128, 32, 128, 8, 3)},
     },
     "default": {  # other CUDA GPUs: conservative
-        "shrink": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2),
-        "fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-        "bwd_dy": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, programs_per_sm=2),
-        "bwd_dx": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
-        "fwd_onepass": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-        "bwd_onepass": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=2),
+        "shrink": {"m64": dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2)},
+        "fwd": {"64x64": _gemm(64, 64, 32, 4, 2)},
+        "bwd_dy": {"m64": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, programs_per_sm=2)},
+        "bwd_dx": {"64x64": _gemm(64, 32, 64, 4, 2)},
+        "fwd_onepass": {"64x64": _gemm(64, 64, 32, 4, 2)},
+        "bwd_onepass": {"64x64": _gemm(64, 32, 64, 4, 2)},
     },
     # CPU tensors under TRITON_INTERPRET=1: the smallest legal tiles, so that tiny test shapes
     # cover several tiles, the GROUP_M swizzle, masked edges and the N-split of the dY pass.
     "interpreter": {
-        "shrink": dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1),
-        "fwd": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
-        "bwd_dy": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, programs_per_sm=2),
-        "bwd_dx": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
-        "fwd_onepass": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
-        "bwd_onepass": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1),
+        "shrink": {"m16": dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1)},
+        "fwd": {"16x16": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)},
+        "bwd_dy": {"m16": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, programs_per_sm=2)},
+        "bwd_dx": {"16x16": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)},
+        "fwd_onepass": {"16x16": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)},
+        "bwd_onepass": {"16x16": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)},
     },
 }
+KERNELS = ("shrink", "fwd", "bwd_dy", "bwd_dx", "fwd_onepass", "bwd_onepass")
 REDUCTION_BLOCK = {"shrink": "BLOCK_K", "fwd": "BLOCK_K", "bwd_dy": "BLOCK_N", "bwd_dx": "BLOCK_N",
                    "fwd_onepass": "BLOCK_K", "bwd_onepass": "BLOCK_N"}
-BIG_GEMMS = ("fwd", "bwd_dx", "fwd_onepass", "bwd_onepass")  # fp32 also halves their BLOCK_M
+OUTPUT_BLOCK = {"fwd": "BLOCK_N", "fwd_onepass": "BLOCK_N", "bwd_dx": "BLOCK_K", "bwd_onepass": "BLOCK_K"}
+BIG_GEMMS = ("fwd", "bwd_dx", "fwd_onepass", "bwd_onepass")  # fp32 also halves their BLOCK_M (pointer kernels)
+TMA_KERNELS = ("fwd", "fwd_onepass", "bwd_dx")               # kernels with a Hopper TMA variant
+# choose: a tile's time per K step as MMA work BLOCK_M·BLOCK_N plus LOAD_COST per operand element loaded
+# (BLOCK_M + BLOCK_N): a 64 × 64 tile does 58% of a 128 × 256 tile's work per unit time (a forecast;
+# the tuner measures).
+LOAD_COST = 64
 INTERPRETER_SMS = 2  # stands in for the SM count on CPU tensors
 MAX_R = 128          # branches·rank: two branches of rank 64
 
@@ -122,37 +163,13 @@ def design_for(device: torch.device, direction: str) -> str:
     return DEFAULT_DESIGN[generation(device)][direction]
 
 
+@functools.cache
 def generation(device: torch.device) -> object:
-    """The ``TILE_CONFIGS`` / ``DEFAULT_DESIGN`` key of ``device``."""
+    """The ``TILE_CONFIGS`` / ``DEFAULT_DESIGN`` key of ``device`` (looked up once per device)."""
     if device.type != "cuda":
         return "interpreter"
     major = torch.cuda.get_device_capability(device)[0]
     return major if major in TILE_CONFIGS else "default"
-
-
-def config_for(kernel: str, device: torch.device, dtype: torch.dtype,
-               table: dict | None = None, dropout: bool = False) -> dict[str, int]:
-    """The tile configuration of ``kernel`` on ``device`` for inputs of ``dtype`` (a fresh dict):
-    the table's ``<kernel>_dropout`` entry with dropout where it has one; float32 tiles derived
-    on CUDA (the interpreter's tiles are already the smallest)."""
-    table = table or TILE_CONFIGS[generation(device)]
-    return tiles(table, kernel, dtype if device.type == "cuda" else None, dropout)
-
-
-def tiles(table: dict, kernel: str, dtype: torch.dtype | None, dropout: bool) -> dict[str, int]:
-    """``kernel``'s entry of ``table`` (its dropout entry if asked and present), for ``dtype``
-    (None: as written)."""
-    cfg = dict(table.get(f"{kernel}_dropout", table[kernel]) if dropout else table[kernel])
-    if dtype is not None and dtype.itemsize == 4:
-        halve = (REDUCTION_BLOCK[kernel], "BLOCK_M") if kernel in BIG_GEMMS else (REDUCTION_BLOCK[kernel],)
-        for key in halve:
-            cfg[key] = max(16, cfg[key] // 2)
-    return cfg
-
-
-def padded_rank(r_total: int) -> int:
-    """RP: branches·rank padded to a power of two ≥ 16, the smallest ``tl.dot`` takes."""
-    return max(16, 1 << (r_total - 1).bit_length())
 
 
 @functools.cache
@@ -160,3 +177,40 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def ladder(kernel: str, device: torch.device, table: dict | None = None, dropout: bool = False) -> dict:
+    """``kernel``'s rungs (name → tiles as written, 16-bit) in ``table`` (default: the device's):
+    its ``<kernel>_dropout`` ladder with dropout where the table has one."""
+    table = table or TILE_CONFIGS[generation(device)]
+    return table.get(f"{kernel}_dropout", table[kernel]) if dropout else table[kernel]
+
+
+def tiles(cfg: dict[str, int], kernel: str, dtype: torch.dtype | None, tma: bool = False) -> dict[str, int]:
+    """A rung for inputs of ``dtype`` (None: as written), a fresh dict: float32 halves the
+    reduction block, and on the pointer kernels the BLOCK_M of the big GEMMs."""
+    cfg = dict(cfg)
+    if dtype is not None and dtype.itemsize == 4:
+        halve = (REDUCTION_BLOCK[kernel],) + (("BLOCK_M",) if kernel in BIG_GEMMS and not tma else ())
+        for key in halve:
+            cfg[key] = max(16, cfg[key] // 2)
+    return cfg
+
+
+def choose(kernel: str, rungs: dict[str, dict[str, int]], M: int, out: int, sms: int) -> dict[str, int]:
+    """The rung of ``kernel`` for M rows and ``out`` output columns (N, or K for the dX GEMMs;
+    unused by the bandwidth passes) on ``sms`` SMs (rules in the module docstring)."""
+    if kernel in OUTPUT_BLOCK:
+        def cost(cfg):
+            bm, bn = cfg["BLOCK_M"], cfg[OUTPUT_BLOCK[kernel]]
+            return -(-(-(-M // bm) * -(-out // bn)) // sms) * (bm * bn + LOAD_COST * (bm + bn))
+        return min(rungs.values(), key=cost)  # min keeps the first (larger) rung on ties
+    for cfg in rungs.values():
+        if -(-M // cfg["BLOCK_M"]) >= sms * cfg.get("programs_per_sm", 1):
+            return cfg
+    return cfg  # noqa: B007 - the smallest rung
+
+
+def padded_rank(r_total: int) -> int:
+    """RP: branches·rank padded to a power of two ≥ 16, the smallest ``tl.dot`` takes."""
+    return max(16, 1 << (r_total - 1).bit_length())
