@@ -24,13 +24,12 @@ interpreter = pytest.mark.skipif(not triton_interpreter_ok(), reason="CPU tensor
 
 
 def inputs(m: int = 12, k: int = 13, n: int = 19, r: int = 3, images: int = 4, dtype=torch.float32):
-    """Odd shapes; B ≠ 0; two branches with per-image weights c = [s(1−α), sα]."""
+    """Odd shapes; B ≠ 0; two branches as the layer's parameters (A (2, r, k), B (2, n, r)) and α."""
     x = torch.randn(m, k, dtype=dtype)
     w, b = torch.randn(n, k, dtype=dtype) / 4, torch.randn(n, dtype=dtype)
-    a_cat, b_cat = torch.randn(2 * r, k, dtype=dtype) / 4, torch.randn(n, 2 * r, dtype=dtype) / 4
+    lora_a, lora_b = torch.randn(2, r, k, dtype=dtype) / 4, torch.randn(2, n, r, dtype=dtype) / 4
     alpha = torch.rand(images, dtype=dtype)
-    coef = torch.stack((0.7 * (1 - alpha), 0.7 * alpha), 1)
-    return [x, w, b, a_cat, b_cat, coef]
+    return [x, w, b, lora_a, lora_b, alpha]
 
 
 def lib():
@@ -38,24 +37,27 @@ def lib():
     return petal_linear_triton_library
 
 
+GRAD = (0, 1, 2, 3, 4, 5)  # x, W, b, A, B, α: every input can ask for its gradient
+
+
 @interpreter
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_triton_op_matches_float64_composition(p):
-    """Forward and every gradient (x, A_cat, B_cat, coef) of the triton_op against the torch composition
-    in float64 — the same dropout masks, regenerated from a seed tensor the kernels read on the device."""
+    """Forward and every gradient (x, W, b, A, B, α) of the triton_op against the torch composition in
+    float64 — the same dropout masks, regenerated from a seed tensor the kernels read on the device."""
     from petal_fast.ops.petal_linear_library import fused_petal_linear
     args = inputs()
-    for i in (0, 3, 4, 5):
+    for i in GRAD:
         args[i].requires_grad_()
     seed = torch.tensor([1234567])
-    y, u = lib().triton_petal_linear(*args, p, seed)
+    y, u = lib().triton_petal_linear(*args, 0.7, p, seed, 11)
     args64 = [t.detach().double().requires_grad_(t.requires_grad) for t in args]
-    y64, u64 = fused_petal_linear(*args64, p, seed, "torch")
+    y64, u64 = fused_petal_linear(*args64, 0.7, p, seed, 11, "torch")
     assert rel_err(y, y64) < 1e-5 and rel_err(u, u64) < 1e-5
     dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, [args[i] for i in (0, 3, 4, 5)], dy)
-    expect = torch.autograd.grad(y64, [args64[i] for i in (0, 3, 4, 5)], dy.double())
-    for name, g, e in zip(("x", "A_cat", "B_cat", "coef"), got, expect):
+    got = torch.autograd.grad(y, [args[i] for i in GRAD], dy)
+    expect = torch.autograd.grad(y64, [args64[i] for i in GRAD], dy.double())
+    for name, g, e in zip(("x", "W", "b", "A", "B", "alpha"), got, expect):
         assert rel_err(g, e) < 1e-5, name
 
 
@@ -65,19 +67,19 @@ def test_triton_op_rules():
     args = inputs(m=0, images=0)
     for i in (0, 3, 4):
         args[i].requires_grad_()
-    y, u = lib().triton_petal_linear(*args, 0.2, torch.tensor([5]))
+    y, u = lib().triton_petal_linear(*args, 0.7, 0.2, torch.tensor([5]), 0)
     assert y.shape == (0, 19) and u.shape == (0, 6)
     gx, ga, gb = torch.autograd.grad(y.sum(), [args[i] for i in (0, 3, 4)])
     assert gx.shape == (0, 13) and not ga.any() and not gb.any()
 
     args = inputs()
-    args[5][1, 0] = float("nan")
+    args[5][1] = float("nan")
     with pytest.raises(ValueError, match="alpha contains non-finite values"):
-        lib().triton_petal_linear(*args, 0.0, torch.tensor([0]), True)
+        lib().triton_petal_linear(*args, 0.7, 0.0, torch.tensor([0]), 0, True)
 
     args = inputs()
     args[0].requires_grad_()
-    y, _ = lib().triton_petal_linear(*args, 0.0, torch.tensor([0]))
+    y, _ = lib().triton_petal_linear(*args, 0.7, 0.0, torch.tensor([0]), 0)
     (gx,) = torch.autograd.grad(y.pow(2).sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
         gx.sum().backward()
@@ -89,31 +91,33 @@ def test_opcheck_triton_op(p):
     """Schema, autograd registration and fake tensors (under the interpreter the fake call skips the
     launch). Not test_aot_dispatch_dynamic: AOT decomposes a triton_op into its kernel launches, which
     interpreted kernels cannot be (the subprocess test below checks that decomposition with JIT kernels)."""
-    op = torch.ops.petal_fast.triton_petal_linear.default
+    op = lib().triton_petal_linear._opoverload  # registered by importing the module
     args = inputs()
     for i in (0, 3, 4, 5):
         args[i].requires_grad_()
-    full = (*args, p, torch.tensor([9]), False)
+    full = (*args, 0.7, p, torch.tensor([9]), 3, False)
     torch.library.opcheck(op, full, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     y, _ = op(*full)
-    for i in range(6):  # each input in a dense permuted layout: same numbers
+    for i in range(6):  # each input in a permuted layout: same numbers (A and B read through their strides)
         permuted = list(full)
-        permuted[i] = args[i].detach().t().contiguous().t() if args[i].dim() == 2 else args[i].detach()
+        t = args[i].detach()
+        permuted[i] = t.t().contiguous().t() if t.dim() == 2 else t.transpose(0, -1).contiguous().transpose(0, -1)
         torch.testing.assert_close(op(*permuted)[0], y)
     bwd = torch.ops.petal_fast.triton_petal_linear_backward.default
-    _, u = op(*[a.detach() for a in args], p, torch.tensor([9]), False)
+    _, u = op(*[a.detach() for a in args], 0.7, p, torch.tensor([9]), 3, False)
     dy = torch.randn(12, 19)
-    for need_x, need_coef in ((True, True), (False, False)):
+    for need in ((True, True, True, True), (False, False, False, False)):
         torch.library.opcheck(bwd, (dy, args[0].detach(), args[1], args[3].detach(), args[4].detach(),
-                                    args[5].detach(), u, p, torch.tensor([9]), need_x, need_coef),
+                                    args[5].detach(), u, 0.7, p, torch.tensor([9]), 3, *need),
                               test_utils=("test_schema", "test_faketensor"))
 
 
 @interpreter
-def test_module_calls_the_triton_op_in_eager_training(monkeypatch):
-    """With the Triton backend, a training call goes through the triton_op (what a compiled graph gets
-    on a GPU); inference runs the body without the dispatcher; a graph compiled under the interpreter
-    uses the opaque operator (interpreted kernels cannot be traced)."""
+def test_module_routes_on_the_triton_backend(monkeypatch):
+    """With the Triton backend an eager training call runs the operator bodies behind the plain
+    autograd.Function (no custom-op dispatch), inference runs the body directly, and a graph compiled
+    under the interpreter uses the opaque operator (interpreted kernels cannot be traced); a compiled
+    graph with real JIT kernels gets the triton_op (test_compiled_graph_holds_the_kernel_launches)."""
     import importlib
     dispatch = importlib.import_module("petal_fast.ops.petal_linear")  # the module (the package exports the function)
     seen = []
@@ -125,6 +129,7 @@ def test_module_calls_the_triton_op_in_eager_training(monkeypatch):
     spy(lib(), "triton_petal_linear", "triton_op")
     spy(dispatch, "fused_petal_linear", "opaque")
     spy(dispatch, "forward_impl", "body")
+    spy(dispatch.EagerPetalLinear, "apply", "eager")
     layer = petal_fast.PetalLinear(13, 19, rank=3)
     torch.nn.init.normal_(layer.lora_B)
     x, alpha = torch.randn(4, 3, 13, requires_grad=True), torch.rand(4)
@@ -132,7 +137,7 @@ def test_module_calls_the_triton_op_in_eager_training(monkeypatch):
         y = layer(x, alpha=alpha)
         with torch.no_grad():
             y_inf = layer(x, alpha=alpha)
-        assert seen == ["triton_op", "body"]
+        assert seen == ["eager", "body"]
         seen.clear()
         y_c = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, alpha=alpha)
         assert seen == ["opaque"]
@@ -225,13 +230,13 @@ TRACE = textwrap.dedent("""
     m, k, n, r = 12, 16, 20, 2
     x, dy = torch.randn(m, k), torch.randn(m, n)
     w, b = torch.randn(n, k), torch.randn(n)
-    a_cat, b_cat, u, coef = torch.randn(2 * r, k), torch.randn(n, 2 * r), torch.randn(m, 2 * r), torch.rand(4, 2)
+    lora_a, lora_b, u, coef = torch.randn(2, r, k), torch.randn(2, n, r), torch.randn(m, 2 * r), torch.rand(4)
     for t in (x, dy, u, coef):
         torch._dynamo.mark_dynamic(t, 0)
     calls = {
-        "fwd": lambda x, dy, u, coef, s: lib.triton_petal_linear(x, w, b, a_cat, b_cat, coef, 0.25, s),
-        "bwd": lambda x, dy, u, coef, s: lib.triton_petal_linear_backward(dy, x, w, a_cat, b_cat, coef, u, 0.25,
-                                                                          s, True, True),
+        "fwd": lambda x, dy, u, coef, s: lib.triton_petal_linear(x, w, b, lora_a, lora_b, coef, 0.7, 0.25, s, 5),
+        "bwd": lambda x, dy, u, coef, s: lib.triton_petal_linear_backward(dy, x, w, lora_a, lora_b, coef, u, 0.7,
+                                                                          0.25, s, 5, True, False, False, False),
     }
     e, cw, labels = torch.randn(m, 8), torch.randn(50, 8), torch.randint(0, 50, (m,))
     torch._dynamo.mark_dynamic(e, 0)

@@ -42,11 +42,11 @@ def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> Non
         sync = ok.device.type == "cpu"
     if not sync:
         torch._assert_async(ok, message)
-    elif _has_values(ok) and not bool(ok):
+    elif has_values(ok) and not bool(ok):
         raise ValueError(message)
 
 
-def _has_values(t: torch.Tensor) -> bool:
+def has_values(t: torch.Tensor) -> bool:
     """False for the fake tensors of a traced triton_op body (they hold no values). A plain tensor
     answers without the ~3 µs mode lookup: the eager α check runs per layer call."""
     return type(t) is torch.Tensor or detect_fake_mode() is None

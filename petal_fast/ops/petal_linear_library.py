@@ -40,7 +40,7 @@ from petal_fast.backend import implementation
 from petal_fast.definitions.dropout import dropout_mask, stream_seed
 
 from . import _petal_linear_torch as torch_impl
-from ._graph import value_check, wrap_kwargs
+from ._graph import has_values, value_check, wrap_kwargs
 
 OP = "petal_linear"
 NAME = "petal_fast::fused_petal_linear"
@@ -79,11 +79,11 @@ def branch_coefficients(alpha: Tensor | None, branches: int, scale: float, dtype
 
 
 def host_seed(seed: Tensor, stream: int) -> int | Tensor:
-    """The layer's seed as the CPU backends take it: an int read on the host for a CPU tensor (no
-    device to wait for), a device tensor otherwise (the torch composition hashes it on the device)."""
-    if seed.device.type == "cpu":
+    """The layer's seed as the CPU backends take it: an int read on the host for a real CPU tensor (no
+    device to wait for), a tensor otherwise (the torch composition hashes it where it is)."""
+    if seed.device.type == "cpu" and has_values(seed):
         return stream_seed(int(seed.reshape(-1)[0]), stream)
-    return stream_seed(seed, stream)
+    return stream_seed(seed, stream)  # hashed as a tensor: on the device, or traced (fake: no value)
 
 
 def _cpu_args(lora_A: Tensor, lora_B: Tensor, alpha: Tensor | None, scale: float, x: Tensor):
@@ -94,23 +94,8 @@ def _cpu_args(lora_A: Tensor, lora_B: Tensor, alpha: Tensor | None, scale: float
 
 
 def _triton():
-    return _LegacyTriton  # TEMPORARY until the new launcher API lands
-
-
-class _LegacyTriton:  # TEMPORARY: the old launcher API (A_cat, B_cat, coef, seed')
-    @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, wrap=None):
-        k = importlib.import_module("petal_fast.kernels.petal_linear")
-        a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
-        return k.forward(x, weight, bias, a_cat, b_cat, coef, p, stream_seed(seed, stream), **wrap_kwargs(wrap))
-
-    @staticmethod
-    def backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, wrap=None):
-        k = importlib.import_module("petal_fast.kernels.petal_linear")
-        a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
-        dx, da_cat, db_cat = k.backward(dy, x, weight, a_cat, b_cat, coef, u, p, stream_seed(seed, stream), need_x,
-                                        **wrap_kwargs(wrap))
-        return dx, da_cat.reshape(lora_A.shape), split_b(db_cat, lora_A.shape[0])
+    """The Triton launchers (kernels/petal_linear.py), imported when the Triton backend first runs."""
+    return importlib.import_module("petal_fast.kernels.petal_linear")
 
 
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
