@@ -208,16 +208,20 @@ def cuda_device_guard() -> Iterator[None]:
 
 @contextlib.contextmanager
 def cuda_queries(device: StubDevice = H100, on_sync: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Make ``torch.cuda``'s queries answer as ``device`` (one device, current device 0);
-    ``torch.cuda.synchronize`` calls ``on_sync`` (a host sync)."""
+    """Make ``torch.cuda``'s queries answer as ``device`` (one device, current device 0, one stream, not
+    capturing); ``torch.cuda.synchronize`` and ``Stream.synchronize`` call ``on_sync`` (a host sync)."""
     props = device.properties()
     cuda = torch.cuda
+    synchronize = (lambda d=None: on_sync("torch.cuda.synchronize()")) if on_sync else (lambda d=None: None)
+    stream = SimpleNamespace(cuda_stream=0, device=torch.device("cuda", 0), device_index=0,
+                             synchronize=(lambda: on_sync("Stream.synchronize()")) if on_sync else (lambda: None))
     stubs = {
         "is_available": lambda: True, "is_initialized": lambda: True, "_lazy_init": lambda: None,
         "device_count": lambda: 1, "current_device": lambda: 0, "set_device": lambda d: None,
         "get_device_capability": lambda d=None: device.capability, "get_device_properties": lambda d=None: props,
         "get_device_name": lambda d=None: device.name, "is_bf16_supported": lambda *a, **k: True,
-        "synchronize": lambda d=None: on_sync("torch.cuda.synchronize()") if on_sync else None,
+        "current_stream": lambda d=None: stream, "default_stream": lambda d=None: stream,
+        "is_current_stream_capturing": lambda: False, "synchronize": synchronize,
     }
     saved = {name: getattr(cuda, name) for name in stubs}
     for name, fn in stubs.items():
