@@ -25,11 +25,15 @@ op with its Python stack; otherwise the :class:`HostPathReport` lists everything
             y = layer(x, alpha=alpha)
         print(report.summary())
 
-How fake CUDA tensors get through autograd on a CPU build: the fake tensors tell Python code they
-are on ``cuda`` but tell C++ (the autograd engine) they are on ``meta`` (the mode answers
-``prim.device``), so backward runs on the calling thread, as on the CPU. The fake mode is never
-pushed on the mode stack (the recorder calls it), so ``torch._guards.detect_fake_mode()`` sees no
-fake mode: our code's eager paths behave as with real CUDA tensors.
+How this works on a CPU build of torch: the fake tensors tell Python code they are on ``cuda`` but
+tell C++ (the autograd engine) they are on ``meta`` (the mode answers ``prim.device``), so backward
+runs on the calling thread, as on the CPU (a GPU runs it on the device's autograd thread), and the
+engine's zero gradients come back as CUDA tensors. A stub CUDA device guard
+(``cuda_stub_guard.cpp``, built on first use in ~2 s) answers "device 0" where ATen needs one
+(``t.to("cuda")``). The fake mode is pushed only while an op runs, so our code never sees it
+(``torch._guards.detect_fake_mode()`` is None, as with real CUDA tensors). Work on CPU tensors alone
+runs for real (values, µs). Where the path reads a value a fake tensor does not hold, counting mode
+goes on with a placeholder (True, 0, 1.0; a data-dependent op as if its inputs were zeros).
 
 ``standin_cuda()`` — timing. Fake tensors cost ~10–50 µs of dispatch per op, which would swamp a
 ≤ 100 µs host budget, so for µs the same ops run on real CPU tensors standing in for the CUDA
