@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print("time per suite: " + ", ".join(f"{k} {v:.1f} s" for k, v in elapsed.items()))
     for p in problems:
         print(f"NOT RUN: {p}", file=sys.stderr)
+    for s, module in loaded:  # a suite's one-line verdict (e.g. host: fwd <x> us, bwd <y> us) ends the run
+        if module.SUITE in ran and hasattr(module, "summary_line"):
+            print(module.summary_line(ran[module.SUITE]), flush=True)
     return 1 if problems else 0
 
 

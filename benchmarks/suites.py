@@ -33,6 +33,9 @@ SUITES: dict[str, Suite] = {s.key: s for s in (
           "64 images: ≥ 20× faster than the `brisque` package on CPU on every install route; ≤ 5% of a training step on H100"),
     Suite("e2e", "benchmarks.bench_e2e", "PETALface end to end (training step, inference)", ("e2e",),
           "training step ≥ 1.3× (CPU) / ≥ 1.5× (H100) faster than the reference model"),
+    Suite("host", "benchmarks.bench_host", "PetalLinear CUDA host path (µs per call, launches stubbed)", ("host",),
+          "at every PETALface shape in training (p = 0.1, α scope): forward ≤ 100 µs, backward ≤ 300 µs of host "
+          "time on the project's 2-core CPU"),
     Suite("deploy", "benchmarks.bench_deploy", "PETALface deployment (eager, torch.compile, ONNX Runtime)",
           ("deploy",), "compiled ≥ eager (training step and inference); exported files equal PyTorch's embeddings"),
 )}
