@@ -192,18 +192,17 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
-def test_alpha_checked_once_per_scope(backend, monkeypatch):
-    """Every layer in an ``alpha_scope`` gets the same α: its values are checked once, and an in-place
-    change of α is seen (a new check, new branch weights). Without a scope (α passed per call) it is
-    checked on every call. (The branch weights themselves are computed by each backend per call — inside
-    the kernels on CUDA.)"""
+def test_alpha_checked_once_per_version(backend, monkeypatch):
+    """The layers of a forward pass get the same α (through a scope or passed explicitly): its values
+    are checked once, and again only after a change (its version counter moves) or for another α tensor;
+    an inference tensor (no version counter) is checked on every call."""
     import importlib
     ops = importlib.import_module("petal_fast.ops.petal_linear")
     checked = []
     real = ops.check_alpha_values
     monkeypatch.setattr(ops, "check_alpha_values", lambda *a, **k: (checked.append(1), real(*a, **k))[1])
     x, w, b, a, bb, alpha = make_inputs((6, 3), 8, 5, 2, 6)
-    layers = [PetalLinear(8, 5, rank=2, scale=scale) for scale in (0.5, 0.5, 2.0, 0.5)]  # two scales
+    layers = [PetalLinear(8, 5, rank=2, scale=scale) for scale in (0.5, 0.5, 2.0, 0.5)]
     for layer in layers:
         with torch.no_grad():
             layer.weight.copy_(w), layer.bias.copy_(b), layer.lora_A.copy_(a), layer.lora_B.copy_(bb)
@@ -221,14 +220,17 @@ def test_alpha_checked_once_per_scope(backend, monkeypatch):
                 layers[0](x)
         alpha[2] = 0.5
         before = len(checked)
-        for _ in range(2):  # no scope: checked on every call
+        for _ in range(2):  # explicit α, the same tensor: one check (fused), after the change above
             torch.testing.assert_close(petal_linear(x, w, b, a, bb, alpha, 0.5),
                                        ref_petal_linear(x, w, b, a, bb, alpha, 0.5))
-        assert len(checked) - before == 2
+        assert len(checked) - before == (1 if fused else 2)
+        other = alpha.clone()
+        petal_linear(x, w, b, a, bb, other, 0.5)  # another tensor: checked
+        assert len(checked) - before == (2 if fused else 3)
         with torch.inference_mode(), petal_fast.alpha_scope(torch.rand(6)) as scope:  # no version counter
             for _ in range(2):
                 torch.testing.assert_close(layers[0](x), ref_petal_linear(x, w, b, a, bb, scope.alpha, 0.5))
-        assert len(checked) - before == 4
+        assert len(checked) - before == (4 if fused else 5)
 
 
 def test_backend_switch():

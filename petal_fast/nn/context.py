@@ -29,26 +29,23 @@ _local = _Stack()
 
 @dataclasses.dataclass(eq=False)
 class AlphaScope:
-    """The α of one ``with alpha_scope(alpha):`` block and what its layers share.
+    """The α of one ``with alpha_scope(alpha):`` block and the dropout seed its layers share.
 
-    ``shared`` is filled by :func:`petal_fast.ops.petal_linear`: α's value check, done once for all the
-    layers of a forward pass instead of once per layer (3 kernel launches each on CUDA); an in-place
-    change of α inside the block is seen (its version counter moves) and redoes it. ``seed`` gives the
-    layers with dropout one seed per device drawn once for the block (each hashes it with its own
-    stream); a layer called a second time in the block gets a fresh one. Nothing outlives the block.
+    ``seed`` gives the layers with dropout one seed drawn once for the block on the device (each layer
+    hashes it with its own stream); a layer called a second time in the block gets None and draws its
+    own. Plain attribute and set updates, so eager and torch.compile draw the same seeds. Nothing
+    outlives the block.
     """
 
     alpha: torch.Tensor
-    shared: dict = dataclasses.field(default_factory=dict)
     _seed: torch.Tensor | None = None
     _seeded: set = dataclasses.field(default_factory=set)
 
-    def seed(self, stream: int, device: torch.device) -> torch.Tensor:
-        """The block's dropout seed for the layer of ``stream``: drawn once on ``device`` by its generator
-        (a kernel on CUDA: no host→device copy); a layer called again in the block gets a fresh one.
-        Plain attribute and set updates, so eager and torch.compile draw the same seeds."""
+    def seed(self, stream: int, device: torch.device) -> torch.Tensor | None:
+        """The block's dropout seed for the layer of ``stream`` (drawn on ``device`` by its generator at
+        the first request: a kernel on CUDA, no host→device copy), or None for a layer asking again."""
         if stream in self._seeded or (self._seed is not None and self._seed.device != device):
-            return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+            return None
         self._seeded.add(stream)
         if self._seed is None:
             self._seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)

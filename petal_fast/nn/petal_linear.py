@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from petal_fast.definitions.dropout import mix32
 from petal_fast.ops import petal_linear
 from petal_fast.ops._graph import compiling, draw_seed
 
@@ -62,7 +63,9 @@ class PetalLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(branches, out_features, rank, device=pdev, dtype=pdt))
         self.reset_adapters()
         self.stream = next(_STREAMS) % 2**31
-        self._last_call: tuple = (None, 0)  # (α, seed) of the last forward: what a checkpoint recompute reuses
+        self._last_call: tuple = (None, 0, self.stream)  # (α, seed, stream) of the last forward: for a recompute
+        self._own_seed: torch.Tensor | None = None  # dropout outside an α scope: drawn once, streams per call
+        self._calls = 0
         self._merged_alpha: float | None = None
         self._is_merged = False
         # A merged layer's weight already holds the adapters: saving it with them would double them on
@@ -94,21 +97,37 @@ class PetalLinear(nn.Module):
         if not compiling() and _recomputing():
             # activation checkpointing re-runs this forward inside backward, where the α scope of the
             # original forward may be gone or another one active: use what that forward used
-            used_alpha, seed = self._last_call
+            used_alpha, seed, stream = self._last_call
             alpha = used_alpha if alpha is None else alpha
-            return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
-                                alpha if self.branches == 2 else None, self.scale, p, seed, self.stream)
-        shared = None
-        scope = current_scope()  # the block's α and what its layers share (α's check, the dropout seed)
-        if scope is not None and self.branches == 2 and alpha is None:
-            alpha, shared = scope.alpha, scope.shared
-        seed = 0
-        if p > 0.0:  # drawn on x's device: no host→device copy; one draw per scope, this layer's own stream
-            seed = scope.seed(self.stream, x.device) if scope is not None else draw_seed(x.device)
-        if not compiling():
-            self._last_call = (alpha, seed)
+        else:
+            scope = current_scope()  # the block's α and its dropout seed
+            if scope is not None and self.branches == 2 and alpha is None:
+                alpha = scope.alpha
+            seed, stream = self._seed(scope, x.device) if p > 0.0 else (0, self.stream)
+            if not compiling():
+                self._last_call = (alpha, seed, stream)
         return petal_linear(x, self.weight, self.bias, self.lora_A, self.lora_B,
-                            alpha if self.branches == 2 else None, self.scale, p, seed, self.stream, shared)
+                            alpha if self.branches == 2 else None, self.scale, p, seed, stream)
+
+    def _seed(self, scope, device: torch.device) -> tuple[torch.Tensor, int]:
+        """(seed tensor on ``device``, stream) of this call's dropout masks, with no host→device copy:
+
+        - in an α scope: the block's seed (one draw for all its layers) and this layer's stream;
+        - otherwise, eagerly: this layer's own seed, drawn once, and a stream that hashes the layer's
+          stream with a call counter (no kernel launch per call);
+        - otherwise, traced: a fresh seed per call (a Python counter would be a constant of the graph).
+        """
+        if scope is not None:
+            seed = scope.seed(self.stream, device)
+            if seed is not None:
+                return seed, self.stream
+        if compiling():
+            return draw_seed(device), self.stream
+        if self._own_seed is None or self._own_seed.device != device:
+            with torch.inference_mode(False):
+                self._own_seed = draw_seed(device)
+        self._calls += 1
+        return self._own_seed, int(mix32(self.stream ^ mix32(self._calls))) & 0x7FFFFFFF
 
     # -- fixed-quality deployment -------------------------------------------------------------
     def delta_weight(self, alpha: float | None = None) -> torch.Tensor:

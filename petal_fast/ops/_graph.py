@@ -118,7 +118,10 @@ def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
             raise ValueError(f"seed must be an int or a 1-element integer tensor, got {seed.dtype} {tuple(seed.shape)}")
-        return seed.reshape(1).to(device=device, dtype=torch.int64)
+        seed = seed.reshape(1)
+        if seed.dtype == torch.int64 and seed.device == device:
+            return seed
+        return seed.to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"seed must be an int in [0, 2**31) or a 1-element integer tensor, got {seed!r}")
     return torch.full((1,), seed, dtype=torch.int64, device=device)

@@ -16,10 +16,12 @@ Which route runs:
 - ``torch.export`` (and so ONNX export): the torch composition written out of ATen operations, so an
   exported program of any model holding PetalLinear layers needs no petal_fast operator to run.
 
-α's value check (finite) runs eagerly once per call, or once per α version for all the layers of an
-``alpha_scope`` (``shared``). On CUDA it is a device-side assert: no host synchronisation.
+α's value check (finite) runs eagerly once per α tensor and version (the layers of a forward pass share
+one α: checked once per pass). On CUDA it is a device-side assert: no host synchronisation.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -78,14 +80,21 @@ def check_alpha_values(alpha: torch.Tensor) -> None:
     value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
 
 
-def _check_alpha_once(alpha: torch.Tensor, shared: dict | None) -> None:
-    """α's value check, once per α version for the calls that share ``shared`` (an alpha_scope's)."""
+_last_checked: tuple = (None, None)  # (weakref to α, its version): the α whose values were last checked
+
+
+def _check_alpha_once(alpha: torch.Tensor) -> None:
+    """α's value check, skipped when this very α, unchanged since (same version), was checked last: the
+    layers of a forward pass all get the same α, so it is checked once per pass, not once per layer (on
+    CUDA three kernel launches each). An inference tensor (no version counter) is checked every time."""
+    global _last_checked
     version = _version(alpha)
-    if shared is None or version is None:
-        check_alpha_values(alpha)
-    elif shared.get("checked") is not alpha or shared.get("version") != version:
-        check_alpha_values(alpha)
-        shared["checked"], shared["version"] = alpha, version
+    ref, checked_version = _last_checked
+    if version is not None and ref is not None and ref() is alpha and checked_version == version:
+        return
+    check_alpha_values(alpha)
+    if version is not None:
+        _last_checked = (weakref.ref(alpha), version)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -108,16 +117,13 @@ def _composition(x, weight, bias, lora_A, lora_B, alpha, scale):
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None = None, scale: float = 1.0,
-                 dropout: float = 0.0, seed: int | torch.Tensor = 0, stream: int = 0,
-                 shared: dict | None = None) -> torch.Tensor:
+                 dropout: float = 0.0, seed: int | torch.Tensor = 0, stream: int = 0) -> torch.Tensor:
     """Fused PetalLinear forward; differentiable in x, lora_A, lora_B, α, W and b.
 
     x: (..., in); weight: (out, in); lora_A: (branches, r, in); lora_B: (branches, out, r);
     alpha: (images,) for two branches (rows_per_image = rows / images), ignored for one;
     seed: an int in [0, 2³¹) or a 1-element integer tensor, best on x's device (what the modules pass);
-    stream: the layer's dropout stream (layers sharing a seed draw different masks);
-    shared: a dict that calls with the same α share (``petal_fast.alpha_scope`` gives its layers one):
-    α's value check then runs once per α version instead of per call.
+    stream: the layer's dropout stream (layers sharing a seed draw different masks).
     """
     check_inputs(x, weight, bias, lora_A, lora_B, alpha, dropout, scale)
     branches = lora_A.shape[0]
@@ -147,7 +153,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     seed_t = seed_tensor(seed, x.device) if p > 0.0 else unused_seed(x.device)
     traced = compiling()
     if alpha is not None and not traced:
-        _check_alpha_once(alpha, shared)
+        _check_alpha_once(alpha)
     args = (x2, w, b, la, lb, alpha, float(scale), p, seed_t, int(stream))
     if not traced:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, w, b, la, lb, alpha)):
