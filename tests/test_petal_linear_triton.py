@@ -324,6 +324,83 @@ def test_plans_are_cached():
     assert len(kernels._forward_plans) == 2
 
 
+TRACE = """
+import sys, torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+from torch._dynamo.backends.common import aot_autograd
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from petal_fast.kernels import petal_linear as k
+
+table = None
+
+@triton_op("kernel_trace_test::fwd", mutates_args=())
+def fwd(x: Tensor, w: Tensor, b: Tensor, la: Tensor, lb: Tensor, al: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    return k.forward(x, w, b, la, lb, al, 0.5, 0.25, s, 3, table=table, wrap=wrap_triton)
+
+@triton_op("kernel_trace_test::bwd", mutates_args=())
+def bwd(dy: Tensor, x: Tensor, w: Tensor, la: Tensor, lb: Tensor, al: Tensor, u: Tensor,
+        s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return k.backward(dy, x, w, la, lb, al, u, 0.5, 0.25, s, 3, True, table=table, wrap=wrap_triton)
+
+class Captured(Exception):
+    pass
+
+FREE = ("aten.empty", "aten.view", "aten.alias", "aten.sym_", "<built-in", "<function sym")
+
+def launches(fn, *args):
+    graphs = []
+    def capture(gm, example_inputs):  # the graph Inductor would get; stop there (no GPU to run it)
+        graphs.append(gm)
+        raise Captured()
+    try:
+        torch.compile(fn, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(*args)
+    except Exception as err:
+        assert "Captured" in str(err), err
+    out = []
+    for node in graphs[0].graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            out.append((kernel.fn.__name__, all(isinstance(g, int) for g in node.kwargs["grid"][0])))
+        elif node.op == "call_function" and not str(node.target).startswith(FREE):
+            out.append((str(node.target), None))  # anything but an allocation, a view or size arithmetic
+    return out
+
+m, kk, n, r = 48, 32, 40, 4
+f16 = lambda *shape: torch.randn(*shape).to(torch.float16)
+x, dy, w, b, la, lb, u, al = f16(m, kk), f16(m, n), f16(n, kk), f16(n), f16(2, r, kk), f16(2, n, r), f16(m, 2 * r), torch.rand(8)
+for t in (x, dy, u, al):
+    torch._dynamo.mark_dynamic(t, 0)
+for name in ("interpreter", 9):
+    table = k.TILE_CONFIGS[name]
+    for design in k.DESIGNS:
+        with k.use_design(design):
+            print(repr((name, design, launches(lambda x, al, s: fwd(x, w, b, la, lb, al, s), x, al, torch.tensor([3])),
+                        launches(lambda x, dy, u, al, s: bwd(dy, x, w, la, lb, al, u, s), x, dy, u, al, torch.tensor([3])))))
+"""
+
+
+def test_launchers_trace_with_a_dynamic_batch():
+    """Under torch.compile (fullgraph, dynamic batch) inside a triton_op, the launchers become their
+    kernel launches with grids symbolic in the batch — the TMA kernels too (descriptor stores are
+    seen as writes) — plus the one workspace memset in backward; the cast's grid is static (R·(K + N)).
+    Real JIT kernels (TRITON_INTERPRET=0), traced on fake tensors; p = 0.25, so backward is split."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TORCH_LOGS": "-dynamo"}
+    proc = subprocess.run([sys.executable, "-c", TRACE], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [eval(line) for line in proc.stdout.strip().splitlines()]  # noqa: S307  (our own subprocess's repr)
+    assert len(rows) == 4
+    for table, design, fwd, bwd in rows:
+        tma = "_tma" if table == 9 else ""
+        assert fwd == ([] if design == "onepass" else [("shrink_kernel", False)]) + [(f"fwd{tma}_kernel", False)]
+        assert bwd == [("aten.zero.default", None), ("bwd_dy_kernel", False), (f"bwd_dx{tma}_kernel", False),
+                       ("finalize_kernel", True)]
+
+
 def test_design_selection(monkeypatch):
     from petal_fast import settings
     cpu = torch.device("cpu")
