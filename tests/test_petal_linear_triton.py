@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from petal_fast.definitions.dropout import mix32
@@ -174,6 +176,23 @@ def test_stream_selects_the_seed_prime_masks(device, design, path):
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
     args = make(24, 16, 20, 4, 2, torch.float32, device, images=4)
     check(*args, scale=0.9, p=0.3, seed=seed, stream=977, design=design, table=PATHS[path])
+
+
+@INTERPRETER
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 70), k=st.integers(1, 56), n=st.integers(1, 56), rank=st.sampled_from([1, 3, 8, 16]),
+       branches=st.sampled_from([1, 2]), p=st.sampled_from([0.0, 0.3]), design=st.sampled_from(DESIGNS),
+       path=st.sampled_from(list(PATHS)), transposed_a=st.booleans(), bias=st.booleans(),
+       stream=st.integers(0, 2**31 - 1), need_x=st.booleans())
+def test_any_shape_and_layout(m, k, n, rank, branches, p, design, path, transposed_a, bias, stream, need_x):
+    """Random shapes (K, N not multiples of anything: TMA falls back where rows are not 16-byte
+    strides), ranks, one or two branches, stored layouts of lora_A, bias, stream, dX wanted or not."""
+    images = next(i for i in (4, 3, 2, 1) if m % i == 0)
+    x, w, b, la, lb, al = make(m, k, n, rank, branches, torch.float32, "cpu", images=images, bias=bias)
+    if transposed_a:
+        la = la.transpose(1, 2).contiguous().transpose(1, 2)
+    check(x, w, b, la, lb, al, scale=0.6, p=p, seed=4321, stream=stream, need_x=need_x, design=design,
+          table=PATHS[path])
 
 
 @pytest.mark.parametrize("device", DEVICES)
