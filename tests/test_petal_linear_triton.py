@@ -387,15 +387,18 @@ def launches(fn, *args):
 
 m, kk, n, r = 48, 32, 40, 4
 f16 = lambda *shape: torch.randn(*shape).to(torch.float16)
-x, dy, w, b, la, lb, u, al = f16(m, kk), f16(m, n), f16(n, kk), f16(n), f16(2, r, kk), f16(2, n, r), f16(m, 2 * r), torch.rand(8)
+x, dy, w, b, u, al = f16(m, kk), f16(m, n), f16(n, kk), f16(n), f16(m, 2 * r), torch.rand(8)
+la, lb = f16(2, r, kk), f16(2, n, r)
 for t in (x, dy, u, al):
     torch._dynamo.mark_dynamic(t, 0)
 for name in ("interpreter", 9):
     table = k.TILE_CONFIGS[name]
     for design in k.DESIGNS:
         with k.use_design(design):
-            print(repr((name, design, launches(lambda x, al, s: fwd(x, w, b, la, lb, al, s), x, al, torch.tensor([3])),
-                        launches(lambda x, dy, u, al, s: bwd(dy, x, w, la, lb, al, u, s), x, dy, u, al, torch.tensor([3])))))
+            seed = torch.tensor([3])
+            f = launches(lambda x, al, s: fwd(x, w, b, la, lb, al, s), x, al, seed)
+            g = launches(lambda x, dy, u, al, s: bwd(dy, x, w, la, lb, al, u, s), x, dy, u, al, seed)
+            print(repr((name, design, f, g)))
 """
 
 
