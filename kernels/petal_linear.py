@@ -51,6 +51,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ._host import direct
 from ._rng import host_threshold, stream_mix
@@ -180,21 +181,30 @@ def _remember(cache: dict, key: tuple, plan) -> None:
     cache[key] = plan
 
 
+def _rows_hint(M) -> int:
+    """M for choosing tiles: its value, or under torch.compile with a dynamic batch the traced example's
+    (no guard, so a new batch size does not recompile; every tile is correct for every M)."""
+    return M if type(M) is int else optimization_hint(M, fallback=4096)
+
+
 def _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p: float, table: dict | None,
                   design: str, tma_aligned: bool) -> ForwardPlan:
+    """Tiles, grids and launch keywords of a forward call. M may be symbolic (a traced dynamic batch):
+    grids are then SymInt expressions."""
     _check(x, lora_A, lora_B, alpha)
     device, dtype = x.device, x.dtype
     (M, K), N = x.shape, weight.shape[0]
+    m_hint = _rows_hint(M)
     branches, rank = lora_A.shape[0], lora_A.shape[1]
     rp, precision, dropout, sms = padded_rank(branches * rank), _precision(dtype), p > 0.0, sm_count(device)
     shrink = fwd = None
     onepass = design == "onepass" and N > 0
     if not onepass:
-        cfg = tiles(choose("shrink", ladder("shrink", device, table), M, 0, sms), "shrink", dtype)
+        cfg = tiles(choose("shrink", ladder("shrink", device, table), m_hint, 0, sms), "shrink", dtype)
         shrink = Launch(shrink_kernel, (_cdiv(M, cfg["BLOCK_M"]),), _meta(cfg, RP=rp, PRECISION=precision))
     if N:
         name = "fwd_onepass" if onepass else "fwd"
-        rung = choose(name, ladder(name, device, table, dropout), M, N, sms)
+        rung = choose(name, ladder(name, device, table, dropout), m_hint, N, sms)
         tma = (bool(rung.get("TMA")) and tma_aligned and weight.stride(1) == 1
                and _tma_ok(dtype, device, K, N, weight.stride(0)))
         cfg = tiles(rung, name, dtype, tma)
@@ -202,7 +212,7 @@ def _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p: float, table: dict 
                       PRECISION=precision)
         m_tiles, n_tiles = _cdiv(M, cfg["BLOCK_M"]), _cdiv(N, cfg["BLOCK_N"])
         if tma:
-            grid = (min(m_tiles * n_tiles, sms * cfg.get("programs_per_sm", 1)),)
+            grid = (torch.sym_min(m_tiles * n_tiles, sms * cfg.get("programs_per_sm", 1)),)
             fwd = Launch(fwd_tma_kernel, grid, _meta(cfg, **consts))
         else:
             fwd = Launch(fwd_kernel, (m_tiles * n_tiles,),
@@ -212,11 +222,14 @@ def _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p: float, table: dict 
         host_threshold(p) if dropout else 0, 1.0 / (1.0 - p))
 
 
-def _dy_split(m_tiles: int, n_tiles: int, target: int) -> tuple[int, int]:
-    """(programs over N, N-tiles per program) for the dY pass: enough programs to fill the device."""
-    split = max(1, min(n_tiles, _cdiv(target, m_tiles)))
+def _dy_split(m_tiles, n_tiles: int, target: int) -> tuple:
+    """(programs over N, N-tiles per program, atomic dT?) for the dY pass: enough programs to fill the
+    device. SymInt arithmetic when M is symbolic; dT is then atomic whenever N has more than one tile
+    (right for any split, no guard on M)."""
+    split = torch.sym_max(1, torch.sym_min(n_tiles, _cdiv(target, m_tiles)))
     per = _cdiv(n_tiles, split)
-    return _cdiv(n_tiles, per), per
+    split = _cdiv(n_tiles, per)
+    return split, per, (split > 1) if type(m_tiles) is int else n_tiles > 1
 
 
 def _backward_plan(x, weight, lora_A, lora_B, alpha, p: float, need_x: bool, table: dict | None,
@@ -224,35 +237,36 @@ def _backward_plan(x, weight, lora_A, lora_B, alpha, p: float, need_x: bool, tab
     _check(x, lora_A, lora_B, alpha)
     device, dtype = x.device, x.dtype
     (M, K), N = x.shape, weight.shape[0]
+    m_hint = _rows_hint(M)
     branches, rank = lora_A.shape[0], lora_A.shape[1]
     R = branches * rank
     rp, precision, dropout, sms = padded_rank(R), _precision(dtype), p > 0.0, sm_count(device)
     onepass = dy = dx = None
     dt_in_ws, per = False, 0
     if design == "onepass" and need_x and not dropout and N and K:
-        cfg = tiles(choose("bwd_onepass", ladder("bwd_onepass", device, table), M, K, sms), "bwd_onepass", dtype)
+        cfg = tiles(choose("bwd_onepass", ladder("bwd_onepass", device, table), m_hint, K, sms), "bwd_onepass",
+                    dtype)
         grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_K"]),)
         onepass = Launch(bwd_onepass_kernel, grid, _meta(cfg, BRANCHES=branches, RP=rp, PRECISION=precision))
     else:
         if N:
-            rung = choose("bwd_dy", ladder("bwd_dy", device, table, dropout), M, N, sms)
+            rung = choose("bwd_dy", ladder("bwd_dy", device, table, dropout), m_hint, N, sms)
             cfg = tiles(rung, "bwd_dy", dtype)
             m_tiles = _cdiv(M, cfg["BLOCK_M"])
-            split, per = _dy_split(m_tiles, _cdiv(N, cfg["BLOCK_N"]), sms * cfg.get("programs_per_sm", 1))
-            dt_in_ws = split > 1
+            split, per, dt_in_ws = _dy_split(m_tiles, _cdiv(N, cfg["BLOCK_N"]), sms * cfg.get("programs_per_sm", 1))
             dy = Launch(bwd_dy_kernel, (m_tiles, split),
                         _meta(cfg, BRANCHES=branches, DROPOUT=dropout, ATOMIC_DT=dt_in_ws, RP=rp,
                               PRECISION=precision))
         else:
             dt_in_ws = True  # no dY pass: dT = 0, the zeroed workspace
         if K:
-            rung = choose("bwd_dx", ladder("bwd_dx", device, table, dropout), M, K, sms)
+            rung = choose("bwd_dx", ladder("bwd_dx", device, table, dropout), m_hint, K, sms)
             tma = (need_x and bool(rung.get("TMA")) and tma_aligned and weight.stride(1) == 1
                    and _tma_ok(dtype, device, K, N, weight.stride(0)))
             cfg = tiles(rung, "bwd_dx", dtype, tma)
             count = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(K, cfg["BLOCK_K"])
             if tma:
-                dx = Launch(bwd_dx_tma_kernel, (min(count, sms * cfg.get("programs_per_sm", 1)),),
+                dx = Launch(bwd_dx_tma_kernel, (torch.sym_min(count, sms * cfg.get("programs_per_sm", 1)),),
                             _meta({k: v for k, v in cfg.items() if k != "EPI_SPLIT"}, RP=rp, PRECISION=precision))
             else:
                 dx = Launch(bwd_dx_kernel, (count,),
@@ -272,10 +286,15 @@ def _stream_mix(stream: int) -> int:
     return stream_mix(stream)
 
 
+def _static(x: torch.Tensor, alpha: torch.Tensor | None) -> bool:
+    """Plain int sizes (not a traced dynamic batch)."""
+    return all(type(d) is int for d in x.shape) and (alpha is None or type(alpha.shape[0]) is int)
+
+
 def _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned, *extra) -> tuple:
     """What a plan depends on (and was validated for)."""
     return (x.device, x.dtype, x.shape, weight.shape, weight.stride(), lora_A.shape, lora_B.shape, bias is None,
-            None if alpha is None else (alpha.shape, alpha.dtype), p, design, tma_aligned,
+            None if alpha is None else (alpha.shape, alpha.stride(), alpha.dtype), p, design, tma_aligned,
             x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32,
             *extra)
 
@@ -292,11 +311,12 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
         raise ValueError("petal_linear (triton): x must be row-major contiguous")
     tma_aligned = _aligned(x, weight)
     design = design_for(x.device, "fwd")
-    key = _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned)
-    plan = _forward_plans.get(key) if table is None else None
+    cached = table is None and _static(x, alpha)  # a traced symbolic batch is planned once, not cached
+    key = _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned) if cached else None
+    plan = _forward_plans.get(key) if cached else None
     if plan is None:
         plan = _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p, table, design, tma_aligned)
-        if table is None:
+        if cached:
             _remember(_forward_plans, key, plan)
     (M, K), N = x.shape, weight.shape[0]
     rank = lora_A.shape[1]
@@ -304,6 +324,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
     u = torch.empty((M, R), dtype=x.dtype, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     sa0, sa1, sak = lora_A.stride()
+    # Arguments a kernel does not read (bias, α with one branch, the seed at p = 0, dX when not wanted)
+    # get a tensor of the call rather than None: one signature per variant under wrap_triton/Inductor.
     if plan.shrink is not None:
         s = plan.shrink
         wrap(s.kernel)[s.grid](x, lora_A, u, M, K, R, rank, sa0, sa1, sak, **s.meta)
@@ -313,8 +335,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
         if f.kernel is fwd_tma_kernel and x.device.type == "cuda":
             _ensure_allocator()
         sb0, sbn, sbr = lora_B.stride()
-        args = (x, weight, bias, lora_A, u, lora_B, alpha, y, M, N, K, R, rank, plan.rows_per_image, scale,
-                seed if dropout else None, _stream_mix(stream) if dropout else 0, plan.threshold, plan.keep_scale)
+        args = (x, weight, weight if bias is None else bias, lora_A, u, lora_B, x if alpha is None else alpha, y,
+                M, N, K, R, rank, plan.rows_per_image, scale, seed if dropout else x,
+                _stream_mix(stream) if dropout else 0, plan.threshold, plan.keep_scale)
         if f.kernel is fwd_tma_kernel:
             wrap(f.kernel)[f.grid](*args, weight.stride(0), sa0, sa1, sak, sb0, sbn, sbr, **f.meta)
         else:
@@ -335,11 +358,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         raise ValueError("petal_linear (triton): x, dy and U must be row-major contiguous")
     tma_aligned = _aligned(x, weight, dy)
     design = design_for(x.device, "bwd")
-    key = _key(x, weight, None, lora_A, lora_B, alpha, p, design, tma_aligned, need_x)
-    plan = _backward_plans.get(key) if table is None else None
+    cached = table is None and _static(x, alpha)
+    key = _key(x, weight, None, lora_A, lora_B, alpha, p, design, tma_aligned, need_x) if cached else None
+    plan = _backward_plans.get(key) if cached else None
     if plan is None:
         plan = _backward_plan(x, weight, lora_A, lora_B, alpha, p, need_x, table, design, tma_aligned)
-        if table is None:
+        if cached:
             _remember(_backward_plans, key, plan)
     (M, K), N = x.shape, weight.shape[0]
     rank = lora_A.shape[1]
@@ -347,34 +371,39 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     dropout = p > 0.0
     ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=x.device)
     ws.zero_()  # the one memset: dA and dB (and dT when split over N) are atomic sums
-    da_ws, db_ws = ws[:R * K], ws[R * K:R * (K + N)]
+    db_off = R * K
     dx = torch.empty_like(x) if need_x else None
     sa0, sa1, sak = lora_A.stride()
     sb0, sbn, sbr = lora_B.stride()
     if plan.onepass is not None:
         o = plan.onepass
-        wrap(o.kernel)[o.grid](dy, weight, lora_B, u, alpha, lora_A, x, dx, da_ws, db_ws, M, N, K, R, rank,
-                               plan.rows_per_image, scale, weight.stride(0), weight.stride(1), sb0, sbn, sbr,
+        wrap(o.kernel)[o.grid](dy, weight, lora_B, u, x if alpha is None else alpha, lora_A, x, dx, ws, ws,
+                               M, N, K, R, rank, plan.rows_per_image, scale, db_off,
+                               weight.stride(0), weight.stride(1), sb0, sbn, sbr,
                                sa0, sa1, sak, **o.meta)
     else:
-        dt = ws[R * (K + N):] if plan.dt_in_ws else torch.empty((M, plan.rp), dtype=torch.float32, device=x.device)
+        if plan.dt_in_ws:
+            dt, dt_off = ws, R * (K + N)
+        else:
+            dt, dt_off = torch.empty((M, plan.rp), dtype=torch.float32, device=x.device), 0
         if plan.dy is not None:
             d = plan.dy
-            wrap(d.kernel)[d.grid](dy, lora_B, u, alpha, dt, db_ws, M, N, R, rank, plan.rows_per_image, scale,
-                                   seed if dropout else None, _stream_mix(stream) if dropout else 0,
-                                   plan.threshold, plan.keep_scale, plan.dy_tiles_per_split, sb0, sbn, sbr, **d.meta)
+            wrap(d.kernel)[d.grid](dy, lora_B, u, x if alpha is None else alpha, dt, ws, M, N, R, rank,
+                                   plan.rows_per_image, scale, seed if dropout else x,
+                                   _stream_mix(stream) if dropout else 0, plan.threshold, plan.keep_scale,
+                                   plan.dy_tiles_per_split, dt_off, db_off, sb0, sbn, sbr, **d.meta)
         if plan.dx is not None:
             d = plan.dx
             if d.kernel is bwd_dx_tma_kernel:
                 if x.device.type == "cuda":
                     _ensure_allocator()
-                wrap(d.kernel)[d.grid](dy, weight, dt, lora_A, x, dx, da_ws, M, N, K, R, rank, weight.stride(0),
+                wrap(d.kernel)[d.grid](dy, weight, dt, lora_A, x, dx, ws, M, N, K, R, rank, dt_off, weight.stride(0),
                                        sa0, sa1, sak, **d.meta)
             else:
-                wrap(d.kernel)[d.grid](dy, weight, dt, lora_A, x, dx, da_ws, M, N, K, R, rank, weight.stride(0),
-                                       weight.stride(1), sa0, sa1, sak, **d.meta)
+                wrap(d.kernel)[d.grid](dy, weight, dt, lora_A, x, x if dx is None else dx, ws, M, N, K, R, rank,
+                                       dt_off, weight.stride(0), weight.stride(1), sa0, sa1, sak, **d.meta)
     if plan.finalize is None:  # float32, workspace = [dA | dB]: the gradients are its two halves
-        return dx, da_ws.view(lora_A.shape), db_ws.view(lora_B.shape)
+        return dx, ws[:db_off].view(lora_A.shape), ws[db_off:].view(lora_B.shape)
     da = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=x.device)
     db = torch.empty(lora_B.shape, dtype=lora_B.dtype, device=x.device)
     f = plan.finalize

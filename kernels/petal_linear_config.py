@@ -7,8 +7,9 @@ picks one rung per shape (cached by the launchers per device, shape, dtype and f
 - GEMMs (fwd, fwd_onepass, bwd_dx, bwd_onepass): the rung with the shortest critical path,
   ⌈tiles / SMs⌉ · (BLOCK_M·BLOCK_N + LOAD_COST·(BLOCK_M + BLOCK_N)) (the busiest SM's tiles, each
   costed as its MMA work plus its operand loads), ties to the larger tile; ``programs_per_sm``
-  programs share an SM (latency hiding, not more work done). So 8192+ rows keep 128 × 256 tiles and the PETALface batch-8 shapes (M = 200..3200) step
-  down to 128 × 128 / 64 × 128 / 64 × 64 tiles instead of running 24–63 CTAs on 132 SMs.
+  programs share an SM (latency hiding, not more work done). So 8192+ rows keep 128 × 256 tiles and
+  the PETALface batch-8 shapes (M = 200..3200) step down to 128 × 128 / 64 × 128 / 64 × 64 tiles
+  instead of running 10–117 CTAs of 128 × 256 on 132 SMs.
 - Bandwidth passes (shrink, bwd_dy): the largest BLOCK_M that still gives every SM
   ``programs_per_sm`` programs, else the smallest rung; bwd_dy then splits N over programs.
 

@@ -172,14 +172,18 @@ def fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, alpha_ptr, y_ptr,
 @triton.jit(do_not_specialize=["stream_mix", "threshold"])
 def bwd_dy_kernel(dy_ptr, b_ptr, u_ptr, alpha_ptr, dt_ptr, db_ptr,
                   M, N, R, rank, rows_per_image, scale, seed_ptr, stream_mix, threshold, keep_scale,
-                  tiles_per_split, s_b0, s_bn, s_br,
+                  tiles_per_split, dt_off, db_off, s_b0, s_bn, s_br,
                   BRANCHES: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC_DT: tl.constexpr, RP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One pass over a (BLOCK_M rows × a range of N) slab of dY: dT = c ⊙ D(dY) B_cat, dB += D(dY)ᵀ V.
 
-    dT (M × RP, fp32) is stored, or atomically added when N is split over programs; dB is always
-    atomically added (a reduction over M) to the fp32 workspace in lora_B's layout (branches, N, r).
+    dT (M × RP, fp32, at dt_ptr + dt_off) is stored, or atomically added when N is split over programs;
+    dB is always atomically added (a reduction over M) to the fp32 workspace at db_ptr + db_off, in
+    lora_B's layout (branches, N, r). (Offsets into one workspace rather than views of it: a traced
+    graph then sees one buffer written, not views scattered back.)
     """
+    dt_ptr += dt_off
+    db_ptr += db_off
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, RP)
@@ -246,11 +250,13 @@ def dx_da_epilogue(acc, dt, a_ptr, xt, rows, offs_k, offs_r, m_ok, k_ok, r_ok, K
 
 @triton.jit
 def bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
-                  M, N, K, R, rank, s_wn, s_wk, s_a0, s_a1, s_ak,
+                  M, N, K, R, rank, dt_off, s_wn, s_wk, s_a0, s_a1, s_ak,
                   COMPUTE_DX: tl.constexpr, RP: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """One (BLOCK_M × BLOCK_K) tile of dX = dY W + dT A_cat (one accumulator) and its dA += dTᵀ x part."""
+    """One (BLOCK_M × BLOCK_K) tile of dX = dY W + dT A_cat (one accumulator) and its dA += dTᵀ x part
+    (dT at dt_ptr + dt_off, dA at da_ptr)."""
+    dt_ptr += dt_off
     pid_m, pid_k = tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -279,7 +285,7 @@ def bwd_dx_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
 
 @triton.jit
 def bwd_onepass_kernel(dy_ptr, w_ptr, b_ptr, u_ptr, alpha_ptr, a_ptr, x_ptr, dx_ptr, da_ptr, db_ptr,
-                       M, N, K, R, rank, rows_per_image, scale,
+                       M, N, K, R, rank, rows_per_image, scale, db_off,
                        s_wn, s_wk, s_b0, s_bn, s_br, s_a0, s_a1, s_ak,
                        BRANCHES: tl.constexpr, RP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -291,8 +297,9 @@ def bwd_onepass_kernel(dy_ptr, w_ptr, b_ptr, u_ptr, alpha_ptr, a_ptr, x_ptr, dx_
     pass over dY); dB += dYᵀ V for N-tile t is added by the programs with t ≡ pid_k (mod #K-tiles),
     so every (M-tile, N-tile) pair is counted once (every program computes the product, see the
     loop: another RP/BLOCK_K of tensor-core work).
-    Then dT = c ⊙ dU, dX = dY W + dT A_cat (one accumulator), dA += dTᵀ x.
+    Then dT = c ⊙ dU, dX = dY W + dT A_cat (one accumulator), dA += dTᵀ x (dB at db_ptr + db_off).
     """
+    db_ptr += db_off
     pid_m, pid_k = tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     k_tiles = tl.cdiv(K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

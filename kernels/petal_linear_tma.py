@@ -142,11 +142,13 @@ def fwd_tma_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, alpha_ptr, y_ptr
 
 @triton.jit
 def bwd_dx_tma_kernel(dy_ptr, w_ptr, dt_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
-                      M, N, K, R, rank, s_wn, s_a0, s_a1, s_ak,
+                      M, N, K, R, rank, dt_off, s_wn, s_a0, s_a1, s_ak,
                       RP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, PRECISION: tl.constexpr):
     """Persistent dX: for each (BLOCK_M × BLOCK_K) tile, dY W from TMA tiles, + dT A_cat (one more K
-    step), TMA store; dA += dTᵀ x from the tile's x, read by TMA (fp32 atomics, lora_A's layout)."""
+    step), TMA store; dA += dTᵀ x from the tile's x, read by TMA (fp32 atomics, lora_A's layout).
+    dT at dt_ptr + dt_off."""
+    dt_ptr += dt_off
     dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[s_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])

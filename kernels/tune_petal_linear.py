@@ -166,6 +166,7 @@ def _arg_values(rank: int, branches: int, rp: int) -> dict[str, object]:
     M, K, N = _SHAPE["M"], _SHAPE["K"], _SHAPE["N"]
     return dict(M=M, N=N, K=K, R=branches * rank, rank=rank, rows_per_image=_SHAPE["rows_per_image"], scale=0.5,
                 stream_mix=12345, threshold=1677722, keep_scale=1.1, tiles_per_split=3,
+                dt_off=branches * rank * (K + N), db_off=branches * rank * K,
                 s_wn=K, s_wk=1, s_a0=rank * K, s_a1=K, s_ak=1, s_b0=N * rank, s_bn=rank, s_br=1,
                 n_a=branches * rank * K, n_all=branches * rank * (K + N))
 
@@ -180,10 +181,8 @@ def _source(fn, consts: dict, values: dict, dtype: str, seed: bool):
     for i, arg in enumerate(fn.arg_names):
         if arg in consts:
             signature[arg] = "constexpr"
-        elif arg == "seed_ptr" and not seed:
-            signature[arg], constants[arg] = "constexpr", None
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*i64" if arg == "seed_ptr" else "*" + ("fp32" if arg in _FP32_PTRS else dtype)
+        elif arg.endswith("_ptr"):  # the seed at p = 0: x stands in (never read)
+            signature[arg] = "*i64" if arg == "seed_ptr" and seed else "*" + ("fp32" if arg in _FP32_PTRS else dtype)
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             param = fn.params[i]

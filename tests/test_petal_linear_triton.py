@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from petal_fast.definitions.dropout import mix32
@@ -176,6 +178,23 @@ def test_stream_selects_the_seed_prime_masks(device, design, path):
     check(*args, scale=0.9, p=0.3, seed=seed, stream=977, design=design, table=PATHS[path])
 
 
+@INTERPRETER
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 70), k=st.integers(1, 56), n=st.integers(1, 56), rank=st.sampled_from([1, 3, 8, 16]),
+       branches=st.sampled_from([1, 2]), p=st.sampled_from([0.0, 0.3]), design=st.sampled_from(DESIGNS),
+       path=st.sampled_from(list(PATHS)), transposed_a=st.booleans(), bias=st.booleans(),
+       stream=st.integers(0, 2**31 - 1), need_x=st.booleans())
+def test_any_shape_and_layout(m, k, n, rank, branches, p, design, path, transposed_a, bias, stream, need_x):
+    """Random shapes (K, N not multiples of anything: TMA falls back where rows are not 16-byte
+    strides), ranks, one or two branches, stored layouts of lora_A, bias, stream, dX wanted or not."""
+    images = next(i for i in (4, 3, 2, 1) if m % i == 0)
+    x, w, b, la, lb, al = make(m, k, n, rank, branches, torch.float32, "cpu", images=images, bias=bias)
+    if transposed_a:
+        la = la.transpose(1, 2).contiguous().transpose(1, 2)
+    check(x, w, b, la, lb, al, scale=0.6, p=p, seed=4321, stream=stream, need_x=need_x, design=design,
+          table=PATHS[path])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_hash_matches_reference(device):
     from petal_fast.kernels import _rng
@@ -322,6 +341,86 @@ def test_plans_are_cached():
     assert list(kernels._forward_plans.values()) == [plan]
     kernels.forward(torch.randn(30, 16), w, b, la, lb, torch.rand(5), 0.5, 0.1, seed, 1)
     assert len(kernels._forward_plans) == 2
+
+
+TRACE = """
+import sys, torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+from torch._dynamo.backends.common import aot_autograd
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from petal_fast.kernels import petal_linear as k
+
+table = None
+
+@triton_op("kernel_trace_test::fwd", mutates_args=())
+def fwd(x: Tensor, w: Tensor, b: Tensor, la: Tensor, lb: Tensor, al: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    return k.forward(x, w, b, la, lb, al, 0.5, 0.25, s, 3, table=table, wrap=wrap_triton)
+
+@triton_op("kernel_trace_test::bwd", mutates_args=())
+def bwd(dy: Tensor, x: Tensor, w: Tensor, la: Tensor, lb: Tensor, al: Tensor, u: Tensor,
+        s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return k.backward(dy, x, w, la, lb, al, u, 0.5, 0.25, s, 3, True, table=table, wrap=wrap_triton)
+
+class Captured(Exception):
+    pass
+
+FREE = ("aten.empty", "aten.view", "aten.alias", "aten.sym_", "<built-in", "<function sym")
+
+def launches(fn, *args):
+    graphs = []
+    def capture(gm, example_inputs):  # the graph Inductor would get; stop there (no GPU to run it)
+        graphs.append(gm)
+        raise Captured()
+    try:
+        torch.compile(fn, backend=aot_autograd(fw_compiler=capture), fullgraph=True)(*args)
+    except Exception as err:
+        assert "Captured" in str(err), err
+    out = []
+    for node in graphs[0].graph.nodes:
+        if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            out.append((kernel.fn.__name__, all(isinstance(g, int) for g in node.kwargs["grid"][0])))
+        elif node.op == "call_function" and not str(node.target).startswith(FREE):
+            out.append((str(node.target), None))  # anything but an allocation, a view or size arithmetic
+    return out
+
+m, kk, n, r = 48, 32, 40, 4
+f16 = lambda *shape: torch.randn(*shape).to(torch.float16)
+x, dy, w, b, u, al = f16(m, kk), f16(m, n), f16(n, kk), f16(n), f16(m, 2 * r), torch.rand(8)
+la, lb = f16(2, r, kk), f16(2, n, r)
+for t in (x, dy, u, al):
+    torch._dynamo.mark_dynamic(t, 0)
+for name in ("interpreter", 9):
+    table = k.TILE_CONFIGS[name]
+    for design in k.DESIGNS:
+        with k.use_design(design):
+            seed = torch.tensor([3])
+            f = launches(lambda x, al, s: fwd(x, w, b, la, lb, al, s), x, al, seed)
+            g = launches(lambda x, dy, u, al, s: bwd(dy, x, w, la, lb, al, u, s), x, dy, u, al, seed)
+            print(repr((name, design, f, g)))
+"""
+
+
+def test_launchers_trace_with_a_dynamic_batch():
+    """Under torch.compile (fullgraph, dynamic batch) inside a triton_op, the launchers become their
+    kernel launches with grids symbolic in the batch — the TMA kernels too (descriptor stores are
+    seen as writes) — plus the one workspace memset in backward; the cast's grid is static (R·(K + N)).
+    Real JIT kernels (TRITON_INTERPRET=0), traced on fake tensors; p = 0.25, so backward is split."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TORCH_LOGS": "-dynamo"}
+    proc = subprocess.run([sys.executable, "-c", TRACE], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [eval(line) for line in proc.stdout.strip().splitlines()]  # noqa: S307  (our own subprocess's repr)
+    assert len(rows) == 4
+    for table, design, fwd, bwd in rows:
+        tma = "_tma" if table == 9 else ""
+        assert fwd == ([] if design == "onepass" else [("shrink_kernel", False)]) + [(f"fwd{tma}_kernel", False)]
+        assert bwd == [("aten.zero.default", None), ("bwd_dy_kernel", False), (f"bwd_dx{tma}_kernel", False),
+                       ("finalize_kernel", True)]
 
 
 def test_design_selection(monkeypatch):
