@@ -271,8 +271,12 @@ def test_compiled_graph_holds_the_kernel_launches():
     lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
     fwd, bwd = eval(lines["fwd"]), eval(lines["bwd"])  # noqa: S307  (our own subprocess's repr)
     assert [name for name, _ in fwd] in (["shrink_kernel", "fwd_kernel"], ["fwd_kernel"])
-    assert [name for name, _ in bwd] in (["bwd_dy_kernel", "bwd_dx_kernel"], ["bwd_onepass_kernel"])
-    assert not any(static for _, static in fwd + bwd)  # every grid depends on the dynamic batch
+    assert [name for name, _ in bwd] in (["bwd_dy_kernel", "bwd_dx_kernel", "finalize_kernel"],
+                                         ["bwd_onepass_kernel", "finalize_kernel"])
+    # every grid depends on the dynamic batch, but the cast of [dA | dB] (R·(K + N) elements) to the
+    # parameters' dtype
+    assert not any(static for name, static in fwd + bwd if name != "finalize_kernel")
+    assert dict(bwd)["finalize_kernel"]
     assert [name for name, _ in eval(lines["margin_fwd"])] == ["_fwd_kernel"]  # noqa: S307
     assert [name for name, _ in eval(lines["margin_bwd"])] == ["_bwd_de_kernel", "_bwd_dw_kernel"]  # noqa: S307
     brisque = eval(lines["brisque"])  # noqa: S307  (one launch per scale)
