@@ -321,3 +321,17 @@ def test_alpha_changed_in_place_inside_a_scope_is_seen(route):
          "data": lambda: alpha.data.copy_(new), "inplace": lambda: alpha.copy_(new)}[route]()
         torch.testing.assert_close(layer(x), ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A,
                                                               layer.lora_B, new, 1.0))
+
+
+def test_injected_layers_get_the_same_streams_in_every_build():
+    """Streams are numbered per model in module order: a model built twice (another run, a resumed one)
+    draws the same dropout masks; the layers of one model have different streams."""
+    def build():
+        model = nn.Sequential(TinyBlock(), TinyBlock())
+        inject_petal(model, "qkv", rank=2, dropout=0.5)
+        inject_petal(model, "mlp", rank=2, branches=1, dropout=0.5)
+        return model
+    a, b = build(), build()
+    streams = [m.stream for m in a.modules() if isinstance(m, PetalLinear)]
+    assert streams == [m.stream for m in b.modules() if isinstance(m, PetalLinear)]
+    assert sorted(streams) == list(range(1, 5))

@@ -274,9 +274,7 @@ class PetalFace(FaceModel):
         calibrate(self.quality_to_alpha, torch.utils.data.DataLoader(_Batches(images), batch_size=None), **kwargs)
 
     def embedding(self, images: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
-        if self.branches == 1:
-            return self.backbone(images)
-        if alpha is None:
+        if self.branches == 2 and alpha is None:
             alpha = self.alpha(images)
-        with alpha_scope(alpha):
+        with alpha_scope(alpha if self.branches == 2 else None):  # α, and one dropout seed for the pass
             return self.backbone(images)

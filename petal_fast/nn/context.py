@@ -37,7 +37,7 @@ class AlphaScope:
     outlives the block.
     """
 
-    alpha: torch.Tensor
+    alpha: torch.Tensor | None
     _seed: torch.Tensor | None = None
     _seeded: set = dataclasses.field(default_factory=set)
 
@@ -53,9 +53,11 @@ class AlphaScope:
 
 
 @contextlib.contextmanager
-def alpha_scope(alpha: torch.Tensor) -> Iterator[AlphaScope]:
-    """Provide the per-image quality weight α to every two-branch PetalLinear inside the block."""
-    if not isinstance(alpha, torch.Tensor):
+def alpha_scope(alpha: torch.Tensor | None) -> Iterator[AlphaScope]:
+    """Provide the per-image quality weight α to every two-branch PetalLinear inside the block, and one
+    dropout seed to all its layers. ``alpha_scope(None)`` marks a forward pass of one-branch layers
+    (plain LoRA): the seed only."""
+    if alpha is not None and not isinstance(alpha, torch.Tensor):
         raise TypeError(f"alpha_scope(alpha): alpha must be a tensor, got {type(alpha).__name__}")
     scope = AlphaScope(alpha)
     stack = _local.stack

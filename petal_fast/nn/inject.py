@@ -78,8 +78,17 @@ def inject_petal(model: nn.Module, targets: Targets, rank: int = 8, scale: float
         layer.train(linear.training)
         setattr(parent, child, layer)
         report.replaced.append(name)
+    number_streams(model)
     report.trainable, report.total = parameter_counts(model)
     return report
+
+
+def number_streams(model: nn.Module) -> None:
+    """Give the model's PetalLinear layers the dropout streams 1, 2, … in module order: layers sharing a
+    forward pass's seed draw different masks, and the same model built again (another run, a resumed
+    one) draws the same masks."""
+    for i, (_, layer) in enumerate(petal_layers(model), start=1):
+        layer.stream = i
 
 
 def petal_layers(model: nn.Module) -> list[tuple[str, PetalLinear]]:

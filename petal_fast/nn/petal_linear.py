@@ -5,6 +5,11 @@
 ``weight``/``bias`` are frozen; ``lora_A`` (branches × r × in) and ``lora_B`` (branches × out × r)
 are trained; branch 0 (``branch_lr``) is weighted by (1 − α), branch 1 (``branch_hr``) by α.
 ``branches=1`` is plain LoRA (y = x Wᵀ + b + s·D(x Aᵀ Bᵀ)), the paper's feature-layer adapter.
+
+Dropout masks come from a seed on x's device and the layer's ``stream``: inside an ``alpha_scope`` (as
+PetalFace runs its backbone) one seed drawn per pass from torch's generator (checkpointed with a run,
+so a resumed run draws the same masks); outside one, the layer's own seed drawn once and a stream per
+call (no launch per call; not reproduced by a resume). ``inject_petal`` numbers the streams of a model.
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ class Distributed:
         if cfg.compile or cfg.cuda_graphs:
             # reduce-overhead: Inductor records the forward and backward graphs as CUDA graphs and replays
             # them (static shapes per batch size); nothing in them may be a CPU tensor or a host sync
-            net = torch.compile(net, fullgraph=True, mode="reduce-overhead" if cfg.cuda_graphs else None)
+            net = torch.compile(net, fullgraph=True, **({"mode": "reduce-overhead"} if cfg.cuda_graphs else {}))
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
