@@ -202,7 +202,7 @@ def _linear_scenario(cuda, scenario: str) -> dict:
 
 def _petalface_scenario(cuda) -> dict:
     """The smallest PETALface (tests/test_compile.py's settings) training as the trainer does on CUDA:
-    bf16 autocast, the fused margin loss, backward, AdamW (foreach: its default for CUDA parameters)."""
+    bf16 autocast, the fused margin loss, backward, AdamW (fused, as the trainer builds it on CUDA)."""
     import torch
 
     from petal_fast.models import PetalFace, face_swin
@@ -212,7 +212,7 @@ def _petalface_scenario(cuda) -> dict:
                              window_size=5, embedding_size=64, drop_path_rate=0.1, feature_dropout=0.25)
         model = PetalFace(backbone, num_classes=10, quality="brisque", dropout=0.1).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     images = torch.rand(4, 3, 20, 20, device="cuda") * 2 - 1
     labels = torch.randint(0, 10, (4,), device="cuda")
 
