@@ -27,7 +27,7 @@ DEVICE="${DEVICE:-cuda}"
 QUICK_FLAG=$([[ -n "${QUICK:-}" ]] && echo --quick || true)
 unset TRITON_INTERPRET  # real kernels on the GPU, never the interpreter
 
-# Packages the host lacks come as wheels in .whl/ (README, "GPU runs"): the `brisque` distribution holds
+# Packages the host lacks come as wheels in .whl/ (docs/performance.md, "Reproducing"): the `brisque` distribution holds
 # BRISQUE's trained SVR model. They go to a scratch folder, never into the host's environment.
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/petal_fast_site .whl/*.whl || exit 2

@@ -15,9 +15,10 @@ from types import ModuleType
 class Suite:
     key: str                     # name on the command line
     module: str                  # the per-op script
-    title: str                   # heading in tables, charts and the README
+    title: str                   # heading in tables, charts and docs/performance.md
     csv_names: tuple[str, ...]   # SUITE values the script may use (results file stem)
-    goal: str                    # the docs/design.md §6 target, quoted in the README section
+    goal: str                    # the docs/design.md §6 target, quoted in docs/performance.md
+    gpu: bool = True             # has GPU results to wait for (the host suite measures on a CPU only)
 
 
 SUITES: dict[str, Suite] = {s.key: s for s in (
@@ -35,7 +36,7 @@ SUITES: dict[str, Suite] = {s.key: s for s in (
           "training step ≥ 1.3× (CPU) / ≥ 1.5× (H100) faster than the reference model"),
     Suite("host", "benchmarks.bench_host", "PetalLinear CUDA host path (µs per call, launches stubbed)", ("host",),
           "at every PETALface shape in training (p = 0.1, α scope): forward ≤ 100 µs, backward ≤ 300 µs of host "
-          "time on the project's 2-core CPU"),
+          "time on the project's 2-core CPU", gpu=False),
     Suite("deploy", "benchmarks.bench_deploy", "PETALface deployment (eager, torch.compile, ONNX Runtime)",
           ("deploy",), "compiled ≥ eager (training step and inference); exported files equal PyTorch's embeddings"),
 )}

@@ -1,7 +1,8 @@
-"""The benchmark runner, charts and README report: quick CPU run into a temporary --out folder."""
+"""The benchmark runner, charts and the docs/performance.md report: quick CPU run into a temporary --out folder."""
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -243,11 +244,11 @@ def test_report_rewrites_only_its_region(tmp_path):
     common.append_rows("linear", [_row(cpu, "linear", "M=8 K=4 N=4", "base", 1.0, 1.0),
                                   _row(cpu, "linear", "M=8 K=4 N=4", "fused", 1.03, 1.03)],
                        path=results / "linear.csv")
-    readme = tmp_path / "README.md"
+    target = tmp_path / "performance.md"
     head, tail = "# Title\n\nintro\n", "\n## After\nkept\n"
-    readme.write_text(f"{head}{report.START}\nstale\n{report.END}\n{tail}")
-    assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    target.write_text(f"{head}{report.START}\nstale\n{report.END}\n{tail}")
+    assert report.main(["--results", str(results), "--target", str(target)]) == 0
+    text = target.read_text()
     assert text.startswith(head + report.START + "\n") and text.endswith(report.END + "\n" + tail)
     section = text[text.index(report.START):text.index(report.END)]
     assert "stale" not in section
@@ -265,8 +266,21 @@ def test_report_rewrites_only_its_region(tmp_path):
 
     unmarked = tmp_path / "OTHER.md"
     unmarked.write_text("no markers here\n")
-    assert report.main(["--results", str(results), "--readme", str(unmarked)]) == 2
+    assert report.main(["--results", str(results), "--target", str(unmarked)]) == 2
     assert unmarked.read_text() == "no markers here\n"
+
+
+def test_committed_tables_live_in_docs_performance_and_link_inside_the_repo():
+    """The default target holds the one generated region; its links resolve to files of this repository
+    (no machine path), and the README holds no generated region."""
+    assert report.TARGET == REPO / "docs" / "performance.md"
+    text = report.TARGET.read_text()
+    section = report.render(common.RESULTS, report.TARGET.parent)
+    assert report.replace_region(text, section) == text, "docs/performance.md is stale: python -m benchmarks.report"
+    links = re.findall(r"\]\(([^)#]+)\)", section)
+    assert links and all((report.TARGET.parent / link).resolve().is_file() for link in links)
+    assert str(REPO) not in section and "`benchmarks/results/*.csv`" in section
+    assert report.START not in (REPO / "README.md").read_text()
 
 
 def test_benchmarks_not_in_the_normal_test_run():
