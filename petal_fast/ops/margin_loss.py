@@ -44,6 +44,13 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
                backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs; the Triton
     backend through its triton_op (torch.compile sees the kernels), the others through the opaque operator."""
+    if not triton_op_runs(backend):
+        # The C++ and torch cores take one dtype and accumulate in fp32 anyway: 16-bit inputs (bf16
+        # embeddings against fp32 centres under torch.autocast / amp) enter as fp32; the cast is
+        # differentiable, so each gradient comes back in its input's dtype.
+        dtype = torch.promote_types(e.dtype, w.dtype)
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        e, w = e.to(dtype), w.to(dtype)
     args = (e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale))
     if triton_op_runs(backend):
         from .margin_loss_triton_library import triton_margin_core

@@ -75,7 +75,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, self.rank, self.world)
         self.output = self.checkpointer.output
         self.amp_dtype = _AMP.get(cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off"))
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         set_train_mode(self.model, cfg)
 
     # -- the parts ------------------------------------------------------------------------------
