@@ -42,6 +42,7 @@ from .data import StepBatches, build_dataset, dataset_labels, make_loader, prepa
 from .distributed import Distributed, resolve_device
 from .model import build_training_model, image_size_of, preset_image_size, set_train_mode
 from .optim import build_optimizer, build_scheduler
+from .resources import check_data_fits, check_model_fits
 from .result import TrainResult
 from .run_log import RunLog
 
@@ -58,6 +59,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.image_size = image_size_of(model) if model is not None else preset_image_size(cfg)
+        if dataset is None:
+            self.dist.together(lambda: check_data_fits(cfg, self.image_size))
         self.dataset = dataset if dataset is not None else build_dataset(cfg, self.image_size)
         self.model = model if model is not None else self._build_model()
         self._check_head()
@@ -97,6 +100,7 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         num_classes = resolve_num_classes(self.cfg, self.dataset)
+        self.dist.together(lambda: check_model_fits(self.cfg, num_classes, self.image_size, self.device))
         torch.manual_seed(self.cfg.seed)  # the model's init must not depend on how the data was built
         return build_training_model(self.cfg, num_classes, self.device)
 
