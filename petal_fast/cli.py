@@ -37,10 +37,12 @@ def _eval(argv: Sequence[str]) -> int:
                                  "on .bin pairs, identification on RecordIO / ImageFolder / synthetic sets).")
     ap.add_argument("--checkpoint", required=True, help="run directory of `petal-fast train` or its model.pt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--partial-load", action="store_true",
+                    help="load only the tensors of model.pt that fit (default: all must, or it is an error)")
     add_eval_arguments(ap)
     ap.set_defaults(image_size=None)
     args = ap.parse_args(argv)
-    model = load_trained(args.checkpoint, args.device)
+    model = load_trained(args.checkpoint, args.device, partial=args.partial_load)
     size = image_size_of(model)
     if args.image_size is None:  # evaluate at the model's own input size unless asked otherwise
         args.image_size = size

@@ -50,6 +50,7 @@ class TrainConfig:
     backbone: str = "petalface"          # preset: petalface | small | tiny | vit_t | vit_s | vit_b | vit_tiny
     backbone_overrides: dict = field(default_factory=dict)
     pretrained: str | None = None        # backbone (or full model) checkpoint to start from
+    pretrained_partial: bool = False     # load only the tensors of `pretrained` that fit (default: all must)
     num_classes: int | None = None       # margin-head classes; default: from the data (RecordIO header, labels)
     paper_compat: bool = False           # released Swin quirk: SW-MSA mask built but not applied
     data: DataConfig = field(default_factory=DataConfig)

@@ -122,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--alpha", required=True, help="a fixed α in [0, 1] (merged into W) or 'input'")
     ap.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
+    ap.add_argument("--partial-load", action="store_true",
+                    help="load only the tensors of model.pt that fit (default: all must, or it is an error)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
     from petal_fast.train import image_size_of, load_trained
-    model = load_trained(args.checkpoint, "cpu")
+    model = load_trained(args.checkpoint, "cpu", partial=args.partial_load)
     path = export(model, image_size_of(model), args.format, args.alpha, args.output)
     kind = "α as input (images, alpha)" if args.alpha == "input" else f"merged at α = {float(args.alpha)} (images)"
     print(f"wrote {path} ({args.format}, {kind} → embeddings, dynamic batch)")

@@ -79,8 +79,10 @@ class Checkpointer:
         if state.get("world", 1) != self.world:
             raise ValueError(f"{self.path} was written by {state.get('world')} processes, this run has {self.world}")
         unknown = [k for k in state["model"] if k not in model.state_dict()]
-        if unknown:
-            raise ValueError(f"{self.path} does not fit this model; unknown keys: {unknown[:5]}")
+        missing = [k for k in self._weights(model) if k not in state["model"]]  # would keep their initial values
+        if unknown or missing:
+            raise ValueError(f"{self.path} does not fit this model; " + "; ".join(
+                f"{what} keys: {keys[:5]}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys))
         return state
 
     def restore(self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
