@@ -42,6 +42,10 @@ def _eval(argv: Sequence[str]) -> int:
     add_eval_arguments(ap)
     ap.set_defaults(image_size=None)
     args = ap.parse_args(argv)
+    from petal_fast.eval.cli import output_files
+    from petal_fast.io_guard import check_outputs
+    from petal_fast.train import trained_inputs
+    check_outputs("petal-fast eval", output_files(args.out), trained_inputs(args.checkpoint))
     model = load_trained(args.checkpoint, args.device, partial=args.partial_load)
     size = image_size_of(model)
     if args.image_size is None:  # evaluate at the model's own input size unless asked otherwise

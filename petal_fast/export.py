@@ -125,7 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--partial-load", action="store_true",
                     help="load only the tensors of model.pt that fit (default: all must, or it is an error)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from petal_fast.train import image_size_of, load_trained
+    from petal_fast.io_guard import check_outputs
+    from petal_fast.train import image_size_of, load_trained, trained_inputs
+    check_outputs("petal-fast export", [args.output], trained_inputs(args.checkpoint))
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder: name the file to write (e.g. "
+                         f"{Path(args.output) / ('model.' + args.format)})")
     model = load_trained(args.checkpoint, "cpu", partial=args.partial_load)
     path = export(model, image_size_of(model), args.format, args.alpha, args.output)
     kind = "α as input (images, alpha)" if args.alpha == "input" else f"merged at α = {float(args.alpha)} (images)"

@@ -36,7 +36,7 @@ from petal_fast.training.trainer import Trainer
 
 __all__ = ["RESUME_FREE", "StepBatches", "Trainer", "TrainResult", "build_dataset", "build_training_model",
            "check_same_run", "config_differences", "dataset_labels", "dataset_num_classes", "image_size_of",
-           "load_trained", "main", "prepare_images", "preset_image_size", "resolve_num_classes", "set_train_mode",
+           "load_trained", "main", "prepare_images", "trained_inputs", "preset_image_size", "resolve_num_classes", "set_train_mode",
            "train", "warmup_linear"]
 
 
@@ -81,6 +81,23 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", partia
     bad = {m.split(":")[0] for m in mismatched}
     model.load_state_dict({k: v for k, v in saved.items() if k in own and k not in bad}, strict=False)
     return model.eval()
+
+
+def trained_inputs(run_dir: str | Path) -> dict[str, list[Path]]:
+    """The files :func:`load_trained` reads for a run (its ``model.pt`` and pretrained checkpoint) and the
+    run's other files, for commands that must not write over them (``eval``, ``export``)."""
+    from petal_fast.io_guard import run_files
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
+    inputs = {"the trained model": [path], "a file of the trained run": run_files(path.parent)}
+    try:  # the metadata only: mmap leaves the tensors on disk
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("metadata", {})
+        pretrained = meta.get("config", {}).get("pretrained")
+    except Exception:  # noqa: BLE001 - unreadable files are load_trained's to report
+        pretrained = None
+    if isinstance(pretrained, str):
+        inputs["the run's pretrained checkpoint"] = [Path(pretrained)]
+    return inputs
 
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, dataset=None) -> tuple[Trainer, TrainResult]:

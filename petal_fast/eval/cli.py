@@ -132,9 +132,27 @@ def check_eval_arguments(args: argparse.Namespace) -> None:
                "this evaluation", "lower --batch-size, --image-size or --num-pairs")
 
 
+def output_files(out: str) -> list[str]:
+    """What ``run_eval`` writes: the ``--out`` folder and its report, table and plots."""
+    return [out] + [os.path.join(out, name) for name in ("eval.json", "eval.md", "roc.png", "cmc.png")]
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The report must not overwrite a data file or land inside an ImageFolder that is being read."""
+    from petal_fast.io_guard import check_outputs, data_inputs
+    files, folders = [], []
+    for spec in list(args.data) + ([args.distractors] if args.distractors else []):
+        if not spec.startswith("synthetic"):
+            f, d = data_inputs(spec)
+            files, folders = files + f, folders + d
+    check_outputs("petal-fast eval", output_files(args.out), {"a data set": files},
+                  {"an ImageFolder data set": folders})
+
+
 def run_eval(embed_fn: EmbedFn, args: argparse.Namespace) -> dict[str, dict]:
     """Run every requested protocol on every --data set; write JSON, Markdown, ROC and CMC PNGs to --out."""
     check_eval_arguments(args)
+    _check_outputs(args)
     transform = Degrade.fixed(args.lowres, out_size=args.image_size) if args.lowres is not None else None
     kw = dict(batch_size=args.batch_size, flip=not args.no_flip, transform=transform, device=args.device, progress=True)
     results: dict[str, dict] = {}

@@ -37,13 +37,14 @@ from torch import nn
 
 from petal_fast.config import TrainConfig
 
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, check_outputs
 from .data import StepBatches, build_dataset, dataset_labels, make_loader, prepare_images, resolve_num_classes
 from .distributed import Distributed, resolve_device
 from .model import build_training_model, image_size_of, preset_image_size, set_train_mode
 from .optim import build_optimizer, build_scheduler
 from .resources import check_data_fits, check_model_fits
 from .result import TrainResult
+from .run_lock import RunLock
 from .run_log import RunLog
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +55,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, dataset=None):
         self.cfg = cfg.validate()
+        check_outputs(cfg)  # before anything is read or written
         self.device = resolve_device(cfg.device)
         self.dist = Distributed(self.device)
         torch.manual_seed(cfg.seed)
@@ -194,7 +196,17 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to the configured end (or only until global step ``stop_after``, as if interrupted:
-        the schedule still spans the whole run, so a later resume continues it exactly)."""
+        the schedule still spans the whole run, so a later resume continues it exactly). The output
+        folder is this run's alone meanwhile (:class:`~.run_lock.RunLock`, taken by rank 0)."""
+        lock = RunLock(self.output) if self.rank == 0 else None
+        self.dist.together(lambda: lock.acquire() if lock is not None else None)
+        try:
+            return self._fit(stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, stop_after: int | None) -> TrainResult:
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         start_epoch, start_in_epoch = self.resume()  # first: a refused resume changes nothing
         self.checkpointer.prepare_folder()
