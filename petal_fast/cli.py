@@ -14,10 +14,17 @@ USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 
 def report_errors(prog: str, fn: Callable[..., int], *args: Any) -> int:
-    """``fn(*args)``; a user error is printed as ``prog: error: message`` and exits with status 2 (no
-    traceback; the ``debug`` setting, ``PETAL_FAST_DEBUG=1``, re-raises it)."""
+    """``fn(*args)``; a user error is printed as ``prog: error: message`` and exits with status 2, a run
+    that failed (``TrainingFailed``: nothing trained, diverged) with status 1 (no traceback either
+    way; the ``debug`` setting, ``PETAL_FAST_DEBUG=1``, re-raises it)."""
+    from petal_fast.training.result import TrainingFailed
     try:
         return fn(*args)
+    except TrainingFailed as err:
+        if settings.current().debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         if settings.current().debug:
             raise

@@ -11,7 +11,6 @@ loading leaves model, optimizer, schedule and RNG as they were.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from petal_fast.atomic_files import atomic_save, atomic_write_text, clean_stale_tmp
 from petal_fast.config import TrainConfig
+from petal_fast.jsonio import dumps
 from petal_fast.models import full_state_dict, safe_load, save_checkpoint, trainable_state_dict
 
 from . import state as training_state
@@ -131,4 +131,4 @@ class Checkpointer:
         save_checkpoint(model, self.output / MODEL, trainable_only=self.cfg.trains_adapters,
                         metadata={"config": self.cfg.to_dict(), "world": self.world},
                         replace={"head.weight": full_head} if full_head is not None else None)
-        atomic_write_text(json.dumps(result.to_summary(), indent=2), self.output / SUMMARY)
+        atomic_write_text(dumps(result.to_summary(), indent=2), self.output / SUMMARY)
