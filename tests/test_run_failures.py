@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from petal_fast.training import state as training_state
 from petal_fast.training.result import TrainingFailed
 from petal_fast.train import Trainer
 
-from test_train import tiny_cfg
+from test_train import ROOT, tiny_cfg
 
 
 def _strict_lines(path: Path) -> list[dict]:
@@ -100,3 +103,32 @@ def test_dumps_is_strict_json_and_keeps_finite_values(obj):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
         return a == b
     assert same(obj, back) and finite(back) == back
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys, torch
+    from pathlib import Path
+    from petal_fast.atomic_files import atomic_save
+    from petal_fast.cli import main
+    out = Path(sys.argv[1])
+    atomic_save({"x": torch.zeros(10)}, out / "small.pt")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit write() fails with EFBIG, like a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+    try:
+        atomic_save({"x": torch.zeros(100_000)}, out / "small.pt")
+    except OSError as err:
+        print("save:", err)
+    sys.exit(main(["train", "mode=lora", "backbone=tiny", "batch_size=8", "epochs=1", "data.num_identities=4",
+                   "data.images_per_identity=4", f"output={out / 'run'}", "progress=false"]))
+""")
+
+
+def test_full_disk_during_a_checkpoint_is_one_clear_line(tmp_path):
+    """Before: a zip-writer traceback ("[enforce fail at inline_container.cc] ... unexpected pos")."""
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"save: cannot write {tmp_path / 'small.pt'}: File too large" in proc.stdout
+    assert torch.load(tmp_path / "small.pt", weights_only=True)["x"].shape == (10,)  # the previous file is intact
+    assert "petal-fast train: error: cannot write" in proc.stderr and "Nothing was replaced" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "run").glob(".*.tmp*"))
