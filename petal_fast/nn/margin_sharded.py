@@ -28,6 +28,7 @@ import torch.distributed as dist
 from petal_fast.backend import resolve
 from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_MOMENTUM
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
+from petal_fast.ops._graph import no_functorch
 from petal_fast.ops.margin_loss import OP, check_reduction, check_tensors, fused_core, partial_fc_count, partial_fc_sample
 
 from .margin_head import MarginHead
@@ -112,6 +113,7 @@ class ShardedMarginSoftmaxLoss(MarginHead):
         check_reduction(reduction)
         self._check_batch_sizes(labels)
         backend = resolve(embeddings.device, OP, supported=("torch", "cpp", "triton"))
+        no_functorch("ShardedMarginSoftmaxLoss")
         e_all = _AllGather.apply(embeddings, self.group)
         labels_all = torch.empty(labels.numel() * self.world, dtype=torch.long, device=labels.device)
         dist.all_gather_single(labels_all, labels.long().contiguous(), group=self.group)

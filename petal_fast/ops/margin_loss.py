@@ -36,7 +36,7 @@ from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
 from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
-from ._graph import compiling, triton_op_runs, value_check
+from ._graph import compiling, functorch_active, no_functorch, triton_op_runs, value_check
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
@@ -88,7 +88,7 @@ def check_tensors(embeddings, weight, labels, num_classes: int | None = None) ->
     if embeddings.device != weight.device or labels.device != embeddings.device:
         raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
                          f"({labels.device}) must be on one device")
-    if compiling() or not labels.numel():  # traced: checked inside the operator
+    if compiling() or functorch_active() or not labels.numel():  # traced: checked inside the operator
         return
     classes = weight.shape[0] if num_classes is None else num_classes
     in_range = f"labels must be in [0, num_classes={classes})"
@@ -208,6 +208,8 @@ def margin_softmax_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor
         index, labels = partial_fc_sample(labels, weight.shape[0], sample_rate, generator)
         weight = weight.index_select(0, index)
     backend = resolve(embeddings.device, OP)
+    if backend != "reference":
+        no_functorch("margin_softmax_loss")
     if backend == "reference":
         return reference_margin.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad,
                                                     label_smoothing, reduction, norm_mean, norm_std, h)
