@@ -3,9 +3,10 @@ shapes that do not divide) or cannot fit in memory is a :class:`ConfigError` nam
 
 The model is built on the ``meta`` device (shapes only, no memory, well under a second for the paper's
 Swin) and run once on one meta image, with forward hooks summing what each leaf module outputs: the
-activations a training step keeps per image, about. Lower bounds throughout (fp32 weights, their
-gradients and AdamW's two moments, the activations, the images a synthetic set renders into memory),
-so a refusal means the run cannot fit, not that it might not.
+activations a training step keeps per image, about (16-bit under amp). Estimates at the low end (fp32
+weights, their gradients and AdamW's two moments, the activations, the images a synthetic set renders
+into memory; no temporaries, no allocator slack), so a refusal means the run cannot fit, not that it
+might not.
 """
 from __future__ import annotations
 
@@ -95,9 +96,11 @@ def _activations_per_image(model: nn.Module, image_size: int, backbone: str) -> 
     return total // 2
 
 
-def check_model_fits(cfg: TrainConfig, num_classes: int, image_size: int, device: torch.device) -> None:
+def check_model_fits(cfg: TrainConfig, num_classes: int, image_size: int, device: torch.device,
+                     world: int = 1) -> None:
     """Build the run's model on meta (a ConfigError if it does not build or run) and refuse it when its
-    weights, gradients, AdamW state and one batch's activations exceed the device's memory."""
+    weights, gradients, AdamW state and one batch's activations exceed the device's memory (per
+    process: a class-sharded head holds 1/world of the classes)."""
     check_fits({"transformer blocks' weights": _weights_lower_bound(cfg) * 4}, "this training run's backbone", FIX,
                device=str(device), error=ConfigError)
     model = _meta_model(cfg, num_classes)
@@ -105,9 +108,13 @@ def check_model_fits(cfg: TrainConfig, num_classes: int, image_size: int, device
     head = sum(p.numel() for p in model.head.parameters()) if getattr(model, "head", None) is not None else 0
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.sharded_head and world > 1:
+        shard = -(-head // world)
+        total, trainable, head = total - head + shard, trainable - head + shard, shard
     f32 = 4
+    amp = cfg.amp in ("bf16", "fp16") or (cfg.amp == "auto" and device.type == "cuda")
     parts = {"backbone and adapter weights": (total - head) * f32,
              f"margin head ({num_classes:,} classes)": head * f32,
              "gradients and AdamW state": trainable * f32 * 3,
-             f"activations (batch_size={cfg.batch_size})": per_image * cfg.batch_size * f32}
+             f"activations (batch_size={cfg.batch_size})": per_image * cfg.batch_size * (2 if amp else f32)}
     check_fits(parts, "this training run", FIX, device=str(device), error=ConfigError)

@@ -104,7 +104,7 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         num_classes = resolve_num_classes(self.cfg, self.dataset)
-        self.dist.together(lambda: check_model_fits(self.cfg, num_classes, self.image_size, self.device))
+        self.dist.together(lambda: check_model_fits(self.cfg, num_classes, self.image_size, self.device, self.world))
         torch.manual_seed(self.cfg.seed)  # the model's init must not depend on how the data was built
         return build_training_model(self.cfg, num_classes, self.device)
 
