@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -190,23 +191,70 @@ def _jit(st: Status, root: Path) -> None:
         raise BuildError(f"cannot write the build cache {root} ({err.strerror or err}); set PETAL_FAST_CACHE_DIR "
                          "to a writable folder") from err
     with _file_lock(root / f"{build_dir.name}.lock"):
-        if _cached(build_dir, meta) and library.exists():
-            try:
-                torch.ops.load_library(str(library))
-                st.source, st.path, st.built_for = "jit", str(library), torch.__version__
-                return
-            except OSError as err:  # a damaged or foreign file: rebuild below
-                st.notes.append(f"cached build {library} does not load ({_first_line(err)}); rebuilt")
+        recorded = _cached(build_dir, meta)
+        if recorded is not None:
+            damage = _damage(library, recorded)
+            if damage is None:
+                try:
+                    torch.ops.load_library(str(library))
+                    st.source, st.path, st.built_for = "jit", str(library), torch.__version__
+                    return
+                except OSError as err:  # a foreign file: rebuild below
+                    damage = f"does not load ({_first_line(err)})"
+            st.notes.append(f"cached build {library} {damage}; rebuilt")
         _compile(src, build_dir, meta)
         st.source, st.path, st.built_for, st.built_now = "jit", str(library), torch.__version__, True
 
 
-def _cached(build_dir: Path, meta: dict) -> bool:
+def _cached(build_dir: Path, meta: dict) -> dict | None:
+    """The entry's ``build.json`` if it records this build (torch, compiler, key, Python), else None."""
     try:
         recorded = json.loads((build_dir / "build.json").read_text())
     except (OSError, ValueError):
-        return False
-    return all(recorded.get(k) == v for k, v in meta.items())
+        return None
+    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in meta.items()):
+        return None
+    return recorded
+
+
+def _digest(library: Path) -> str:
+    h = hashlib.sha256()
+    with open(library, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _damage(library: Path, recorded: dict) -> str | None:
+    """Why ``library`` is not the file the build recorded (size and sha256 in ``build.json``), or None.
+
+    Checked before loading, never after: the dynamic loader maps the file, so a truncated library
+    dies of SIGBUS and a partly zeroed one of SIGSEGV inside ``dlopen``, where no Python can catch it.
+    An entry from before sizes and hashes were recorded cannot be checked, so it is rebuilt too."""
+    try:
+        size = library.stat().st_size
+    except OSError as err:
+        return f"is unreadable ({err.strerror or err})"
+    if not isinstance(recorded.get("size"), int) or not isinstance(recorded.get("sha256"), str):
+        return "has no recorded size and hash"
+    if size != recorded["size"]:
+        return f"is damaged ({size} bytes, {recorded['size']} when built)"
+    try:
+        digest = _digest(library)
+    except OSError as err:
+        return f"is unreadable ({err.strerror or err})"
+    if digest != recorded["sha256"]:
+        return "is damaged (its sha256 differs from the one recorded when it was built)"
+    return None
+
+
+def _record(build_dir: Path, meta: dict, seconds: float) -> None:
+    """``build.json``: what the entry was built for, and the library's size and hash, checked at load."""
+    library = build_dir / f"{_build.JIT_NAME}.so"
+    record = {**meta, "seconds": round(seconds, 1), "size": library.stat().st_size, "sha256": _digest(library)}
+    tmp = build_dir / f"build.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, build_dir / "build.json")
 
 
 def _compile(src: Path, build_dir: Path, meta: dict) -> None:
@@ -231,7 +279,7 @@ def _compile(src: Path, build_dir: Path, meta: dict) -> None:
         log = build_dir / "build.log"
         log.write_text(str(err))
         raise BuildError(f"building the C++ ops failed: {_compiler_error(str(err))} (full log: {log})") from err
-    (build_dir / "build.json").write_text(json.dumps({**meta, "seconds": round(time.perf_counter() - start, 1)}))
+    _record(build_dir, meta, time.perf_counter() - start)
 
 
 def _ninja_on_path() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -31,16 +32,53 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+class _Recording:
+    """A file that remembers the OSError its ``write`` raised: torch's zip writer turns a full disk
+    into a RuntimeError of its own ("file write failed", "unexpected pos"), without the cause."""
+
+    def __init__(self, file: IO):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / (1 << 20):.0f} MiB free in {path.parent}"
+    except OSError:
+        free = f"free space in {path.parent} unknown"
+    error = OSError(f"cannot write {path}: {err.strerror or err} ({free}). Nothing was replaced: the previous "
+                    f"{path.name}, if any, is intact")
+    error.errno = err.errno
+    return error
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb") -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then fsync and rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, then fsync and rename it to ``path``.
+    A failed write (a full disk, a file size limit) is an OSError naming the file and the free space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
         with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            recording = _Recording(f)
+            try:
+                write(recording)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as err:
+                cause = err if isinstance(err, OSError) else recording.error
+                if cause is None:
+                    raise
+                raise _write_error(path, cause) from None
         os.replace(tmp, path)
     finally:
         if tmp.exists():

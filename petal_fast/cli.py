@@ -14,10 +14,17 @@ USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
 
 
 def report_errors(prog: str, fn: Callable[..., int], *args: Any) -> int:
-    """``fn(*args)``; a user error is printed as ``prog: error: message`` and exits with status 2 (no
-    traceback; the ``debug`` setting, ``PETAL_FAST_DEBUG=1``, re-raises it)."""
+    """``fn(*args)``; a user error is printed as ``prog: error: message`` and exits with status 2, a run
+    that failed (``TrainingFailed``: nothing trained, diverged) with status 1 (no traceback either
+    way; the ``debug`` setting, ``PETAL_FAST_DEBUG=1``, re-raises it)."""
+    from petal_fast.training.result import TrainingFailed
     try:
         return fn(*args)
+    except TrainingFailed as err:
+        if settings.current().debug:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         if settings.current().debug:
             raise
@@ -37,10 +44,16 @@ def _eval(argv: Sequence[str]) -> int:
                                  "on .bin pairs, identification on RecordIO / ImageFolder / synthetic sets).")
     ap.add_argument("--checkpoint", required=True, help="run directory of `petal-fast train` or its model.pt")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--partial-load", action="store_true",
+                    help="load only the tensors of model.pt that fit (default: all must, or it is an error)")
     add_eval_arguments(ap)
     ap.set_defaults(image_size=None)
     args = ap.parse_args(argv)
-    model = load_trained(args.checkpoint, args.device)
+    from petal_fast.eval.cli import output_files
+    from petal_fast.io_guard import check_outputs
+    from petal_fast.train import trained_inputs
+    check_outputs("petal-fast eval", output_files(args.out), trained_inputs(args.checkpoint))
+    model = load_trained(args.checkpoint, args.device, partial=args.partial_load)
     size = image_size_of(model)
     if args.image_size is None:  # evaluate at the model's own input size unless asked otherwise
         args.image_size = size

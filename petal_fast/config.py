@@ -50,6 +50,7 @@ class TrainConfig:
     backbone: str = "petalface"          # preset: petalface | small | tiny | vit_t | vit_s | vit_b | vit_tiny
     backbone_overrides: dict = field(default_factory=dict)
     pretrained: str | None = None        # backbone (or full model) checkpoint to start from
+    pretrained_partial: bool = False     # load only the tensors of `pretrained` that fit (default: all must)
     num_classes: int | None = None       # margin-head classes; default: from the data (RecordIO header, labels)
     paper_compat: bool = False           # released Swin quirk: SW-MSA mask built but not applied
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,9 +167,15 @@ class TrainConfig:
             default = table[key][name]
             hint = tuple[int, ...] if isinstance(default, tuple) else type(default)
             ok, converted = _conform(value, hint)
-            if not ok or (isinstance(converted, (int, float)) and not converted >= 0) \
-                    or (isinstance(converted, tuple) and not all(v >= 1 for v in converted)):
+            if not ok:
                 raise ConfigError(f"backbone_overrides.{name} must be {_type_name(hint)} like {default!r}; got {value!r}")
+            # sizes of zero are meaningless (and divide by zero); rates are fractions
+            if isinstance(converted, float) and not (math.isfinite(converted) and 0 <= converted < 1):
+                raise ConfigError(f"backbone_overrides.{name} must be a number in [0, 1) like {default!r}; got {value!r}")
+            if (isinstance(converted, int) and converted < 1) or \
+                    (isinstance(converted, tuple) and not (converted and all(v >= 1 for v in converted))):
+                what = "an integer >= 1" if isinstance(converted, int) else "a list of integers >= 1"
+                raise ConfigError(f"backbone_overrides.{name} must be {what} like {default!r}; got {value!r}")
             self.backbone_overrides[name] = converted
 
     def margin_args(self) -> tuple[str, tuple[float, ...] | None]:

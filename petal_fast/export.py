@@ -18,13 +18,16 @@ dimension is dynamic (the quality measure is not part of the file: compute α be
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from petal_fast.atomic_files import atomic_write
 from petal_fast.nn import PetalLinear
 from petal_fast.nn.context import alpha_scope
 
@@ -87,7 +90,8 @@ def export(model: nn.Module, image_size: int, fmt: str, alpha: float | str, outp
     if leftover:
         raise RuntimeError(f"export: petal_fast operators left in the graph: {sorted(leftover)}")
     if fmt == "pt2":
-        torch.export.save(program, str(output))
+        atomic_write(output, lambda f: torch.export.save(program, f))
+        load_pt2(output)  # what it wrote loads without unpickling code (see load_pt2)
     else:
         try:
             onnx = torch.onnx.export(program, args=example_inputs(embedder, image_size),
@@ -100,15 +104,66 @@ def export(model: nn.Module, image_size: int, fmt: str, alpha: float | str, outp
     return output
 
 
+_ENV_LOCK = threading.Lock()
+
+
+def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
+    """Load a ``.pt2`` (``torch.export.save``) without running code from the file.
+
+    ``torch.export.load`` unpickles parts of the archive: tensors it stores with ``use_pickle``, the
+    example inputs (it retries them with ``weights_only=False`` when the safe loader refuses), custom
+    and opaque objects (``pickle.loads``): a tampered file runs code. Here the archive is first checked
+    for custom / opaque objects (refused), then loaded with ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, so every
+    pickle inside goes through torch's weights-only unpickler (tensors and plain containers only).
+    The files ``petal-fast export`` writes hold neither, so they load. The variable is set for the
+    duration of the call, under a lock (other threads loading pickles meanwhile are restricted too)."""
+    import zipfile
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f".pt2 file not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{path}: not a .pt2 archive ({err})") from None
+    objects = [n for n in names if "/data/constants/" in n and n.rsplit("/", 1)[-1].startswith(("custom_obj_", "opaque_obj_"))]
+    if objects:
+        raise ValueError(f"{path}: refusing to load: it holds pickled Python objects ({', '.join(objects[:3])}), "
+                         "which torch.export.load would unpickle and which can run code. Load it with "
+                         "torch.export.load only if you trust where it came from")
+    with _ENV_LOCK:
+        before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            return torch.export.load(str(path))
+        except Exception as err:  # noqa: BLE001 - the weights-only unpickler's refusal, or a corrupt file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path}: refusing to load: not a .pt2 that loads without running pickled code "
+                             f"({type(err).__name__}: {first}). Load it with torch.export.load only if you trust "
+                             "where it came from") from None
+        finally:
+            if before is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="petal-fast export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="run directory of `petal-fast train` or its model.pt")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("--alpha", required=True, help="a fixed α in [0, 1] (merged into W) or 'input'")
     ap.add_argument("--output", required=True, help="the file to write (.onnx or .pt2)")
+    ap.add_argument("--partial-load", action="store_true",
+                    help="load only the tensors of model.pt that fit (default: all must, or it is an error)")
     args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from petal_fast.train import image_size_of, load_trained
-    model = load_trained(args.checkpoint, "cpu")
+    from petal_fast.io_guard import check_outputs
+    from petal_fast.train import image_size_of, load_trained, trained_inputs
+    check_outputs("petal-fast export", [args.output], trained_inputs(args.checkpoint))
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder: name the file to write (e.g. "
+                         f"{Path(args.output) / ('model.' + args.format)})")
+    model = load_trained(args.checkpoint, "cpu", partial=args.partial_load)
     path = export(model, image_size_of(model), args.format, args.alpha, args.output)
     kind = "α as input (images, alpha)" if args.alpha == "input" else f"merged at α = {float(args.alpha)} (images)"
     print(f"wrote {path} ({args.format}, {kind} → embeddings, dynamic batch)")

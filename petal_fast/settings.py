@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -206,7 +207,33 @@ def _push_cpu_on_load() -> None:
     _push_cpu(_current)
 
 
+class SettingsError(ValueError):
+    """A ``PETAL_FAST_*`` variable with a value it cannot take; the message names variable, value and choices."""
+
+
+def _command_line() -> bool:
+    """Whether this process is a petal_fast command (``petal-fast``, ``python -m petal_fast.…``, torchrun of
+    one), whose user errors are one line and exit status 2 rather than a traceback."""
+    if os.path.basename(sys.argv[0]).removesuffix(".exe") == "petal-fast":
+        return True
+    argv = getattr(sys, "orig_argv", [])
+    return any(a == "-m" and b.split(".")[0] == "petal_fast" for a, b in zip(argv, argv[1:]))
+
+
+def _at_import() -> Settings:
+    """The settings of the environment at import. A bad value stops the import (SettingsError); in a
+    petal_fast command it is the command's one-line error instead (status 2, as any user error;
+    ``PETAL_FAST_DEBUG=1`` shows the traceback)."""
+    try:
+        return from_environ(os.environ)
+    except ValueError as err:
+        if _command_line() and os.environ.get("PETAL_FAST_DEBUG", "").strip().lower() not in _TRUE:
+            print(f"petal-fast: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise SettingsError(str(err)) from None
+
+
 _lock = threading.Lock()
-_current = from_environ(os.environ)
+_current = _at_import()
 _push(_current)
 _ext.when_loaded(_push_cpu_on_load)

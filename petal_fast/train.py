@@ -17,6 +17,7 @@ and keeps the names callers import from here.
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -35,13 +36,18 @@ from petal_fast.training.trainer import Trainer
 
 __all__ = ["RESUME_FREE", "StepBatches", "Trainer", "TrainResult", "build_dataset", "build_training_model",
            "check_same_run", "config_differences", "dataset_labels", "dataset_num_classes", "image_size_of",
-           "load_trained", "main", "prepare_images", "preset_image_size", "resolve_num_classes", "set_train_mode",
+           "load_trained", "main", "prepare_images", "trained_inputs", "preset_image_size", "resolve_num_classes", "set_train_mode",
            "train", "warmup_linear"]
 
 
-def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a trained model from its run directory: config + pretrained backbone + ``model.pt``."""
-    from petal_fast.models import load_petalface_checkpoint, safe_load
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", partial: bool = False) -> nn.Module:
+    """Rebuild a trained model from its run directory: config + pretrained backbone + ``model.pt``.
+
+    ``model.pt`` must hold exactly what ``petal-fast train`` saves for this config (the trainable part
+    in the adapter modes, every tensor otherwise), each with the model's shape: missing, unexpected and
+    mismatched tensors are a :class:`~petal_fast.models.CheckpointError` listing them, unless ``partial``
+    (``--partial-load``), which loads what fits and warns."""
+    from petal_fast.models import CheckpointError, full_state_dict, safe_load, trainable_state_dict
     run_dir = Path(run_dir)
     path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
     raw = safe_load(path)
@@ -56,8 +62,42 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.
     head = {k: v for k, v in raw["state_dict"].items() if k == "head.weight"}
     num_classes = int(head["head.weight"].shape[0]) if head else None
     model = build_training_model(cfg, num_classes, torch.device(device))
-    load_petalface_checkpoint(model, raw["state_dict"], strict=False)
+    saved = {k: v for k, v in raw["state_dict"].items() if isinstance(v, torch.Tensor)}
+    own = model.state_dict()
+    expected = (trainable_state_dict if cfg.trains_adapters else full_state_dict)(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    mismatched = sorted(f"{k}: model {tuple(own[k].shape)} vs file {tuple(v.shape)}" for k, v in saved.items()
+                        if k in own and own[k].shape != v.shape)
+    if missing or unexpected or mismatched:
+        listed = "; ".join(f"{name} {len(keys)}: {', '.join(keys[:10])}{' …' if len(keys) > 10 else ''}"
+                           for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("mismatched", mismatched)) if keys)
+        message = f"{path} does not fit the model its config describes ({listed})"
+        if not partial:
+            raise CheckpointError(f"{message}. Pass --partial-load (load_trained(partial=True)) to load only the "
+                                  "tensors that fit")
+        warnings.warn(message + "; loading the tensors that fit", RuntimeWarning, stacklevel=2)
+    bad = {m.split(":")[0] for m in mismatched}
+    model.load_state_dict({k: v for k, v in saved.items() if k in own and k not in bad}, strict=False)
     return model.eval()
+
+
+def trained_inputs(run_dir: str | Path) -> dict[str, list[Path]]:
+    """The files :func:`load_trained` reads for a run (its ``model.pt`` and pretrained checkpoint) and the
+    run's other files, for commands that must not write over them (``eval``, ``export``)."""
+    from petal_fast.io_guard import run_files
+    run_dir = Path(run_dir)
+    path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
+    inputs = {"the trained model": [path], "a file of the trained run": run_files(path.parent)}
+    try:  # the metadata only: mmap leaves the tensors on disk
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("metadata", {})
+        pretrained = meta.get("config", {}).get("pretrained")
+    except Exception:  # noqa: BLE001 - unreadable files are load_trained's to report
+        pretrained = None
+    if isinstance(pretrained, str):
+        inputs["the run's pretrained checkpoint"] = [Path(pretrained)]
+    return inputs
 
 
 def train(cfg: TrainConfig, model: nn.Module | None = None, dataset=None) -> tuple[Trainer, TrainResult]:

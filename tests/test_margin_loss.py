@@ -276,3 +276,24 @@ def test_bad_weight_and_module_arguments():
         MarginSoftmaxLoss(8, 0)
     with pytest.raises(ValueError, match="embedding_dim must be"):
         MarginSoftmaxLoss(0, 4)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if _ext.load_error() is None else []))
+def test_torch_func_transforms_get_a_clear_error_and_reference_supports_them(backend):
+    """grad / vmap over the fused loss: one message saying what to do (before: torch-internal messages
+    about an autograd.Function's setup_context or data-dependent control flow)."""
+    e, w, y = torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3])
+    head = MarginSoftmaxLoss(8, 5)
+    transforms = {"grad": lambda f: torch.func.grad(f)(e), "vmap": lambda f: torch.func.vmap(f)(e[None].expand(2, 4, 8))}
+    for name, apply in transforms.items():
+        for f in (lambda x: margin_softmax_loss(x, w, y), lambda x: head(x, y)):
+            with petal_fast.use_backend(backend), pytest.raises(NotImplementedError, match="use_backend.'reference'."):
+                apply(f)
+            with petal_fast.use_backend("reference"):
+                apply(f)
+    with petal_fast.use_backend("reference"):
+        got = torch.func.grad(lambda x: margin_softmax_loss(x, w, y))(e)
+    x = e.clone().requires_grad_()
+    with petal_fast.use_backend(backend):
+        margin_softmax_loss(x, w, y).backward()
+    torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-5)

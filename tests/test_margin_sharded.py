@@ -123,3 +123,32 @@ def test_needs_initialised_process_group():
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ShardedMarginSoftmaxLoss(8, 10)
+
+
+def unequal_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        head = ShardedMarginSoftmaxLoss(D, C)
+        rows = B - rank  # rank 1 holds one row fewer (an incomplete last batch)
+        try:
+            head(torch.randn(rows, D), torch.randint(0, C, (rows,)))
+            message = "no error"
+        except ValueError as err:
+            message = str(err)
+        loss = head(torch.randn(B, D), torch.randint(0, C, (B,)))  # the group still works afterwards
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{message}\n{bool(torch.isfinite(loss))}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_batch_sizes_are_a_clear_error_on_every_rank(tmp_path):
+    """Unequal per-rank batches: a ValueError with the sizes on every rank (it aborted the process inside
+    gloo), and the process group stays usable."""
+    mp.spawn(unequal_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        message, finite = (tmp_path / f"rank{r}.txt").read_text().rsplit("\n", 1)
+        assert "same batch size" in message and f"got [{B}, {B - 1}]" in message, message
+        assert finite == "True"

@@ -184,6 +184,22 @@ def test_a_bad_variable_fails_at_import_with_its_name():
     assert "PETAL_FAST_CPU_PATH must be one of auto, blocked, whole; got 'diagonal'" in out.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("command", [["-m", "petal_fast.cli", "info"], ["-m", "petal_fast.train"],
+                                     ["-m", "petal_fast.cli", "train", "mode=lora"]])
+def test_a_bad_variable_in_a_command_is_one_line_exit_2(command):
+    """A command (``petal-fast …``, ``python -m petal_fast.…``) reports it as any user error: before, an
+    import traceback. PETAL_FAST_DEBUG=1 shows the traceback."""
+    base = {k: v for k, v in os.environ.items() if k not in settings.ENV.values()}
+    run = lambda env: subprocess.run([sys.executable, *command], env={**base, **env}, capture_output=True,  # noqa: E731
+                                     text=True, timeout=300)
+    out = run({"PETAL_FAST_BACKEND": "fast"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == ("petal-fast: error: PETAL_FAST_BACKEND must be one of auto, reference, torch, cpp, "
+                                  "triton; got 'fast'")
+    debug = run({"PETAL_FAST_BACKEND": "fast", "PETAL_FAST_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "SettingsError" in debug.stderr
+
+
 def test_info_shows_the_settings_in_force():
     with settings.override(backend="torch", progress_interval=5, triton_design=None):
         text, _ = info.report()

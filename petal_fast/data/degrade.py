@@ -36,8 +36,8 @@ class DegradeParams:
 
 def _as_range(name: str, v, lo_ok: float) -> tuple[float, float]:
     lo, hi = (v, v) if np.isscalar(v) else tuple(v)
-    if not (lo_ok <= lo <= hi):
-        raise ValueError(f"{name} must be a number or a (low, high) pair with {lo_ok} <= low <= high, got {v!r}")
+    if not (lo_ok <= lo <= hi and np.isfinite(hi)):
+        raise ValueError(f"{name} must be a number or a (low, high) pair with {lo_ok} <= low <= high, finite, got {v!r}")
     return float(lo), float(hi)
 
 
@@ -54,7 +54,7 @@ def as_generator(seed) -> np.random.Generator:
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of an H×W×3 float array, σ in pixels, reflect padding."""
-    if sigma <= 0:
+    if sigma < 0.05:  # the neighbours' weights are below e^-200: the identity (t / σ would overflow)
         return image
     radius = max(1, int(np.ceil(3.0 * sigma)))
     t = np.arange(-radius, radius + 1, dtype=np.float32)

@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from .decode import to_rgb8
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -51,7 +53,7 @@ class ImageFolderFaces:
         path, label = self.samples[int(i)]
         try:
             with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+                image = to_rgb8(im)
         except Exception as e:  # Pillow raises several types for bad files
             raise ValueError(f"image {path} (item {int(i)}, identity {self.classes[label]!r}) failed to decode: "
                              f"{type(e).__name__}: {e}") from None

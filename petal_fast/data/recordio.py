@@ -18,6 +18,8 @@ import struct
 import numpy as np
 from PIL import Image
 
+from .decode import to_rgb8
+
 MAGIC = 0xCED7230A
 _IR_HEADER = struct.Struct("<IfQQ")
 _LEN_MASK = (1 << 29) - 1
@@ -108,7 +110,7 @@ def decode_image(data: bytes, path: str, key) -> np.ndarray:
     """Encoded JPEG/PNG bytes → H×W×3 uint8 RGB."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return to_rgb8(im)
     except Exception as e:  # Pillow raises several types for bad data
         raise RecordIOError(f"{path}: record {key}: image failed to decode ({type(e).__name__}: {e})") from None
 

@@ -22,6 +22,8 @@ import pickletools
 import numpy as np
 from PIL import Image
 
+from ..data.decode import to_rgb8
+
 
 class UnsafePickleError(pickle.UnpicklingError):
     """The file asks the unpickler for a global outside the ``.bin`` format's allowlist."""
@@ -154,7 +156,7 @@ def load_bin(path: str, image_size: int | tuple[int, int] | None = None,
         data = _as_bytes(bins[i], path, i)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
+                im = Image.fromarray(to_rgb8(im))
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
                 images.append(np.asarray(im))

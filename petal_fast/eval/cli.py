@@ -14,6 +14,7 @@ distractor set, optional open-set identities) and by verification on balanced sa
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import numpy as np
@@ -99,9 +100,60 @@ def open_labelled(spec: str, image_size: int):
     raise FileNotFoundError(f"--data {spec!r} is not a .bin, a .rec, a folder with train.rec, an ImageFolder root or 'synthetic'")
 
 
+EMBEDDING_BYTES = 512 * 4  # one fp32 embedding at the usual 512 dimensions (the memory estimate's unit)
+
+
+def check_eval_arguments(args: argparse.Namespace) -> None:
+    """ValueError naming the option for every value out of its range, before anything is read or embedded;
+    sizes whose tensors would not fit in RAM are refused with the estimate (docs: README, Failure behaviour)."""
+    from petal_fast.memory import check_fits
+
+    def need(ok: bool, option: str, what: str, value) -> None:
+        if not ok:
+            raise ValueError(f"{option} must be {what}; got {value!r}")
+
+    need(isinstance(args.image_size, int) and args.image_size >= 16, "--image-size", "an integer >= 16 (pixels)",
+         args.image_size)
+    need(args.lowres is None or 1 <= args.lowres <= args.image_size, "--lowres",
+         f"a resolution in [1, --image-size = {args.image_size}] pixels (it degrades to that size and back; "
+         "leave it out for no degradation)", args.lowres)
+    need(args.batch_size >= 1, "--batch-size", "an integer >= 1", args.batch_size)
+    need(args.num_pairs >= 1, "--num-pairs", "an integer >= 1", args.num_pairs)
+    need(args.gallery_per_identity >= 1, "--gallery-per-identity",
+         "an integer >= 1 (gallery images per identity; the rest are probes)", args.gallery_per_identity)
+    need(math.isfinite(args.open_set_fraction) and 0 <= args.open_set_fraction < 1, "--open-set-fraction",
+         "a fraction in [0, 1)", args.open_set_fraction)
+    need(args.max_images is None or args.max_images >= 1, "--max-images", "an integer >= 1", args.max_images)
+    pixels = 3 * args.image_size ** 2
+    # a batch and its mirror as float tensors; the pairs' embeddings; a .bin decoded at --image-size
+    check_fits({f"a batch of {args.batch_size} images at {args.image_size} px (and their mirrors)":
+                2 * args.batch_size * pixels * 4,
+                f"{args.num_pairs:,} verification pairs' embeddings": 2 * args.num_pairs * EMBEDDING_BYTES},
+               "this evaluation", "lower --batch-size, --image-size or --num-pairs")
+
+
+def output_files(out: str) -> list[str]:
+    """What ``run_eval`` writes: the ``--out`` folder and its report, table and plots."""
+    return [out] + [os.path.join(out, name) for name in ("eval.json", "eval.md", "roc.png", "cmc.png")]
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The report must not overwrite a data file or land inside an ImageFolder that is being read."""
+    from petal_fast.io_guard import check_outputs, data_inputs
+    files, folders = [], []
+    for spec in list(args.data) + ([args.distractors] if args.distractors else []):
+        if not spec.startswith("synthetic"):
+            f, d = data_inputs(spec)
+            files, folders = files + f, folders + d
+    check_outputs("petal-fast eval", output_files(args.out), {"a data set": files},
+                  {"an ImageFolder data set": folders})
+
+
 def run_eval(embed_fn: EmbedFn, args: argparse.Namespace) -> dict[str, dict]:
     """Run every requested protocol on every --data set; write JSON, Markdown, ROC and CMC PNGs to --out."""
-    transform = Degrade.fixed(args.lowres, out_size=args.image_size) if args.lowres else None
+    check_eval_arguments(args)
+    _check_outputs(args)
+    transform = Degrade.fixed(args.lowres, out_size=args.image_size) if args.lowres is not None else None
     kw = dict(batch_size=args.batch_size, flip=not args.no_flip, transform=transform, device=args.device, progress=True)
     results: dict[str, dict] = {}
     distractors = None
@@ -109,7 +161,7 @@ def run_eval(embed_fn: EmbedFn, args: argparse.Namespace) -> dict[str, dict]:
         dds, _ = open_labelled(args.distractors, args.image_size)
         distractors = _View(dds, np.arange(len(dds)), args.image_size)
     for spec in args.data:
-        suffix = f"@{args.lowres}px" if args.lowres else ""
+        suffix = f"@{args.lowres}px" if args.lowres is not None else ""
         if spec.endswith(".bin"):
             if args.protocol == "identification":
                 raise ValueError(f"{spec}: a .bin pair file supports only verification")

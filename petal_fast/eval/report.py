@@ -1,8 +1,9 @@
 """Evaluation results as JSON and as a Markdown table."""
 from __future__ import annotations
 
-import json
 import os
+
+from petal_fast.jsonio import dumps
 
 
 def _fmt(v) -> str:
@@ -50,7 +51,7 @@ def save_report(results: dict[str, dict], out_dir: str, stem: str = "eval") -> d
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "markdown": os.path.join(out_dir, f"{stem}.md")}
     with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=1)
+        f.write(dumps(results, indent=1))
     with open(paths["markdown"], "w") as f:
         f.write(markdown_table(results))
     return paths

@@ -18,6 +18,7 @@ apply the mask and use the oriented, bounded quality → α mapping (docs/design
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -226,8 +227,8 @@ class PetalFace(FaceModel):
                  head_kwargs: dict[str, Any] | None = None, paper_compat: bool | None = None,
                  input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
         super().__init__(backbone, num_classes, loss, margins, loss_scale, grad, head_kwargs, paper_compat)
-        if not input_range[1] > input_range[0]:
-            raise ValueError(f"input_range must be (low, high) with high > low, got {input_range!r}")
+        if not (len(input_range) == 2 and all(math.isfinite(v) for v in input_range) and input_range[1] > input_range[0]):
+            raise ValueError(f"input_range must be (low, high), finite numbers with high > low, got {input_range!r}")
         self.input_range = (float(input_range[0]), float(input_range[1]))
         self.rank, self.branches, self.alpha_mode = rank, branches, alpha_mode
         inject_petal(self.backbone, list(targets) if not isinstance(targets, str) else targets, rank=rank,
@@ -276,5 +277,10 @@ class PetalFace(FaceModel):
     def embedding(self, images: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         if self.branches == 2 and alpha is None:
             alpha = self.alpha(images)
+        elif self.branches == 2 and (not isinstance(alpha, torch.Tensor) or alpha.dim() != 1
+                                     or alpha.shape[0] != images.shape[0]):
+            # PetalLinear shares rows among len(α) images: fewer values would silently cover several images each
+            raise ValueError(f"alpha must hold one value per image, shape ({images.shape[0]},); got "
+                             f"{tuple(alpha.shape) if isinstance(alpha, torch.Tensor) else type(alpha).__name__}")
         with alpha_scope(alpha if self.branches == 2 else None):  # α, and one dropout seed for the pass
             return self.backbone(images)

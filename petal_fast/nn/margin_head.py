@@ -13,6 +13,8 @@ buffers only once the loss has been computed, so a step that raises leaves them 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -40,6 +42,10 @@ class MarginHead(nn.Module):
         if not isinstance(num_classes, int) or num_classes < min_classes:
             raise ValueError(f"num_classes must be an integer >= {why}, got {num_classes!r}")
         check_settings(scale, label_smoothing, sample_rate, grad)
+        if not (isinstance(h, (int, float)) and math.isfinite(h)):
+            raise ValueError(f"h must be a finite number (AdaFace's norm weight), got {h!r}")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
         self.embedding_dim, self.num_classes = embedding_dim, num_classes
         self.loss, self.margins = loss, resolve_margins(loss, margins)
         self.scale, self.grad, self.label_smoothing = float(scale), grad, float(label_smoothing)

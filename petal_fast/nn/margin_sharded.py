@@ -3,7 +3,8 @@
 Rank r of a ``world``-sized group owns the class centres [start_r, start_r + C_r) (C split as
 evenly as possible, the first C mod world ranks one class more). Per step:
 
-1. embeddings (B×D per rank, B equal on every rank) and labels are all-gathered (B·world rows);
+1. embeddings (B×D per rank, B equal on every rank: checked, a ValueError on every rank otherwise) and
+   labels are all-gathered (B·world rows);
 2. each rank runs the fused core over its shard: lse_r, zsum_r over its non-target classes, and
    the target cosine for the rows whose class it owns (0 elsewhere);
 3. only B·world-long vectors are all-reduced: the target cosine (sum), the row max of lse_r (max),
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from petal_fast.backend import resolve
 from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_MOMENTUM
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
+from petal_fast.ops._graph import no_functorch
 from petal_fast.ops.margin_loss import OP, check_reduction, check_tensors, fused_core, partial_fc_count, partial_fc_sample
 
 from .margin_head import MarginHead
@@ -94,11 +96,24 @@ class ShardedMarginSoftmaxLoss(MarginHead):
                          sample_rate, h, momentum, device, dtype, min_classes=world, why=f"world size {world}")
         self.group, self.world, self.rank, self.start, self.end = process_group, world, rank, start, end
 
+    def _check_batch_sizes(self, labels: torch.Tensor) -> None:
+        """ValueError on every rank unless every rank passes the same batch size: the gathers below
+        need equal parts (unequal ones abort the process inside gloo / hang in NCCL). One
+        all-gather of one number per rank; every rank sees the same sizes, so all raise together."""
+        sizes = torch.empty(self.world, dtype=torch.long, device=labels.device)
+        dist.all_gather_single(sizes, torch.tensor([labels.shape[0]], device=labels.device), group=self.group)
+        if bool((sizes != sizes[0]).any()):
+            raise ValueError(f"ShardedMarginSoftmaxLoss: every rank must pass the same batch size (embeddings and "
+                             f"labels are gathered over the ranks); got {sizes.tolist()} for ranks 0..{self.world - 1}. "
+                             "Drop the incomplete last batch (DataLoader drop_last=True) or give every rank as many rows")
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         # the op's checks, once: labels are bounded by all classes, not this rank's shard
         check_tensors(embeddings, self.weight, labels, num_classes=self.num_classes)
         check_reduction(reduction)
+        self._check_batch_sizes(labels)
         backend = resolve(embeddings.device, OP, supported=("torch", "cpp", "triton"))
+        no_functorch("ShardedMarginSoftmaxLoss")
         e_all = _AllGather.apply(embeddings, self.group)
         labels_all = torch.empty(labels.numel() * self.world, dtype=torch.long, device=labels.device)
         dist.all_gather_single(labels_all, labels.long().contiguous(), group=self.group)

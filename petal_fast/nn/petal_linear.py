@@ -48,6 +48,8 @@ class PetalLinear(nn.Module):
             raise ValueError(f"branches must be 1 or 2, got {branches!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not math.isfinite(scale):  # a NaN or infinite scale makes every output NaN
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scale, self.dropout, self.branches = rank, float(scale), float(dropout), branches
         factory = {"device": device, "dtype": dtype}

@@ -10,6 +10,7 @@
   dtype checks stay plain Python errors: they depend on sizes only, which Dynamo guards on.
 - ``launchable``: how a ``triton_op`` body launches a kernel (``torch.library.wrap_triton``, so
   AOTAutograd turns each launch into a graph node Inductor schedules).
+- ``no_functorch``: a clear error for a fused op called inside a ``torch.func`` transform.
 - ``seed_tensor`` / ``draw_seed``: dropout seeds travel as a 1-element int64 tensor on x's device, not
   a Python int (a new seed per step is new data for a compiled graph rather than a new constant, a
   recompile) and not a CPU tensor (copied to a GPU it would synchronise the host).
@@ -29,6 +30,22 @@ from petal_fast.backend import triton_interpreting
 def compiling() -> bool:
     """True while Dynamo traces (torch.compile, torch.export), False in eager mode."""
     return torch.compiler.is_compiling()
+
+
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jacrev, jvp, functional_call under grad, …);
+    False while Dynamo traces (it handles transforms itself, and must not trace this query)."""
+    return not compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def no_functorch(op: str) -> None:
+    """A clear error for a fused op under a ``torch.func`` transform (its operators have no functorch
+    rules; torch's own message would speak of an autograd.Function's setup_context or of data-dependent
+    control flow); the ``reference`` backend is plain autograd and supports them."""
+    if functorch_active():
+        raise NotImplementedError(f"{op}: torch.func transforms (grad, vmap, jacrev, jvp, ...) are not supported by the "
+                           "fused backends; run it with petal_fast.use_backend('reference') (plain autograd) inside "
+                           "the transform, or use loss.backward() / torch.autograd.grad")
 
 
 def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> None:

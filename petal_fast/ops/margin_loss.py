@@ -36,7 +36,7 @@ from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
 from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
-from ._graph import compiling, triton_op_runs, value_check
+from ._graph import compiling, functorch_active, no_functorch, triton_op_runs, value_check
 from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
@@ -44,6 +44,13 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
                backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs; the Triton
     backend through its triton_op (torch.compile sees the kernels), the others through the opaque operator."""
+    if not triton_op_runs(backend):
+        # The C++ and torch cores take one dtype and accumulate in fp32 anyway: 16-bit inputs (bf16
+        # embeddings against fp32 centres under torch.autocast / amp) enter as fp32; the cast is
+        # differentiable, so each gradient comes back in its input's dtype.
+        dtype = torch.promote_types(e.dtype, w.dtype)
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        e, w = e.to(dtype), w.to(dtype)
     args = (e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale))
     if triton_op_runs(backend):
         from .margin_loss_triton_library import triton_margin_core
@@ -81,7 +88,7 @@ def check_tensors(embeddings, weight, labels, num_classes: int | None = None) ->
     if embeddings.device != weight.device or labels.device != embeddings.device:
         raise ValueError(f"embeddings ({embeddings.device}), weight ({weight.device}) and labels "
                          f"({labels.device}) must be on one device")
-    if compiling() or not labels.numel():  # traced: checked inside the operator
+    if compiling() or functorch_active() or not labels.numel():  # traced: checked inside the operator
         return
     classes = weight.shape[0] if num_classes is None else num_classes
     in_range = f"labels must be in [0, num_classes={classes})"
@@ -201,6 +208,8 @@ def margin_softmax_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor
         index, labels = partial_fc_sample(labels, weight.shape[0], sample_rate, generator)
         weight = weight.index_select(0, index)
     backend = resolve(embeddings.device, OP)
+    if backend != "reference":
+        no_functorch("margin_softmax_loss")
     if backend == "reference":
         return reference_margin.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad,
                                                     label_smoothing, reduction, norm_mean, norm_std, h)

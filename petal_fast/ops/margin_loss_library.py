@@ -52,9 +52,10 @@ def core_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, 
         return tuple(e.new_empty(0, dtype=acc) for _ in range(3))
     fwd, _ = _impl(backend)
     e, w, labels = e.contiguous(), w.contiguous(), labels.contiguous()  # the kernels take dense row-major inputs
-    lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS, **wrap_kwargs(wrap))
-    owned, _, e_acc, w_t, re, rw = _target(e, w, labels)
-    cos_t = ((e_acc * re.unsqueeze(1)) * (w_t * rw.unsqueeze(1))).sum(1) * owned
+    with torch.autocast(e.device.type, enabled=False):  # the op sets its own precision (fp32 accumulation)
+        lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS, **wrap_kwargs(wrap))
+        owned, _, e_acc, w_t, re, rw = _target(e, w, labels)
+        cos_t = ((e_acc * re.unsqueeze(1)) * (w_t * rw.unsqueeze(1))).sum(1) * owned
     return lse.to(acc), zsum.to(acc), cos_t
 
 
@@ -66,17 +67,18 @@ def core_backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse:
         return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_zeros(w.shape) if need_w else w.new_empty(0))
     _, bwd = _impl(backend)
     e, w, labels, lse, g_lse, g_zsum, g_cos = (t.contiguous() for t in (e, w, labels, lse, g_lse, g_zsum, g_cos))
-    de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w,
-                 **wrap_kwargs(wrap))
-    owned, rows, e_acc, w_t, re, rw = _target(e, w, labels)  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
-    g = (g_cos.to(e_acc.dtype) * owned).unsqueeze(1)
-    if need_e:
-        de_t = torch_impl.normalise_grad(g * w_t * rw.unsqueeze(1), e_acc, re, NORM_EPS)
-        de = (de.to(e_acc.dtype) + de_t).to(e.dtype)
-    if need_w:
-        dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
-        dw = dw.index_add_(0, rows, dw_t.to(dw.dtype))
-    return (de if need_e else e.new_empty(0)), (dw if need_w else w.new_empty(0))
+    with torch.autocast(e.device.type, enabled=False):  # a backward called inside autocast: same precision
+        de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w,
+                     **wrap_kwargs(wrap))
+        owned, rows, e_acc, w_t, re, rw = _target(e, w, labels)  # target path: cos = ⟨ê, ŵ_y⟩ on B rows
+        g = (g_cos.to(e_acc.dtype) * owned).unsqueeze(1)
+        if need_e:
+            de_t = torch_impl.normalise_grad(g * w_t * rw.unsqueeze(1), e_acc, re, NORM_EPS)
+            de = (de.to(e_acc.dtype) + de_t).to(e.dtype)
+        if need_w:
+            dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
+            dw = dw.index_add_(0, rows, dw_t.to(dw.dtype))
+        return (de if need_e else e.new_empty(0)), (dw if need_w else w.new_empty(0))
 
 
 @torch.library.custom_op(NAME, mutates_args=())

@@ -46,6 +46,9 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
     if not q.is_floating_point():
         q = q.double()
     tau = torch.as_tensor(tau, dtype=q.dtype, device=q.device)
+    # traced (torch.compile), τ and the slope are not re-checked: QualityToAlpha and calibrate check them when set
+    if not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(tau))):
+        raise ValueError(f"tau must be a finite number (a quality value), got {tau.tolist()}")
     undefined = torch.isnan(q)
     # traced, no count (a host sync would break the graph): the NaN → 0 below is the same
     if not torch.compiler.is_compiling() and bool(undefined.any()):
@@ -55,9 +58,9 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
         alpha = 0.5 + (q - tau)
         return alpha.masked_fill(~torch.isfinite(alpha), 0.0)
     slope = torch.as_tensor(slope, dtype=q.dtype, device=q.device)
-    # traced (torch.compile), the slope is not re-checked: QualityToAlpha and calibrate check it when set
-    if not torch.compiler.is_compiling() and not bool(torch.all(slope > 0)):
-        raise ValueError(f"slope must be > 0 (orientation is set by higher_is_better), got {slope.tolist()}")
+    if not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(slope) & (slope > 0))):
+        raise ValueError(f"slope must be a finite number > 0 (orientation is set by higher_is_better), "
+                         f"got {slope.tolist()}")
     sign = 1.0 if higher_is_better else -1.0
     return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0).masked_fill(undefined, 0.0)
 
@@ -173,8 +176,10 @@ class QualityToAlpha(nn.Module):
         self.source = make_source(source)
         self.mode = mode
         slope = self.source.default_slope if slope is None else float(slope)
-        if not slope > 0:
-            raise ValueError(f"slope must be > 0, got {slope}")
+        if not (math.isfinite(slope) and slope > 0):  # an infinite slope gives inf·0 = NaN at q = τ
+            raise ValueError(f"slope must be a finite number > 0, got {slope}")
+        if not math.isfinite(float(tau)):
+            raise ValueError(f"tau must be a finite number (a quality value), got {tau}")
         self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float64))
         self.register_buffer("slope", torch.tensor(slope, dtype=torch.float64))
         self.register_buffer("calibrated", torch.tensor(False))
@@ -197,8 +202,10 @@ class QualityToAlpha(nn.Module):
 
     def alpha(self, q: torch.Tensor) -> torch.Tensor:
         """α from raw values ``q`` of this module's source."""
-        return alpha_from_quality(q.to(self.tau.device, torch.float64), self.tau, self.slope, self.mode,
-                                  self.source.higher_is_better).float()
+        alpha = alpha_from_quality(q.to(self.tau.device, torch.float64), self.tau, self.slope, self.mode,
+                                   self.source.higher_is_better)
+        f32 = torch.finfo(torch.float32)  # the paper's unclamped α must not overflow to ±inf in float32
+        return alpha.clamp(f32.min, f32.max).float()
 
     def forward(self, images: torch.Tensor, **context: Any) -> torch.Tensor:
         return self.alpha(self.quality(images, **context)).to(images.device)
@@ -284,8 +291,8 @@ def calibrate(source: str | QualitySource | Callable[..., torch.Tensor] | Qualit
             raise ValueError("calibrate: slope='spread' needs data whose quality varies (q90 == q10)")
         module.slope.fill_(0.8 / spread)
     elif slope is not None:
-        if not float(slope) > 0:
-            raise ValueError(f"slope must be > 0, 'spread' or None, got {slope!r}")
+        if not (math.isfinite(float(slope)) and float(slope) > 0):
+            raise ValueError(f"slope must be a finite number > 0, 'spread' or None, got {slope!r}")
         module.slope.fill_(float(slope))
     module.calibrated.fill_(True)
     return module

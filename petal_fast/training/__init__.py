@@ -8,6 +8,8 @@
 - :mod:`.checkpointer` the one reader and writer of a run's files (checkpoint, ``model.pt``, summary);
 - :mod:`.state`        the training-state file format (weights, optimizer, schedule, RNG, position);
 - :mod:`.same_run`     whether an output folder holds this run (config comparison);
+- :mod:`.run_lock`     one run per output folder at a time (``run.lock``);
+- :mod:`.resources`    whether the configured model builds and fits in memory, before anything allocates;
 - :mod:`.run_log`      JSON-lines log, TensorBoard, progress bar;
 - :mod:`.result`       ``TrainResult``.
 """

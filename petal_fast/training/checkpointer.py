@@ -11,7 +11,6 @@ loading leaves model, optimizer, schedule and RNG as they were.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from petal_fast.atomic_files import atomic_save, atomic_write_text, clean_stale_tmp
 from petal_fast.config import TrainConfig
+from petal_fast.jsonio import dumps
 from petal_fast.models import full_state_dict, safe_load, save_checkpoint, trainable_state_dict
 
 from . import state as training_state
@@ -28,6 +28,17 @@ from .same_run import check_same_run
 
 MODEL = "model.pt"
 SUMMARY = "summary.json"
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Refuse an output folder whose files would overwrite the run's own inputs (the pretrained
+    checkpoint, a data file) or that lies inside the ImageFolder being trained on."""
+    from petal_fast.io_guard import check_outputs as check, data_inputs, run_files
+    files, folders = data_inputs(cfg.data.path) if cfg.data.kind != "synthetic" else ([], [])
+    output = Path(cfg.output)
+    check("petal-fast train", [output, *run_files(output)],
+          {"the pretrained checkpoint": [cfg.pretrained] if cfg.pretrained else [], "the training data": files},
+          {"the training data (an ImageFolder root)": folders})
 
 
 class Checkpointer:
@@ -65,22 +76,28 @@ class Checkpointer:
         if not self.cfg.resume:
             return None
         if not self.path.exists():
+            # a run of another world size names its checkpoint otherwise (per rank with a sharded head)
+            for other in (self.output / training_state.LAST, self.output / "checkpoint_last.rank0.pt"):
+                if other != self.path and other.exists():
+                    saved = training_state.load(other)
+                    check_same_run(other, saved.get("config"), self.cfg, saved.get("world", 1), self.world)
             model_pt = self.output / MODEL
             if model_pt.exists():  # a finished run whose checkpoint is gone: do not overwrite it silently
                 meta = safe_load(model_pt).get("metadata", {})
-                check_same_run(model_pt, meta.get("config") if isinstance(meta, dict) else None, self.cfg)
+                meta = meta if isinstance(meta, dict) else {}
+                check_same_run(model_pt, meta.get("config"), self.cfg, meta.get("world", 1), self.world)
             return None
         state = training_state.load(self.path)
-        check_same_run(self.path, state.get("config"), self.cfg)
+        check_same_run(self.path, state.get("config"), self.cfg, state.get("world", 1), self.world)
         missing = [k for k in training_state.REQUIRED if k not in state]
         if missing:
             raise training_state.CheckpointFileError(f"checkpoint {self.path} lacks {', '.join(missing)}: it was not "
                                                      "written by petal-fast train; start over with resume=false")
-        if state.get("world", 1) != self.world:
-            raise ValueError(f"{self.path} was written by {state.get('world')} processes, this run has {self.world}")
         unknown = [k for k in state["model"] if k not in model.state_dict()]
-        if unknown:
-            raise ValueError(f"{self.path} does not fit this model; unknown keys: {unknown[:5]}")
+        missing = [k for k in self._weights(model) if k not in state["model"]]  # would keep their initial values
+        if unknown or missing:
+            raise ValueError(f"{self.path} does not fit this model; " + "; ".join(
+                f"{what} keys: {keys[:5]}" for what, keys in (("unknown", unknown), ("missing", missing)) if keys))
         return state
 
     def restore(self, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -112,6 +129,6 @@ class Checkpointer:
         """``model.pt`` (the weights a checkpoint holds, plus the config) and ``summary.json``.
         ``full_head``: every class centre of a sharded head, so model.pt fits any world size."""
         save_checkpoint(model, self.output / MODEL, trainable_only=self.cfg.trains_adapters,
-                        metadata={"config": self.cfg.to_dict()},
+                        metadata={"config": self.cfg.to_dict(), "world": self.world},
                         replace={"head.weight": full_head} if full_head is not None else None)
-        atomic_write_text(json.dumps(result.to_summary(), indent=2), self.output / SUMMARY)
+        atomic_write_text(dumps(result.to_summary(), indent=2), self.output / SUMMARY)

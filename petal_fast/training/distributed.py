@@ -8,6 +8,7 @@ import atexit
 import gc
 import os
 import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -121,6 +122,29 @@ class Distributed:
         # module has no truth value
         module = self.forward if self.forward is not None else model
         return model.head(module(images), labels) if self.sharded else module(images, labels)
+
+    def together(self, check: Callable[[], None]) -> None:
+        """Run ``check`` on every rank and fail on every rank if it fails on any (a rank that raised
+        alone would leave the others waiting in the next collective): this rank's own error, else a
+        ValueError saying which ranks refused."""
+        try:
+            check()
+            error = None
+        except (ValueError, OSError) as err:
+            error = err
+        if self.world == 1:
+            if error is not None:
+                raise error
+            return
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        flags = [torch.zeros_like(failed) for _ in range(self.world)]
+        dist.all_gather(flags, failed)
+        if error is not None:
+            raise error
+        ranks = [r for r, f in enumerate(flags) if f.item()]
+        if ranks:
+            raise ValueError(f"rank(s) {', '.join(map(str, ranks))} refused to start (their error says why); "
+                             f"rank {self.rank} stops with them")
 
     def all_true(self, ok: torch.Tensor) -> bool:
         """True only if ``ok`` holds on every rank (a step is skipped everywhere or nowhere)."""

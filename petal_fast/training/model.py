@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from petal_fast.config import TrainConfig
+from petal_fast.config import ConfigError, TrainConfig
+from petal_fast.models.weights import LoadReport
 from petal_fast.nn import PetalLinear
 
 
@@ -28,9 +29,37 @@ def build_training_model(cfg: TrainConfig, num_classes: int | None, device: torc
                       feature_lora=cfg.feature_lora)
     if cfg.mode == "petalface":
         common.update(quality=cfg.quality, alpha_mode=cfg.alpha_mode)
-    model = build_model(cfg.mode, backbone=backbone, num_classes=num_classes, pretrained=cfg.pretrained,
-                        strict=False, **common)
+    # full_ft needs its checkpoint: it is loaded below, with the run's own rules
+    mode = "pretrain" if cfg.mode == "full_ft" else cfg.mode
+    model = build_model(mode, backbone=backbone, num_classes=num_classes, **common)
+    if cfg.pretrained is not None:
+        load_pretrained(model, cfg.pretrained, partial=cfg.pretrained_partial)
     return model.to(device)
+
+
+def load_pretrained(model: nn.Module, path: str, partial: bool = False) -> LoadReport:
+    """``pretrained=``: every backbone tensor the checkpoint kind needs must be there with its shape
+    (missing, unexpected and mismatched tensors are listed), unless ``partial`` (``pretrained_partial``),
+    which loads what fits and warns; a file that fits less than half of the backbone is an error either way. A margin head
+    of another shape (the pretraining task's classes) is not this run's: it is left out."""
+    from petal_fast.models import CheckpointError, load_petalface_checkpoint, safe_load, unwrap_state_dict
+    state = unwrap_state_dict(safe_load(path))
+    own = model.state_dict()
+    other_task = {k for k, v in state.items() if k.startswith("head.") and (k not in own or own[k].shape != v.shape)}
+    fitting = {k: v for k, v in state.items() if k not in other_task}
+    try:
+        report = load_petalface_checkpoint(model, fitting, strict=not partial)
+    except CheckpointError as err:
+        raise ConfigError(f"pretrained={path} does not fit this model (backbone {type(model.backbone).__name__}): "
+                          f"{str(err).split(': ', 1)[-1]}. Use a checkpoint of this backbone, or set "
+                          "pretrained_partial=true to load only the tensors that fit") from None
+    base = [k for k in own if k.startswith("backbone.") and not k.endswith((".lora_A", ".lora_B"))]
+    fit = [k for k in report.loaded if k in base]
+    if 2 * len(fit) < len(base):  # a few biases that fit by chance do not make a pretrained backbone
+        raise ConfigError(f"pretrained={path}: only {len(fit)} of the {len(base)} tensors of this model's backbone "
+                          f"({type(model.backbone).__name__}) fit, so it would train from random weights; "
+                          f"is it a checkpoint of another backbone? {report}")
+    return report
 
 
 def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class TrainingFailed(RuntimeError):
+    """The run could not train: no optimisation step applied, or the weights diverged (non-finite).
+    The message names the step and learning rate; the last finite checkpoint is kept. ``petal-fast
+    train`` prints it and exits with status 1."""
+
+
 @dataclass
 class TrainResult:
     steps: int = 0

@@ -1,11 +1,13 @@
 """What a run reports while it trains: ``log.jsonl``, TensorBoard (if installed) and a progress bar.
 
 Only rank 0 writes. A fresh start replaces the log of an earlier attempt; a resumed run appends.
+A non-finite loss is written as the string ``"nan"`` / ``"inf"`` (strict JSON has no such numbers).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from petal_fast.jsonio import dumps
 
 
 class RunLog:
@@ -20,7 +22,7 @@ class RunLog:
             return
         rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "applied": applied, "skipped": skipped,
                "images_per_s": images_per_s}
-        self.file.write(json.dumps(rec) + "\n")
+        self.file.write(dumps(rec) + "\n")
         self.file.flush()
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step)

@@ -20,21 +20,29 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{key: (saved value, current value)} for every key that changes the run (keys the saved config
-    lacks take their defaults: files written before a key existed ran with its default)."""
+WORLD = "world size (processes)"  # not a config key, but it shapes the run: the global batch is batch × world
+
+
+def config_differences(saved: dict, cfg: TrainConfig, saved_world: int = 1, world: int = 1) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, current value)} for every key that changes the run, the number of processes
+    included (keys the saved config lacks take their defaults: files written before a key existed ran
+    with its default; a file without a world size was written by one process)."""
     old = _flatten(TrainConfig().to_dict()) | _flatten(saved)
     new = _flatten(cfg.to_dict())
-    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
             if k not in RESUME_FREE and old.get(k) != new.get(k)}
+    if saved_world != world:
+        diff[WORLD] = (saved_world, world)
+    return diff
 
 
-def check_same_run(path: Path, saved: Any, cfg: TrainConfig) -> None:
-    """Refuse to continue (or overwrite) the run saved at ``path`` unless its config equals ``cfg``."""
+def check_same_run(path: Path, saved: Any, cfg: TrainConfig, saved_world: Any = 1, world: int = 1) -> None:
+    """Refuse to continue (or overwrite) the run saved at ``path`` unless its config and number of
+    processes equal ``cfg`` and ``world``."""
     if not isinstance(saved, dict):
         raise ValueError(f"{path} holds no training config, so it cannot be told whether it belongs to this run: "
                          f"use a new output folder, or resume=false to start over in {path.parent} (overwrites it)")
-    diff = config_differences(saved, cfg)
+    diff = config_differences(saved, cfg, saved_world if isinstance(saved_world, int) else 1, world)
     if diff:
         listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
         raise ConfigError(

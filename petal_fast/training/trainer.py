@@ -37,12 +37,14 @@ from torch import nn
 
 from petal_fast.config import TrainConfig
 
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, check_outputs
 from .data import StepBatches, build_dataset, dataset_labels, make_loader, prepare_images, resolve_num_classes
 from .distributed import Distributed, resolve_device
 from .model import build_training_model, image_size_of, preset_image_size, set_train_mode
 from .optim import build_optimizer, build_scheduler
-from .result import TrainResult
+from .resources import check_data_fits, check_model_fits
+from .result import TrainingFailed, TrainResult
+from .run_lock import RunLock
 from .run_log import RunLog
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +55,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module | None = None, dataset=None):
         self.cfg = cfg.validate()
+        check_outputs(cfg)  # before anything is read or written
         self.device = resolve_device(cfg.device)
         if cfg.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=true needs a CUDA device; this run is on {self.device}")
@@ -60,6 +63,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.image_size = image_size_of(model) if model is not None else preset_image_size(cfg)
+        if dataset is None:
+            self.dist.together(lambda: check_data_fits(cfg, self.image_size))
         self.dataset = dataset if dataset is not None else build_dataset(cfg, self.image_size)
         self.model = model if model is not None else self._build_model()
         self._check_head()
@@ -74,10 +79,12 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg)
         self.step, self.skipped = 0, 0
+        self.saved_step: int | None = None  # the step of the last checkpoint on disk (None: none yet)
+        self.lr_used: float | None = None    # the learning rate of the last step (the schedule moved on since)
         self.checkpointer = Checkpointer(cfg, self.rank, self.world)
         self.output = self.checkpointer.output
         self.amp_dtype = _AMP.get(cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off"))
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         set_train_mode(self.model, cfg)
 
     # -- the parts ------------------------------------------------------------------------------
@@ -99,6 +106,7 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         num_classes = resolve_num_classes(self.cfg, self.dataset)
+        self.dist.together(lambda: check_model_fits(self.cfg, num_classes, self.image_size, self.device, self.world))
         torch.manual_seed(self.cfg.seed)  # the model's init must not depend on how the data was built
         return build_training_model(self.cfg, num_classes, self.device)
 
@@ -131,9 +139,24 @@ class Trainer:
         self.model.calibrate_quality(torch.cat(batches), progress=False)
 
     def save(self, epoch: int, step_in_epoch: int) -> None:
+        """Checkpoint, only finite weights: a diverged run keeps its last finite checkpoint."""
+        if not self.dist.all_true(torch.tensor(self._weights_finite())):
+            raise self._diverged("an update made its weights non-finite (NaN or inf)")
         self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.step, self.skipped, epoch,
                                step_in_epoch)
+        self.saved_step = self.step
         self.dist.barrier()
+
+    def _weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.params)
+
+    def _diverged(self, what: str) -> TrainingFailed:
+        lr = self.lr_used if self.lr_used is not None else self.scheduler.get_last_lr()[0]
+        kept = (f"the last finite checkpoint (step {self.saved_step}) is kept in {self.output}"
+                if self.saved_step is not None else "no checkpoint was written")
+        return TrainingFailed(f"training diverged at step {self.step} (learning rate {lr:.3g}): {what}; {kept}. "
+                              f"Lower lr (now {self.cfg.lr:g}) or grad_clip (now {self.cfg.grad_clip:g}) and start "
+                              "over (resume=false, or a new output folder)")
 
     def resume(self) -> tuple[int, int]:
         """(epoch, step in epoch) to continue from: the saved run in ``output`` if ``resume`` and it
@@ -143,6 +166,7 @@ class Trainer:
             return 0, 0
         self.checkpointer.restore(state, self.model, self.optimizer, self.scheduler)
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self.saved_step = self.step
         return int(state["epoch"]), int(state["step_in_epoch"])
 
     # -- one step -------------------------------------------------------------------------------
@@ -161,14 +185,22 @@ class Trainer:
         stats = {n: b.detach().clone() for n, b in self.model.named_buffers()
                  if n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
         amp = self.amp_dtype is not None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            loss = self.dist.loss(self.model, images, labels)
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
+                loss = self.dist.loss(self.model, images, labels)
+        except ValueError as err:  # "embeddings contain non-finite values": diverged weights or bad data
+            if "non-finite" in str(err) and bool(torch.isfinite(images).all()):
+                state = "non-finite" if not self._weights_finite() else "finite but so large that they overflow"
+                raise self._diverged(f"the embeddings of finite images are NaN or inf (the weights are {state})") \
+                    from err
+            raise
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
         norm = self.dist.clip_gradients(self.model, self.params, self.cfg.grad_clip)
+        self.lr_used = self.optimizer.param_groups[0]["lr"]
         applied = self.dist.all_true(torch.isfinite(loss.detach()) & torch.isfinite(norm))
         if applied and self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -192,7 +224,17 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to the configured end (or only until global step ``stop_after``, as if interrupted:
-        the schedule still spans the whole run, so a later resume continues it exactly)."""
+        the schedule still spans the whole run, so a later resume continues it exactly). The output
+        folder is this run's alone meanwhile (:class:`~.run_lock.RunLock`, taken by rank 0)."""
+        lock = RunLock(self.output) if self.rank == 0 else None
+        self.dist.together(lambda: lock.acquire() if lock is not None else None)
+        try:
+            return self._fit(stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, stop_after: int | None) -> TrainResult:
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         start_epoch, start_in_epoch = self.resume()  # first: a refused resume changes nothing
         self.checkpointer.prepare_folder()
@@ -246,8 +288,17 @@ class Trainer:
 
     def _export(self, result: TrainResult) -> None:
         """model.pt and summary.json once the run is complete; a rerun of a finished run trains
-        nothing and leaves its model.pt as it is."""
+        nothing and leaves its model.pt as it is. A run that applied no step (every loss or gradient
+        non-finite) writes no model.pt: it would be the initial weights, reported as trained."""
         finished = self.step >= self.total_steps
+        if finished and result.losses and self.step == self.skipped:
+            raise TrainingFailed(
+                f"no optimisation step was applied: all {self.step} steps had a non-finite loss or gradient "
+                f"(NaN or inf; learning rate {self.cfg.lr:g}, grad_clip {self.cfg.grad_clip:g}), so the weights are "
+                "the initial ones and no model.pt was written. See log.jsonl; check the data (and pretrained=), "
+                "or lower lr / loss_scale")
+        if finished and not self.dist.all_true(torch.tensor(self._weights_finite())):
+            raise self._diverged("its weights are non-finite (NaN or inf) at the end; no model.pt was written")
         full_head = self.full_head_weight() if self.sharded and finished else None  # a collective: every rank
         if self.rank == 0 and finished and (result.losses or not self.checkpointer.model_exported()):
             self.checkpointer.export(self.model, result, full_head)
