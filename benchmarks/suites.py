@@ -33,6 +33,9 @@ SUITES: dict[str, Suite] = {s.key: s for s in (
           "64 images: ≥ 20× faster than the `brisque` package on CPU on every install route; ≤ 5% of a training step on H100"),
     Suite("e2e", "benchmarks.bench_e2e", "PETALface end to end (training step, inference)", ("e2e",),
           "training step ≥ 1.3× (CPU) / ≥ 1.5× (H100) faster than the reference model"),
+    Suite("contention", "benchmarks.bench_contention", "Training on a shared CPU (quiet vs beside busy processes)",
+          ("contention",), "training step beside as many busy processes as cores (pinned to the same cores): "
+          "≥ 0.4× the quiet throughput on 2 cores"),
     Suite("deploy", "benchmarks.bench_deploy", "PETALface deployment (eager, torch.compile, ONNX Runtime)",
           ("deploy",), "compiled ≥ eager (training step and inference); exported files equal PyTorch's embeddings"),
 )}
