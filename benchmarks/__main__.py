@@ -1,6 +1,6 @@
 """Run the petal_fast benchmark suites and summarise them: ``python -m benchmarks``.
 
-    python -m benchmarks [--suite linear,loss,quality,e2e] [--quick] [--device cpu|cuda] [--out DIR]
+    python -m benchmarks [--suite linear,loss,quality,e2e,contention] [--quick] [--device cpu|cuda] [--out DIR]
 
 Each suite is one per-op script (``benchmarks/bench_*.py``) whose providers are timed interleaved
 in this process (docs/design.md §5). Rows are appended to ``<out>/<suite>.csv`` (default
@@ -19,6 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
+import petal_fast  # noqa: F401  (before torch: OpenMP's idle workers then sleep instead of spinning, §3.5)
 import torch
 
 from benchmarks import common, suites, tables

@@ -25,12 +25,19 @@ at::ScalarType acc_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-int64_t chunk_classes(int64_t B, int64_t C) {
+// A chunk worth a parallel task: a task costs each thread a wake-up (µs on a quiet machine; on a
+// busy one up to a scheduler time slice, docs/design.md §3.5), so none holds less than this many MACs.
+constexpr int64_t kMinChunkMacs = int64_t{1} << 20;
+
+int64_t chunk_classes(int64_t B, int64_t C, int64_t D) {
+  if (C <= 0) return 1;
   int64_t n = std::max<int64_t>(64, std::min<int64_t>(8192, kTileElems / std::max<int64_t>(B, 1)));
-  // enough chunks to keep every thread busy on small C
+  // enough chunks to keep every thread busy on small C, unless that makes them too small
   const int64_t per_thread = (C + at::get_num_threads() - 1) / at::get_num_threads();
-  n = std::min(n, std::max<int64_t>(16, per_thread));
-  return std::max<int64_t>(1, std::min(n, C));
+  const int64_t smallest = (kMinChunkMacs + B * D - 1) / std::max<int64_t>(1, B * D);
+  n = std::max<int64_t>(1, std::min({n, std::max({int64_t{16}, per_thread, smallest}), C}));
+  const int64_t chunks = (C + n - 1) / n;
+  return (C + chunks - 1) / chunks;  // evened out: 300 classes in two chunks of 150, not 256 + 44
 }
 
 Tensor inv_norm(const Tensor& x, double eps) {
@@ -111,7 +118,7 @@ std::tuple<Tensor, Tensor> margin_loss_fwd(const Tensor& e, const Tensor& w, con
   const int64_t B = e.size(0), C = w.size(0);
   Tensor en = e.to(acc);
   en = en * inv_norm(en, eps).unsqueeze(1);
-  const int64_t step = chunk_classes(B, C), chunks = (C + step - 1) / step;
+  const int64_t step = chunk_classes(B, C, e.size(1)), chunks = (C + step - 1) / step;
   const int threads = at::get_num_threads();
   const auto opts = en.options();
   const double inf = std::numeric_limits<double>::infinity();
@@ -169,7 +176,7 @@ std::tuple<Tensor, Tensor> margin_loss_bwd(const Tensor& e, const Tensor& w, con
   Tensor lse_safe = at::where(lse_acc.isinf(), at::zeros_like(lse_acc), lse_acc).unsqueeze(1);
   Tensor a = (g_lse.to(acc) * scale).unsqueeze(1), b = (g_zsum.to(acc) * scale).unsqueeze(1);
   Tensor dw = need_w ? at::empty_like(w) : Tensor();
-  const int64_t step = chunk_classes(B, C), chunks = (C + step - 1) / step;
+  const int64_t step = chunk_classes(B, C, e.size(1)), chunks = (C + step - 1) / step;
   const int threads = at::get_num_threads();
   std::vector<Tensor> de_part(threads);
   const int64_t* lab = labels.data_ptr<int64_t>();

@@ -10,8 +10,12 @@ the quality package (``petal_fast.quality.brisque(images)``), imported on first 
 Every setting (``PETAL_FAST_*``, read once at import) is in :mod:`petal_fast.settings`:
 ``petal_fast.settings.current()``, ``configure(...)``, ``override(...)``.
 """
-import importlib.util as _util
-from pathlib import Path as _Path
+from . import _openmp_env
+
+_openmp_env.prepare()  # first: the OpenMP runtime reads its wait policy once, when `import torch` loads it
+
+import importlib.util as _util  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
 
 # Installed, `kernels/` is the subpackage petal_fast.kernels (setup.py's package_dir). In a plain
 # source checkout (e.g. `python3 -m pytest -m gpu` on a GPU host whose torch is not this venv's)

@@ -104,7 +104,15 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
     return _resolve(device.type, op, supported, want)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (≈1 s, and it imports
+    Triton) when petal_fast is imported: that decorator only sets this marker, which Dynamo reads
+    when it traces a call (tests/test_import.py checks the two agree on the installed torch)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve_constant(device_type: str, op: str, supported: tuple[str, ...], want: str) -> str:
     """``_resolve`` as a constant of a traced graph: what is built and installed does not change in a process."""
     return _resolve(device_type, op, supported, want)

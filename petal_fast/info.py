@@ -1,6 +1,7 @@
 """``petal-fast info`` / ``python -m petal_fast.info``: what runs where, and why not the rest.
 
-Versions (petal_fast, Python, torch, CUDA, Triton, the C++ compiler), thread counts, the settings in
+Versions (petal_fast, Python, torch, CUDA, Triton, the C++ compiler), threads (how many, why, how
+idle ones wait: :mod:`petal_fast.threads`), the settings in
 force (:mod:`petal_fast.settings`, each with its variable, marked where not the default), where the
 compiled CPU ops come from (``petal_fast._C`` or the just-in-time build in the user cache, and the
 torch they were built for), and per op the backend that runs on CPU and on CUDA with the first line
@@ -20,7 +21,7 @@ from typing import Sequence
 import torch
 
 import petal_fast
-from petal_fast import _build, _ext, backend, settings
+from petal_fast import _build, _ext, backend, settings, threads
 
 # op → (the name backend.resolve is asked about, the backends it implements, the Triton kernel module)
 OPS = {
@@ -117,6 +118,17 @@ def _tile_table(triton_error: str | None) -> list[str]:
         return [f"Triton tiles: {_first_line(err)}"]
 
 
+def _thread_lines() -> list[str]:
+    """The intra-op pool (which the C++ ops and MKL share), why that size, how idle threads wait."""
+    quota = threads.quota_cores()
+    return [f"threads      {torch.get_num_threads()} intra-op (OpenMP: torch, the C++ ops and MKL), "
+            f"{torch.get_num_interop_threads()} inter-op; {threads.choose(settings.current().threads).why}",
+            f"             {os.cpu_count()} CPUs, {threads.affinity_cores()} in this process's affinity mask"
+            + (f", a CPU quota of {quota:g}" if quota is not None else "")
+            + f"; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; DataLoader workers: 1 each",
+            f"             idle wait: {threads.wait_policy()}"]
+
+
 def _settings_lines() -> list[str]:
     """One line per setting: field, value, its environment variable, and "default" where it is one."""
     now, default = settings.current(), settings.Settings()
@@ -141,8 +153,7 @@ def report() -> tuple[str, bool]:
         f"CUDA         {_cuda_line()}",
         f"triton       {triton_version or 'unavailable: ' + str(triton_error)}",
         f"compiler     {f'{cxx[1]}  ({cxx[0]})' if cxx else 'none on PATH (CXX, else c++)'}",
-        f"threads      torch {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op, "
-        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        *_thread_lines(),
         "",
         *_settings_lines(),
         "",

@@ -15,6 +15,10 @@ field (``configure(...)``)     environment variable        values (default first
 ``cpu_path``                   ``PETAL_FAST_CPU_PATH``     auto | blocked | whole
 ``cpu_block_rows``             ``PETAL_FAST_CPU_BLOCK_     0 (automatic) | rows per block ≥ 1
                                ROWS``
+``threads``                    ``PETAL_FAST_THREADS``      0 (automatic: the cores this process may
+                                                           use, at most torch's own choice) |
+                                                           threads ≥ 1 (torch's intra-op pool, which
+                                                           the C++ ops and MKL share; docs §3.5)
 =============================  ==========================  ==========================================
 
 ``current()`` is the :class:`Settings` in force. ``configure(**changes)`` replaces fields for the rest
@@ -40,7 +44,10 @@ and on every change.
 
 Not ours, so read where they are used: ``CXX``, ``PATH`` and ``XDG_CACHE_HOME`` (the build),
 ``TRITON_INTERPRET`` (Triton's own switch, read by Triton when kernels are defined),
-``OMP_NUM_THREADS``, and torchrun's ``LOCAL_RANK`` / ``WORLD_SIZE``. ``PETAL_FAST_NO_EXT`` is read by
+``OMP_NUM_THREADS``, and torchrun's ``LOCAL_RANK`` / ``WORLD_SIZE``. ``OMP_WAIT_POLICY``,
+``GOMP_SPINCOUNT`` and ``OMP_MAX_ACTIVE_LEVELS`` are the OpenMP runtime's, read once when torch loads
+it: petal_fast sets defaults for them before that (:mod:`petal_fast._openmp_env`) and never reads a
+setting there. ``PETAL_FAST_NO_EXT`` is read by
 setup.py at build time; ``PETAL_FAST_SLOW_EXPORT`` and ``PETAL_FAST_TEST_TORCH`` only by the tests.
 """
 from __future__ import annotations
@@ -54,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from petal_fast import _ext  # reads build / cache_dir from here when it loads, not at import
+from petal_fast import threads as _threads
 from petal_fast.kernels import petal_linear_config  # torch only: no Triton needed
 from petal_fast.kernels.petal_linear_config import DESIGNS as TRITON_DESIGNS
 
@@ -66,7 +74,7 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 ENV = {"backend": "PETAL_FAST_BACKEND", "build": "PETAL_FAST_BUILD", "cache_dir": "PETAL_FAST_CACHE_DIR",
        "progress_interval": "PETAL_FAST_PROGRESS_INTERVAL", "debug": "PETAL_FAST_DEBUG",
        "triton_design": "PETAL_FAST_TRITON_DESIGN", "cpu_path": "PETAL_FAST_CPU_PATH",
-       "cpu_block_rows": "PETAL_FAST_CPU_BLOCK_ROWS"}
+       "cpu_block_rows": "PETAL_FAST_CPU_BLOCK_ROWS", "threads": "PETAL_FAST_THREADS"}
 
 
 def _choice(allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
@@ -111,19 +119,23 @@ def _folder(value: Any, name: str) -> Path | None:
     return Path(str(value).strip()).expanduser()
 
 
-def _rows(value: Any, name: str) -> int:
-    rows = value.strip() if isinstance(value, str) else value
-    if isinstance(rows, str) and rows.isdecimal():
-        rows = int(rows)
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 0 <= rows < 2**31:  # the C++ side: int64
-        raise ValueError(f"{name} must be 0 (automatic) or a positive whole number of rows (< 2**31); got {value!r}")
-    return rows
+def _count(what: str, power: int) -> Callable[[Any, str], int]:
+    """0 (automatic) or a positive whole number below 2**power."""
+    def parse(value: Any, name: str) -> int:
+        n = value.strip() if isinstance(value, str) else value
+        if isinstance(n, str) and n.isdecimal():
+            n = int(n)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**power:
+            raise ValueError(f"{name} must be 0 (automatic) or a positive whole number of {what} (< 2**{power}); "
+                             f"got {value!r}")
+        return n
+    return parse
 
 
 _PARSE: dict[str, Callable[[Any, str], Any]] = {
     "backend": _choice(BACKEND_CHOICES), "build": _choice(BUILD_MODES), "cache_dir": _folder,
     "progress_interval": _seconds, "debug": _flag, "triton_design": _design, "cpu_path": _choice(CPU_PATHS),
-    "cpu_block_rows": _rows}
+    "cpu_block_rows": _count("rows", 31), "threads": _count("threads", 16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +149,7 @@ class Settings:
     triton_design: str | None = None
     cpu_path: str = "auto"
     cpu_block_rows: int = 0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         for field, parse in _PARSE.items():
@@ -194,6 +207,7 @@ def override(**changes: Any) -> Iterator[Settings]:
 def _push(new: Settings) -> None:
     """Hand the lower layers their copy (see the module docstring)."""
     petal_linear_config.configure_design(new.triton_design)
+    _threads.apply(new.threads)
     if _ext.loaded():
         _push_cpu(new)
 

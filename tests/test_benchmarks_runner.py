@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import re
+import os
 import sys
 from pathlib import Path
 
@@ -304,3 +305,28 @@ def test_merge_appends_new_rows_once_and_refuses_malformed(tmp_path):
     before = (into / "linear.csv").read_text()
     assert merge.main([str(src), "--into", str(into)]) == 2
     assert (into / "linear.csv").read_text() == before and not (into / "margin_loss.csv").exists()
+
+
+def test_contention_worker_busy_processes_and_rows():
+    """bench_contention's parts, small: a warm worker trains on request, busy processes are pinned to
+    this process's cores and gone afterwards, and the rows carry img/s with the contended/quiet ratio."""
+    from benchmarks import bench_contention as bc
+    worker = bc.Worker("petal_fast", "tiny", 4, 10)
+    try:
+        report = worker.train(0.01)
+    finally:
+        worker.close()
+    assert report["steps"] >= 1 and report["images"] == 4 * report["steps"] and report["wait"].startswith("passive")
+    with bc.busy(1, bc.cores()) as procs:
+        if hasattr(os, "sched_getaffinity"):
+            assert os.sched_getaffinity(procs[0].pid) == bc.cores()
+    assert procs[0].poll() is not None
+    quiet = {"steps": 4, "images": 16, "wall": 0.5, "ms": [100.0, 120.0, 140.0, 140.0], "threads": 2, "wait": "passive"}
+    slow = {**quiet, "wall": 2.0, "ms": [520.0] * 4}  # the quiet median is 130 ms
+    rows = bc.rows_for("petal_fast", "tiny B=4 C=10", {"quiet": [quiet, quiet], "contended": [slow],
+                                                      "load": ((1.0, 1.0, 1.0), (2.0, 1.5, 1.0))}, 2)
+    assert all(set(r) == set(common.COLUMNS) for r in rows)
+    got = {(r["mode"], r["metric"]): r for r in rows}
+    assert float(got["quiet", "throughput"]["median"]) == 32.0 and float(got["contended", "throughput"]["median"]) == 8.0
+    assert float(got["contended", "throughput"]["ratio"]) == 0.25 and float(got["contended", "time"]["ratio"]) == 4.0
+    assert got["quiet", "time"]["ratio"] == "1.0000" and "load average 1.0/1.0 before" in rows[0]["notes"]

@@ -200,6 +200,45 @@ def test_cpp_non_contiguous_and_errors():
         _ext.op("brisque_moments")(x.half(), 1)
 
 
+@pytest.mark.skipif(not _ext.has_op("brisque_moments"), reason="C++ extension not built")
+@pytest.mark.parametrize("h,w", [(4, 4), (5, 7), (6, 9), (9, 5), (8, 13), (11, 12)])
+def test_cpp_moments_every_resize_edge_and_lane_tail(h, w):
+    """Widths 4…13: the half-size resize's clamped edge columns and its interior loop, and rows that
+    are not a multiple of the 8 summation lanes; flat patches take the direct-sum fix-up."""
+    x = textured(3, 3, h, w)
+    x[1, :, : h // 2] = 0.25  # constant rows: (numerically) flat windows
+    got = _ext.op("brisque_moments")(x, 2)
+    assert rel_err(got, _ref_moments(x)) < 1e-12
+    assert torch.equal(got[..., 2] + got[..., 4], _ref_moments(x)[..., 2] + _ref_moments(x)[..., 4])
+
+
+@pytest.mark.skipif(not _ext.has_op("brisque_score"), reason="C++ extension not built")
+def test_cpp_score_is_the_same_on_any_thread_count_and_ranges_are_exact():
+    """Images are handed to threads dynamically; each is computed whole by one thread, so the bits do
+    not depend on how many threads there are. The per-image [min, max] is exact in every input type."""
+    m = svr.load_model("cpu")
+    x = textured(7, 3, 23, 31)
+    x[2, 1, 4, 5], x[5, 0, 0, 0] = 1.0, 0.0
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_ext.op("brisque_score")(x, m.f_min, m.f_max, m.support, m.coef, m.rho, m.gamma))
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+    for t in (x, x.float(), (x * 255).round().to(torch.uint8)):
+        ranges = _ext.op("brisque_score")(t, m.f_min, m.f_max, m.support, m.coef, m.rho, m.gamma)[2]
+        flat = t.flatten(1).double()
+        assert torch.equal(ranges, torch.stack([flat.amin(1), flat.amax(1)], 1))
+    y = x.clone()
+    y[3, 2, 7, 8], y[4, 0, 1, 1] = float("nan"), float("inf")
+    ranges = _ext.op("brisque_score")(y, m.f_min, m.f_max, m.support, m.coef, m.rho, m.gamma)[2]
+    assert ranges[3].isnan().all() and ranges[4, 1] == float("inf") and not ranges[[0, 1, 2, 5, 6]].isnan().any()
+
+
 @pytest.mark.skipif(not triton_interpreter_ok() and not HAS_CUDA, reason="needs Triton (interpreter or CUDA)")
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_triton_moments(dtype, tol):

@@ -22,12 +22,13 @@ from petal_fast.kernels import petal_linear_config
 GOOD = {"backend": (" Torch ", "torch"), "build": ("NEVER", "never"),
         "cache_dir": ("~/pf-cache", Path.home() / "pf-cache"),
         "progress_interval": ("2.5", 2.5), "debug": ("yes", True), "triton_design": ("onepass", "onepass"),
-        "cpu_path": ("whole", "whole"), "cpu_block_rows": ("24", 24)}
+        "cpu_path": ("whole", "whole"), "cpu_block_rows": ("24", 24), "threads": (" 1 ", 1)}
 # A bad value per variable, and a piece of the allowed values its error must list.
 BAD = {"backend": ("fastest", "auto, reference, torch, cpp, triton"), "build": ("sometimes", "auto, never, always"),
        "progress_interval": ("soon", "seconds >= 0"), "debug": ("maybe", "1, true, yes, on"),
        "triton_design": ("fused", "split, onepass"), "cpu_path": ("diagonal", "auto, blocked, whole"),
-       "cpu_block_rows": ("-3", "0 (automatic) or a positive whole number")}
+       "cpu_block_rows": ("-3", "0 (automatic) or a positive whole number"),
+       "threads": ("many", "0 (automatic) or a positive whole number of threads")}
 
 
 def test_every_field_has_its_variable_and_a_default():
@@ -154,7 +155,7 @@ for var in settings.ENV.values():
 from petal_fast.cpu_tuning import get_cpu_tuning
 s = settings.current()
 print(json.dumps([s.backend, s.build, str(s.cache_dir), log_interval(), s.debug, design_for(torch.device("cpu"), "fwd"),
-                  list(get_cpu_tuning()), petal_fast.requested_backend()]))
+                  list(get_cpu_tuning()), petal_fast.requested_backend(), torch.get_num_threads()]))
 """
 
 
@@ -168,14 +169,14 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_the_environment_is_read_once_at_import(tmp_path):
     env = {"PETAL_FAST_BACKEND": "torch", "PETAL_FAST_BUILD": "auto", "PETAL_FAST_CACHE_DIR": str(tmp_path),
            "PETAL_FAST_PROGRESS_INTERVAL": "7", "PETAL_FAST_DEBUG": "1", "PETAL_FAST_TRITON_DESIGN": "onepass",
-           "PETAL_FAST_CPU_PATH": "whole", "PETAL_FAST_CPU_BLOCK_ROWS": "24"}
+           "PETAL_FAST_CPU_PATH": "whole", "PETAL_FAST_CPU_BLOCK_ROWS": "24", "PETAL_FAST_THREADS": "1"}
     later = {"PETAL_FAST_BACKEND": "reference", "PETAL_FAST_BUILD": "sometimes", "PETAL_FAST_CACHE_DIR": "/elsewhere",
              "PETAL_FAST_PROGRESS_INTERVAL": "1", "PETAL_FAST_DEBUG": "0", "PETAL_FAST_TRITON_DESIGN": "split",
-             "PETAL_FAST_CPU_PATH": "blocked", "PETAL_FAST_CPU_BLOCK_ROWS": "3"}
+             "PETAL_FAST_CPU_PATH": "blocked", "PETAL_FAST_CPU_BLOCK_ROWS": "3", "PETAL_FAST_THREADS": "2"}
     out = _python(READ_ONCE.format(later=later), env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        "torch", "auto", str(tmp_path), 7.0, True, "onepass", ["whole", 24], "torch"]
+        "torch", "auto", str(tmp_path), 7.0, True, "onepass", ["whole", 24], "torch", 1]
 
 
 def test_a_bad_variable_fails_at_import_with_its_name():

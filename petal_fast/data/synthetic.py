@@ -305,7 +305,9 @@ class SyntheticFaces:
         chunks = [range(s, min(s + self.chunk, len(self))) for s in range(0, len(self), self.chunk)]
         if num_workers > 0:
             from concurrent.futures import ProcessPoolExecutor
-            with ProcessPoolExecutor(num_workers) as pool:
+
+            from petal_fast.threads import single_threaded  # N workers on N cores, not N × torch's threads
+            with ProcessPoolExecutor(num_workers, initializer=single_threaded) as pool:
                 parts = pool.map(self.render, chunks)
                 if progress:
                     from petal_fast.progress import progress as progress_bar

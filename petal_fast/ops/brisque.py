@@ -4,8 +4,9 @@
 
 ``brisque_op(images, features)`` checks the input contract once (types and shapes here; the values
 of float images inside the operator, so a compiled graph holds no data-dependent branch), resolves
-the backend, and runs the operator (``torch`` / ``cpp`` / ``triton``) or, when ``reference`` is
-asked for, the literal float64 oracle ``petal_fast.reference.brisque``. The public functions are
+the backend, and runs the operator (``torch`` / ``cpp`` / ``triton``; eagerly its body directly, without
+custom-op dispatch: ``ops/_eager.py``) or, when ``reference`` is asked for, the literal float64
+oracle ``petal_fast.reference.brisque``. The public functions are
 ``petal_fast.quality.brisque`` / ``brisque_features``.
 """
 from __future__ import annotations
@@ -16,8 +17,9 @@ from petal_fast.backend import resolve
 from petal_fast.reference import brisque as reference_brisque  # the user-selectable `reference` backend
 
 from . import _brisque_svr as svr
+from ._eager import eager
 from ._graph import triton_op_runs
-from .brisque_library import OP, check_images, degenerate_to_worst, fused_brisque
+from .brisque_library import OP, brisque_impl, check_images, degenerate_to_worst, fused_brisque
 
 SUPPORTED = ("reference", "torch", "cpp", "triton")
 
@@ -26,6 +28,8 @@ def brisque_op(images: torch.Tensor, features: bool) -> torch.Tensor:
     """(B, C, H, W) uint8 or float in [0, 1] → (B,) float64 scores, or (B, 36) features if ``features``."""
     check_images(images, value_range=(0.0, 1.0))  # shape and dtype here; the values inside the operator
     backend = resolve(images.device, OP, supported=SUPPORTED)
+    if backend != "reference" and eager(images):  # the operator's body without custom-op dispatch
+        return brisque_impl(images, features, backend)
     if triton_op_runs(backend):  # the Triton kernel visible to torch.compile
         from .brisque_triton_library import triton_brisque
         return triton_brisque(images, features)

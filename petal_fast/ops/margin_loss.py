@@ -36,14 +36,16 @@ from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_
 from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
 from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
 
+from ._eager import eager
 from ._graph import compiling, functorch_active, no_functorch, triton_op_runs, value_check
-from .margin_loss_library import NORM_EPS, OP, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
+from .margin_loss_library import NORM_EPS, OP, EagerCore, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
 
 
 def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
                backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs; the Triton
-    backend through its triton_op (torch.compile sees the kernels), the others through the opaque operator."""
+    """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs. Eagerly the
+    operator bodies run directly (``ops/_eager.py``); traced, the Triton backend runs through its
+    triton_op (torch.compile sees the kernels), the others through the opaque operator."""
     if not triton_op_runs(backend):
         # The C++ and torch cores take one dtype and accumulate in fp32 anyway: 16-bit inputs (bf16
         # embeddings against fp32 centres under torch.autocast / amp) enter as fp32; the cast is
@@ -52,6 +54,8 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
         dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         e, w = e.to(dtype), w.to(dtype)
     args = (e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale))
+    if eager(*args[:3]):  # the same bodies without custom-op dispatch (values were checked before)
+        return EagerCore.apply(*args, backend)
     if triton_op_runs(backend):
         from .margin_loss_triton_library import triton_margin_core
         return triton_margin_core(*args, validate)
