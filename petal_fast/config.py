@@ -171,7 +171,8 @@ class TrainConfig:
                 raise ConfigError(f"backbone_overrides.{name} must be {_type_name(hint)} like {default!r}; got {value!r}")
             # sizes of zero are meaningless (and divide by zero); rates are fractions
             if isinstance(converted, float) and not (math.isfinite(converted) and 0 <= converted < 1):
-                raise ConfigError(f"backbone_overrides.{name} must be a number in [0, 1) like {default!r}; got {value!r}")
+                raise ConfigError(f"backbone_overrides.{name} must be a number in [0, 1) like {default!r}; "
+                                  f"got {value!r}")
             if (isinstance(converted, int) and converted < 1) or \
                     (isinstance(converted, tuple) and not (converted and all(v >= 1 for v in converted))):
                 what = "an integer >= 1" if isinstance(converted, int) else "a list of integers >= 1"

@@ -126,7 +126,8 @@ def load_pt2(path: str | Path) -> torch.export.ExportedProgram:
             names = archive.namelist()
     except zipfile.BadZipFile as err:
         raise ValueError(f"{path}: not a .pt2 archive ({err})") from None
-    objects = [n for n in names if "/data/constants/" in n and n.rsplit("/", 1)[-1].startswith(("custom_obj_", "opaque_obj_"))]
+    objects = [n for n in names
+               if "/data/constants/" in n and n.rsplit("/", 1)[-1].startswith(("custom_obj_", "opaque_obj_"))]
     if objects:
         raise ValueError(f"{path}: refusing to load: it holds pickled Python objects ({', '.join(objects[:3])}), "
                          "which torch.export.load would unpickle and which can run code. Load it with "

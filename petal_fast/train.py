@@ -36,8 +36,8 @@ from petal_fast.training.trainer import Trainer
 
 __all__ = ["RESUME_FREE", "StepBatches", "Trainer", "TrainResult", "build_dataset", "build_training_model",
            "check_same_run", "config_differences", "dataset_labels", "dataset_num_classes", "image_size_of",
-           "load_trained", "main", "prepare_images", "trained_inputs", "preset_image_size", "resolve_num_classes", "set_train_mode",
-           "train", "warmup_linear"]
+           "load_trained", "main", "prepare_images", "preset_image_size", "resolve_num_classes", "set_train_mode",
+           "train", "trained_inputs", "warmup_linear"]
 
 
 def load_trained(run_dir: str | Path, device: str | torch.device = "cpu", partial: bool = False) -> nn.Module:

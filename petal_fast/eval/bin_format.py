@@ -147,6 +147,11 @@ def load_bin(path: str, image_size: int | tuple[int, int] | None = None,
     if len(bins) < 2 * len(issame):
         raise ValueError(f"{path}: {len(issame)} pairs need {2 * len(issame)} images but the file holds {len(bins)}")
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    if size is not None:  # every image is decoded into memory at that size: refuse what cannot fit first
+        from petal_fast.memory import check_fits
+        n = 2 * len(issame)
+        check_fits({f"{n:,} images at {size[0]}×{size[1]}": n * size[0] * size[1] * 3}, f"decoding {path}",
+                   "lower --image-size")
     images = []
     indices = range(2 * len(issame))
     if progress:

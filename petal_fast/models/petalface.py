@@ -227,7 +227,8 @@ class PetalFace(FaceModel):
                  head_kwargs: dict[str, Any] | None = None, paper_compat: bool | None = None,
                  input_range: tuple[float, float] = (-1.0, 1.0)) -> None:
         super().__init__(backbone, num_classes, loss, margins, loss_scale, grad, head_kwargs, paper_compat)
-        if not (len(input_range) == 2 and all(math.isfinite(v) for v in input_range) and input_range[1] > input_range[0]):
+        finite = len(input_range) == 2 and all(math.isfinite(v) for v in input_range)
+        if not (finite and input_range[1] > input_range[0]):
             raise ValueError(f"input_range must be (low, high), finite numbers with high > low, got {input_range!r}")
         self.input_range = (float(input_range[0]), float(input_range[1]))
         self.rank, self.branches, self.alpha_mode = rank, branches, alpha_mode

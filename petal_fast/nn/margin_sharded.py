@@ -104,8 +104,9 @@ class ShardedMarginSoftmaxLoss(MarginHead):
         dist.all_gather_single(sizes, torch.tensor([labels.shape[0]], device=labels.device), group=self.group)
         if bool((sizes != sizes[0]).any()):
             raise ValueError(f"ShardedMarginSoftmaxLoss: every rank must pass the same batch size (embeddings and "
-                             f"labels are gathered over the ranks); got {sizes.tolist()} for ranks 0..{self.world - 1}. "
-                             "Drop the incomplete last batch (DataLoader drop_last=True) or give every rank as many rows")
+                             f"labels are gathered over the ranks); got {sizes.tolist()} for ranks "
+                             f"0..{self.world - 1}. Drop the incomplete last batch (DataLoader drop_last=True) or "
+                             "give every rank as many rows")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         # the op's checks, once: labels are bounded by all classes, not this rank's shard

@@ -40,8 +40,8 @@ def build_training_model(cfg: TrainConfig, num_classes: int | None, device: torc
 def load_pretrained(model: nn.Module, path: str, partial: bool = False) -> LoadReport:
     """``pretrained=``: every backbone tensor the checkpoint kind needs must be there with its shape
     (missing, unexpected and mismatched tensors are listed), unless ``partial`` (``pretrained_partial``),
-    which loads what fits and warns; a file that fits less than half of the backbone is an error either way. A margin head
-    of another shape (the pretraining task's classes) is not this run's: it is left out."""
+    which loads what fits and warns; a file that fits less than half of the backbone is an error either
+    way. A margin head of another shape (the pretraining task's classes) is not this run's: left out."""
     from petal_fast.models import CheckpointError, load_petalface_checkpoint, safe_load, unwrap_state_dict
     state = unwrap_state_dict(safe_load(path))
     own = model.state_dict()
@@ -53,7 +53,8 @@ def load_pretrained(model: nn.Module, path: str, partial: bool = False) -> LoadR
         raise ConfigError(f"pretrained={path} does not fit this model (backbone {type(model.backbone).__name__}): "
                           f"{str(err).split(': ', 1)[-1]}. Use a checkpoint of this backbone, or set "
                           "pretrained_partial=true to load only the tensors that fit") from None
-    base = [k for k in own if k.startswith("backbone.") and not k.endswith((".lora_A", ".lora_B"))]
+    rebuilt = (".lora_A", ".lora_B", ".attn_mask", ".relative_position_index", ".num_batches_tracked")
+    base = [k for k in own if k.startswith("backbone.") and not k.endswith(rebuilt)]
     fit = [k for k in report.loaded if k in base]
     if 2 * len(fit) < len(base):  # a few biases that fit by chance do not make a pretrained backbone
         raise ConfigError(f"pretrained={path}: only {len(fit)} of the {len(base)} tensors of this model's backbone "

@@ -23,7 +23,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 WORLD = "world size (processes)"  # not a config key, but it shapes the run: the global batch is batch × world
 
 
-def config_differences(saved: dict, cfg: TrainConfig, saved_world: int = 1, world: int = 1) -> dict[str, tuple[Any, Any]]:
+def config_differences(saved: dict, cfg: TrainConfig, saved_world: int = 1,
+                       world: int = 1) -> dict[str, tuple[Any, Any]]:
     """{key: (saved value, current value)} for every key that changes the run, the number of processes
     included (keys the saved config lacks take their defaults: files written before a key existed ran
     with its default; a file without a world size was written by one process)."""
