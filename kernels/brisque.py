@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch._guards import detect_fake_mode
 import triton.language as tl
 
 from ._host import direct
@@ -82,9 +83,24 @@ def _brisque_moments_kernel(gray, w_ptr, partial, H, W, n_tiles_x, n_tiles,
 
 
 def gaussian_window(device, dtype, n: int = 7, sigma: float = 7.0 / 6.0) -> torch.Tensor:
-    r = torch.arange(n, dtype=torch.float64) - n // 2
+    """The normalised n×n Gaussian on ``device``: made there once (built on the host per call it was a
+    host→device copy per batch, a synchronisation); a trace on fake tensors gets a fresh constant."""
+    if detect_fake_mode() is not None:
+        return _gaussian(device, dtype, n, sigma)
+    key = (torch.device(device), dtype, n, sigma)
+    if key not in _WINDOWS:
+        with torch.inference_mode(False):
+            _WINDOWS[key] = _gaussian(device, dtype, n, sigma)
+    return _WINDOWS[key]
+
+
+_WINDOWS: dict = {}
+
+
+def _gaussian(device, dtype, n: int, sigma: float) -> torch.Tensor:
+    r = torch.arange(n, dtype=torch.float64, device=device) - n // 2
     k = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
-    return (k / k.sum()).to(device=device, dtype=dtype).contiguous()
+    return (k / k.sum()).to(dtype=dtype).contiguous()
 
 
 def mscn_moments(gray: torch.Tensor, block_h: int = 16, block_w: int = 32, wrap=direct) -> torch.Tensor:

@@ -390,3 +390,16 @@ def test_layers_in_one_scope_share_a_seed_but_not_their_masks():
         expect = ref_petal_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, alpha, 1.0, 0.5, seed,
                                   layer.stream)
         torch.testing.assert_close(y, expect)
+
+
+def test_torch_func_transforms_say_what_to_use():
+    """torch.func over the fused op: one clear error pointing to the reference backend, which supports it."""
+    x, w, b, a, bb, alpha = make_inputs((3, 2), 8, 5, 2, 3)
+    fn = lambda a_: petal_linear(x, w, b, a_, bb, alpha, 0.5).sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="use_backend\\('reference'\\)"):
+        torch.func.grad(fn)(a)
+    with use_backend("reference"):
+        g = torch.func.grad(fn)(a)
+    a_ = a.clone().requires_grad_()
+    fn(a_).backward()
+    torch.testing.assert_close(g, a_.grad)

@@ -11,8 +11,12 @@ rows then columns. The output size is ``saturate_cast<int>(n · 0.5)``: round ha
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from ._graph import graph_constant, real_tensors
 
 HALF_CUBIC = (-3.0 / 32.0, 19.0 / 32.0, 19.0 / 32.0, -3.0 / 32.0)
 
@@ -26,8 +30,16 @@ def _half_last(x: torch.Tensor) -> torch.Tensor:
     out = half_size(n)
     # taps 2j−1 … 2j+2 for j < out: one replicated sample on the left, up to index 2·out on the right
     x = F.pad(x, (1, 2 * out + 1 - n), mode="replicate")
-    w = torch.tensor(HALF_CUBIC, dtype=x.dtype, device=x.device)
+    w = graph_constant(_taps(x.dtype, x.device))
     return x.unfold(-1, 4, 2) @ w
+
+
+@functools.lru_cache(maxsize=None)
+@real_tensors
+def _taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 4 taps on ``device``, made once (not a host→device copy per batch)."""
+    with torch.inference_mode(False):
+        return torch.tensor(HALF_CUBIC, dtype=dtype, device=device)
 
 
 def resize_half(gray: torch.Tensor) -> torch.Tensor:

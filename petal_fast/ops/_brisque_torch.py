@@ -12,8 +12,12 @@ local variance ``w ∗ Y² − μ²`` loses most of its digits in flat regions i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from ._graph import graph_constant, real_tensors
 
 LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
 C_MSCN = 1.0 / 255.0
@@ -27,8 +31,17 @@ def luminance(images: torch.Tensor) -> torch.Tensor:
         x = x / 255.0
     if x.shape[1] == 1:
         return x[:, 0].contiguous()
-    w = torch.tensor(LUMA, dtype=torch.float64, device=x.device)
+    w = graph_constant(_luma(x.device))
     return torch.einsum("bchw,c->bhw", x, w).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+@real_tensors
+def _luma(device: torch.device) -> torch.Tensor:
+    """The luminance weights on ``device``, made once (a tensor built per call would be a host→device
+    copy per batch on a GPU: a synchronisation)."""
+    with torch.inference_mode(False):
+        return torch.tensor(LUMA, dtype=torch.float64, device=device)
 
 
 def _window(device: torch.device) -> torch.Tensor:

@@ -71,9 +71,10 @@ def check_images(images: torch.Tensor, value_range: tuple[float, float] | None =
 def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
     """Scores of degenerate images (NaN: undefined features) → :data:`DEGENERATE_SCORE`; one warning
     with their number. Shared by every backend, after its features and SVR. Traced (a triton_op in a
-    compiled graph: fake tensors) the scores are replaced the same, but no warning can count them."""
+    compiled graph: fake tensors) or on a GPU the scores are replaced the same, but no warning counts
+    them (counting reads a value on the host: a synchronisation per batch)."""
     bad = ~torch.isfinite(scores)
-    if detect_fake_mode() is not None:
+    if detect_fake_mode() is not None or scores.device.type != "cpu":  # no count: it would be a host read
         return scores.masked_fill(bad, DEGENERATE_SCORE)
     n = int(bad.sum())
     if n:
@@ -85,11 +86,11 @@ def degenerate_to_worst(scores: torch.Tensor) -> torch.Tensor:
 
 
 def check_values(images: torch.Tensor) -> None:
-    """Float images in [0, 1]: ``check_images``' ValueError with the range found; traced (fake tensors)
-    a device-side assert on CUDA (``_graph.value_check``: no host read), nothing to check on CPU."""
+    """Float images in [0, 1]: on CPU ``check_images``' ValueError with the range found; on CUDA, eager or
+    traced, a device-side assert (``_graph.value_check``: no host read); traced on CPU nothing."""
     if not images.is_floating_point():
         return
-    if detect_fake_mode() is None:
+    if detect_fake_mode() is None and images.device.type == "cpu":
         check_images(images)
     else:
         value_check(((images >= 0) & (images <= 1)).all(), "images: float images must lie in [0, 1]")

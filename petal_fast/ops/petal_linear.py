@@ -28,7 +28,7 @@ import torch
 from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from ._graph import compiling, seed_tensor, triton_op_runs, unused_seed, value_check
+from ._graph import compiling, no_functorch, seed_tensor, triton_op_runs, unused_seed, value_check
 from . import _petal_linear_torch as torch_impl
 from .petal_linear_library import OP, EagerPetalLinear, branch_coefficients, forward_impl, fused_petal_linear
 
@@ -137,6 +137,8 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         y = _composition(x2, *_cast((weight, bias, lora_A, lora_B), dtype), alpha, scale)
         return y.view(*x.shape[:-1], weight.shape[0])
     backend = resolve(x.device, OP)
+    if backend != "reference":
+        no_functorch("petal_linear")
     if backend == "reference":
         if alpha is not None and not compiling():  # traced, the oracle checks nothing (no opaque op to do it)
             check_alpha_values(alpha)

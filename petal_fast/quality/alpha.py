@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from petal_fast.ops._graph import value_check
+
 MODES = ("oriented", "paper")
 
 
@@ -45,22 +47,29 @@ def alpha_from_quality(q: torch.Tensor, tau: float | torch.Tensor, slope: float 
         raise TypeError(f"q must be a tensor, got {type(q).__name__}")
     if not q.is_floating_point():
         q = q.double()
+    # Checks that read values run where the values are on the host (CPU tensors, Python numbers); on a
+    # GPU a host read would stall the stream every batch: there τ and the slope are checked by a
+    # device-side assert and NaN quality is mapped to α = 0 without the counting warning. Traced
+    # (torch.compile), QualityToAlpha and calibrate checked them when they were set.
+    host = q.device.type == "cpu" and not torch.compiler.is_compiling()
     tau = torch.as_tensor(tau, dtype=q.dtype, device=q.device)
-    # traced (torch.compile), τ and the slope are not re-checked: QualityToAlpha and calibrate check them when set
-    if not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(tau))):
+    if host and not bool(torch.all(torch.isfinite(tau))):
         raise ValueError(f"tau must be a finite number (a quality value), got {tau.tolist()}")
+    if not host and not torch.compiler.is_compiling():
+        value_check(torch.isfinite(tau).all(), "tau must be a finite number (a quality value)")
     undefined = torch.isnan(q)
-    # traced, no count (a host sync would break the graph): the NaN → 0 below is the same
-    if not torch.compiler.is_compiling() and bool(undefined.any()):
+    if host and bool(undefined.any()):
         warnings.warn(f"{int(undefined.sum())} of {q.numel()} quality values are NaN (undefined): treated as the "
                       "worst quality, α = 0", RuntimeWarning, stacklevel=2)
     if mode == "paper":
         alpha = 0.5 + (q - tau)
         return alpha.masked_fill(~torch.isfinite(alpha), 0.0)
     slope = torch.as_tensor(slope, dtype=q.dtype, device=q.device)
-    if not torch.compiler.is_compiling() and not bool(torch.all(torch.isfinite(slope) & (slope > 0))):
+    if host and not bool(torch.all(torch.isfinite(slope) & (slope > 0))):
         raise ValueError(f"slope must be a finite number > 0 (orientation is set by higher_is_better), "
                          f"got {slope.tolist()}")
+    if not host and not torch.compiler.is_compiling():
+        value_check((torch.isfinite(slope) & (slope > 0)).all(), "slope must be a finite number > 0")
     sign = 1.0 if higher_is_better else -1.0
     return (0.5 + slope * sign * (q - tau)).clamp(0.0, 1.0).masked_fill(undefined, 0.0)
 
