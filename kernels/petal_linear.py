@@ -41,8 +41,7 @@ On Hopper, 16-bit inputs whose strides TMA can address run the persistent TMA ke
 ``petal_linear_tma`` for the forward GEMM and dX (their descriptors need a global scratch, allocated
 through ``triton.set_allocator``); everything else, and the interpreter's default table, runs the
 pointer kernels of ``petal_linear_kernels``. Tiles and designs: ``petal_linear_config``; re-tuning and
-the ahead-of-time compile check: ``tune_petal_linear`` (``tune`` and ``compile_check`` stay importable
-from here).
+the ahead-of-time compile check: ``tune_petal_linear``.
 """
 from __future__ import annotations
 
@@ -64,17 +63,8 @@ from .petal_linear_tma import bwd_dx_tma_kernel, fwd_tma_kernel
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FINALIZE_BLOCK = 1024
-_TOOL = ("tune", "compile_check", "CANDIDATES", "QUICK_CANDIDATES")  # kernels/tune_petal_linear.py
 _HOST_ONLY = ("programs_per_sm", "TMA")  # table keys that are not kernel arguments
 _PLAN_CACHE_LIMIT = 4096
-
-
-def __getattr__(name: str):
-    """The tuning tool's names, importable from here as before (loaded on first use)."""
-    if name in _TOOL:
-        from . import tune_petal_linear
-        return getattr(tune_petal_linear, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Launch(NamedTuple):

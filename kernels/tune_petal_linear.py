@@ -20,6 +20,7 @@ import argparse
 import re
 import subprocess
 import tempfile
+import sys
 from pathlib import Path
 
 import torch
@@ -95,8 +96,6 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
     not tuned. ``device``, ``candidates`` and ``bench`` (a callable timing a function in ms;
     default ``triton.testing.do_bench``) exist so the search itself can be tested in the interpreter.
     """
-    from petal_fast.progress import progress
-
     if bench is None:
         from triton.testing import do_bench as bench
     candidates = candidates or CANDIDATES
@@ -123,7 +122,9 @@ def tune(m: int = 8192, k: int = 4096, n: int = 4096, rank: int = 8, branches: i
             continue
         design = "onepass" if name.endswith("onepass") else "split"
         timings = []
-        for cfg in progress(candidates[name], desc=f"tune {name}"):
+        for i, cfg in enumerate(candidates[name], start=1):
+            print(f"tune {name}: {i}/{len(candidates[name])}", end="\r" if sys.stderr.isatty() else "\n",
+                  file=sys.stderr, flush=True)
             try:
                 with use_design(design):
                     timings.append((bench(call(name, _with_rung(table, name, cfg))), cfg))

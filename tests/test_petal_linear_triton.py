@@ -536,7 +536,8 @@ def test_tune_picks_fastest_tiles_and_design(p, monkeypatch):
         fn()  # the launches themselves must work
         return sum(fake_ms[name] * (0.9 if warps == 8 else 1.0) for name, warps in launched)
 
-    best, designs = kernels.tune(40, 24, 40, rank=4, dtype=torch.float32, p=p, device="cpu",
+    from petal_fast.kernels import tune_petal_linear
+    best, designs = tune_petal_linear.tune(40, 24, 40, rank=4, dtype=torch.float32, p=p, device="cpu",
                                  candidates=candidates, bench=bench)
     assert all(cfg["num_warps"] == 8 for cfg in best.values())
     assert designs["fwd"] == "onepass"  # 5.5 < 1 + 5
