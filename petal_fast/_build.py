@@ -22,10 +22,12 @@ JIT_NAME = "petal_fast_ops"
 
 def cxx_flags(platform: str = sys.platform) -> list[str]:
     """-fno-math-errno: the ops never read errno, and without it GCC keeps std::sqrt scalar (a branch
-    to set errno on negative input) in the loops it would otherwise vectorise (csrc/brisque.cpp)."""
+    to set errno on negative input) in the loops it would otherwise vectorise (csrc/brisque.cpp).
+    -ffp-contract=off: no a·b + c fused into an FMA, so the AVX-512 clone of a loop (which has FMA)
+    rounds exactly as the AVX2 and baseline clones (which do not): the same bits on every CPU."""
     if platform == "win32":
         return ["/O2", "/std:c++20", "/openmp"]
-    return ["-O3", "-DNDEBUG", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    return ["-O3", "-DNDEBUG", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
 
 def ld_flags(platform: str = sys.platform) -> list[str]:

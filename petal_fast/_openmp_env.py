@@ -1,4 +1,4 @@
-"""What the OpenMP runtime must be told before it loads (docs/design.md §3.5). Imports nothing of torch.
+"""What the OpenMP runtime must be told before it loads (docs/design.md §3.6). Imports nothing of torch.
 
 torch's intra-op pool and petal_fast's C++ ops share one OpenMP runtime: the ``libgomp.so.1`` that
 ``import torch`` loads (the extension links the same soname, so the dynamic loader reuses torch's).

@@ -18,7 +18,7 @@ field (``configure(...)``)     environment variable        values (default first
 ``threads``                    ``PETAL_FAST_THREADS``      0 (automatic: the cores this process may
                                                            use, at most torch's own choice) |
                                                            threads ≥ 1 (torch's intra-op pool, which
-                                                           the C++ ops and MKL share; docs §3.5)
+                                                           the C++ ops and MKL share; docs §3.6)
 =============================  ==========================  ==========================================
 
 ``current()`` is the :class:`Settings` in force. ``configure(**changes)`` replaces fields for the rest

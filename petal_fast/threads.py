@@ -1,4 +1,4 @@
-"""How many threads petal_fast's CPU work runs on, and how idle ones wait (docs/design.md §3.5).
+"""How many threads petal_fast's CPU work runs on, and how idle ones wait (docs/design.md §3.6).
 
 One pool does all of it: torch's intra-op OpenMP pool. The C++ ops (csrc/) parallelise with
 ``at::parallel_for`` on it, and MKL/BLAS inside torch and inside the ops use it too.

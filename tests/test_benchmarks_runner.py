@@ -323,10 +323,12 @@ def test_contention_worker_busy_processes_and_rows():
     assert procs[0].poll() is not None
     quiet = {"steps": 4, "images": 16, "wall": 0.5, "ms": [100.0, 120.0, 140.0, 140.0], "threads": 2, "wait": "passive"}
     slow = {**quiet, "wall": 2.0, "ms": [520.0] * 4}  # the quiet median is 130 ms
-    rows = bc.rows_for("petal_fast", "tiny B=4 C=10", {"quiet": [quiet, quiet], "contended": [slow],
-                                                      "load": ((1.0, 1.0, 1.0), (2.0, 1.5, 1.0))}, 2)
+    rows = bc.rows_for("petal_fast", "tiny B=4 C=10", {"quiet": [quiet, quiet], bc.phase_name(2): [slow],
+                                                      "load": ((1.0, 1.0, 1.0), (2.0, 1.5, 1.0))})
     assert all(set(r) == set(common.COLUMNS) for r in rows)
     got = {(r["mode"], r["metric"]): r for r in rows}
-    assert float(got["quiet", "throughput"]["median"]) == 32.0 and float(got["contended", "throughput"]["median"]) == 8.0
-    assert float(got["contended", "throughput"]["ratio"]) == 0.25 and float(got["contended", "time"]["ratio"]) == 4.0
+    assert float(got["quiet", "throughput"]["median"]) == 32.0
+    assert float(got["beside 2 busy", "throughput"]["median"]) == 8.0
+    assert float(got["beside 2 busy", "throughput"]["ratio"]) == 0.25
+    assert float(got["beside 2 busy", "time"]["ratio"]) == 4.0
     assert got["quiet", "time"]["ratio"] == "1.0000" and "load average 1.0/1.0 before" in rows[0]["notes"]
