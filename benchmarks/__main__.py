@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-import petal_fast  # noqa: F401  (before torch: OpenMP's idle workers then sleep instead of spinning, §3.5)
+import petal_fast  # noqa: F401  (before torch: OpenMP's idle workers then sleep instead of spinning, §3.6)
 import torch
 
 from benchmarks import common, suites, tables

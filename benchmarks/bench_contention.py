@@ -7,7 +7,7 @@ pinned to the same cores, then beside as many busy processes as cores, then quie
 Configurations:
 
 - ``petal_fast``   petal_fast imported first: OpenMP's idle workers sleep (passive wait), threads =
-                   the cores this process may use (docs/design.md §3.5);
+                   the cores this process may use (docs/design.md §3.6);
 - ``torch_first``  torch imported before petal_fast, as a script that begins ``import torch``: the
                    OpenMP runtime keeps its default wait (spinning); the same thread count;
 - ``one_thread``   petal_fast first, ``PETAL_FAST_THREADS=1`` (full run only).

@@ -1,4 +1,4 @@
-"""Threads (petal_fast.threads, petal_fast._openmp_env; docs/design.md §3.5): how many, how idle ones
+"""Threads (petal_fast.threads, petal_fast._openmp_env; docs/design.md §3.6): how many, how idle ones
 wait, no nesting, worker processes single-threaded, and what `petal-fast info` says about it."""
 from __future__ import annotations
 
