@@ -101,7 +101,15 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
     want = requested_backend()  # traced under torch.compile: Dynamo guards on the context / environment
     if torch.compiler.is_compiling():
         return _resolve_constant(device.type, op, supported, want)
-    return _resolve(device.type, op, supported, want)
+    from petal_fast import _ext  # late: _ext imports this module
+    key = (device.type, op, supported, want, triton_interpreting(), device.type == "cpu" and _ext.has_op(op))
+    backend = _resolved.get(key)
+    if backend is None:  # what is built and installed does not change in a process: decide once (per call ~7 µs)
+        backend = _resolved[key] = _resolve(device.type, op, supported, want)
+    return backend
+
+
+_resolved: dict[tuple, str] = {}
 
 
 def _assume_constant_result(fn):
