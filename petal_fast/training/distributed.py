@@ -28,6 +28,11 @@ def resolve_device(name: str) -> torch.device:
 def _init_process_group(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        # DDP imports Dynamo, and with it torch.distributed.fsdp; imported after the group exists, that
+        # import keeps a reference to the group which destroy_process_group cannot drop, and Gloo's
+        # threads outlive the exit teardown (tests/test_train.py). `import petal_fast` no longer
+        # imports Dynamo (tests/test_import.py), so a distributed run imports it here, first.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # The group is ours, so is its teardown. A process that exits with the group alive can die
         # of SIGABRT ("terminate called without an active exception"): Gloo's worker threads still
