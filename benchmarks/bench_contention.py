@@ -157,9 +157,10 @@ def run(quick: bool = False, device: str | None = None, competitors: tuple[int, 
         append_rows(SUITE, new)
         rows += new
         tp = {r["mode"]: r for r in new if r["metric"] == "throughput"}
-        print(f"contention: {config}: quiet {float(tp['quiet']['median']):.1f} img/s; " + "; ".join(
-            f"{phase_name(n)} {float(tp[phase_name(n)]['median']):.1f} img/s "
-            f"({float(tp[phase_name(n)]['ratio']):.2f}×)" for n in counts) + f" (goal ≥ {GOAL}× beside 1)", flush=True)
+        beside = "; ".join(f"{phase_name(n)} {float(tp[phase_name(n)]['median']):.1f} img/s "
+                           f"({float(tp[phase_name(n)]['ratio']):.2f}×)" for n in counts)
+        print(f"contention: {config}: quiet {float(tp['quiet']['median']):.1f} img/s; {beside} "
+              f"(goal ≥ {GOAL}× beside 1)", flush=True)
     return rows
 
 
@@ -169,7 +170,8 @@ def main() -> None:
     parser.add_argument("--competitors", type=int, nargs="+", default=None,
                         help="numbers of busy processes, one phase each (default: 1 and the usable cores)")
     args = parser.parse_args()
-    print_table(run(quick=args.quick, competitors=tuple(args.competitors or ())), title="training beside busy processes")
+    rows = run(quick=args.quick, competitors=tuple(args.competitors or ()))
+    print_table(rows, title="training beside busy processes")
 
 
 if __name__ == "__main__":
