@@ -105,7 +105,9 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
     key = (device.type, op, supported, want, triton_interpreting(), device.type == "cpu" and _ext.has_op(op))
     backend = _resolved.get(key)
     if backend is None:  # what is built and installed does not change in a process: decide once (per call ~7 µs)
-        backend = _resolved[key] = _resolve(device.type, op, supported, want)
+        backend = _resolve(device.type, op, supported, want)
+        if want != "auto" or backend in ("cpp", "triton"):  # a fallback is not cached: it warns (once per op)
+            _resolved[key] = backend
     return backend
 
 
