@@ -97,7 +97,10 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid) -> bool:
+    """Whether process ``pid`` (an int > 0) exists on this host: this process, another user's, any."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     if pid == os.getpid():
         return True
     try:
@@ -118,7 +121,7 @@ def clean_stale_tmp(folder: str | Path) -> list[Path]:
         return removed
     for entry in folder.iterdir():
         m = _TMP.match(entry.name)
-        if m and entry.is_file() and not _alive(int(m["pid"])):
+        if m and entry.is_file() and not process_alive(int(m["pid"])):
             try:
                 entry.unlink()
                 removed.append(entry)

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from petal_fast.atomic_files import process_alive
+
 LOCK = "run.lock"
 
 
@@ -37,18 +39,6 @@ def _read_owner(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class RunLock:
@@ -104,7 +94,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 owner = _read_owner(self.path)
-                stale = owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
+                stale = owner.get("host") == socket.gethostname() and not process_alive(owner.get("pid"))
                 if not stale:
                     error = self._refuse()
                     if owner.get("host") not in (None, socket.gethostname()):
