@@ -27,7 +27,8 @@ from petal_fast.progress import progress
 SUITE = "margin_loss"
 LOSS = "arcface"
 D = 512
-FULL_CPU = [(256, 10_000), (1024, 10_000), (256, 100_000), (1024, 100_000), (256, 1_000_000), (1024, 1_000_000)]
+FULL_CPU = [(256, 10_000), (1024, 10_000), (256, 100_000), (1024, 100_000), (256, 200_000), (256, 1_000_000),
+            (1024, 1_000_000)]
 FULL_CUDA = FULL_CPU + [(256, 2_000_000), (1024, 2_000_000)]
 QUICK = [(32, 1_000), (64, 5_000)]
 MATERIALISED_LIMIT = 10 * 2**30  # bytes: ~6 B×C fp32 tensors live at the materialised peak

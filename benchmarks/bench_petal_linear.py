@@ -74,10 +74,13 @@ def flops(m: int, k: int, n: int, lora_rank: int, mode: str) -> float:
     return float({"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode])
 
 
-def cases(quick: bool, device: torch.device, rank: int = 8) -> list[tuple[int, int, int, int, float, str]]:
-    """(M, K, N, rank, p, mode) of a run: rank 16 only at the CUDA square shape."""
+def cases(quick: bool, device: torch.device, rank: int = 8,
+          petalface_only: bool = False) -> list[tuple[int, int, int, int, float, str]]:
+    """(M, K, N, rank, p, mode) of a run: rank 16 only at the CUDA square shape; ``petalface_only``
+    leaves the square shape out (a shorter re-measurement of the paper's shapes)."""
     cuda = device.type == "cuda"
-    shapes = QUICK_SHAPES if quick else (CUDA_SQUARE if cuda else CPU_SQUARE) + PETALFACE_SHAPES
+    square = [] if petalface_only else (CUDA_SQUARE if cuda else CPU_SQUARE)
+    shapes = QUICK_SHAPES if quick else square + PETALFACE_SHAPES
     ranks = (rank, 16) if cuda and not quick else (rank,)
     return [(m, k, n, r, p, mode) for m, k, n in shapes for r in ranks for p in (0.0, 0.1) for mode in MODES
             if not (r != rank and (m, k, n) not in CUDA_SQUARE)]
@@ -179,12 +182,17 @@ def _timed_call(provider: Provider, mode: str, xs: list[torch.Tensor], alphas: l
 
 
 def build_case(m: int, k: int, n: int, rank: int, p: float, mode: str, device: torch.device | str,
-               dtype: torch.dtype, rotate: int = 2) -> tuple[dict[str, Callable[[], None]], dict[str, float], int]:
-    """One case: the timed call and the flop count of every provider, and the number of images."""
+               dtype: torch.dtype, rotate: int = 2,
+               images: int | None = None) -> tuple[dict[str, Callable[[], None]], dict[str, float], int]:
+    """One case: the timed call and the flop count of every provider, and the number of images (given, or
+    from PETALface's tokens per image at width ``k``)."""
     device = torch.device(device)
-    images = max(1, m // TOKENS_PER_IMAGE.get(k, m))
-    while m % images:
-        images -= 1
+    if images is None:
+        images = max(1, m // TOKENS_PER_IMAGE.get(k, m))
+        while m % images:
+            images -= 1
+    elif images < 1 or m % images:
+        raise ValueError(f"images must divide M={m}, got {images}")
     providers = _providers(m, k, n, rank, p, device, dtype)
     grad = mode != "fwd"
     xs = [torch.randn(m, k, device=device, dtype=dtype, requires_grad=grad) for _ in range(rotate)]
@@ -195,14 +203,14 @@ def build_case(m: int, k: int, n: int, rank: int, p: float, mode: str, device: t
     return calls, work, images
 
 
-def run(quick: bool = False, device: str | None = None, rank: int = 8) -> list[dict]:
+def run(quick: bool = False, device: str | None = None, rank: int = 8, petalface_only: bool = False) -> list[dict]:
     """Time every case; rows are appended per case, so a run cut short keeps what it measured."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     repeat = 3 if quick else (10 if cuda else 7)
     rows = []
-    for m, k, n, r, p, mode in progress(cases(quick, device, rank), desc="PetalLinear", unit="case"):
+    for m, k, n, r, p, mode in progress(cases(quick, device, rank, petalface_only), desc="PetalLinear", unit="case"):
         torch.manual_seed(0)
         calls, work, images = build_case(m, k, n, r, p, mode, device, dtype)
         samples = time_interleaved(calls, device, warmup=2, repeat=repeat, rep_ms=CUDA_REP_MS)
@@ -220,8 +228,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke run)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank per branch")
+    ap.add_argument("--petalface-only", action="store_true", help="only the paper's shapes (no square shape)")
     args = ap.parse_args()
-    print_table(run(args.quick, args.device, args.rank), "PetalLinear (ratio = provider / frozen base)")
+    print_table(run(args.quick, args.device, args.rank, args.petalface_only),
+                "PetalLinear (ratio = provider / frozen base)")
 
 
 if __name__ == "__main__":

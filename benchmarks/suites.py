@@ -37,6 +37,9 @@ SUITES: dict[str, Suite] = {s.key: s for s in (
     Suite("host", "benchmarks.bench_host", "PetalLinear CUDA host path (µs per call, launches stubbed)", ("host",),
           "at every PETALface shape in training (p = 0.1, α scope): forward ≤ 100 µs, backward ≤ 300 µs of host "
           "time on the project's 2-core CPU", gpu=False),
+    Suite("calls", "benchmarks.bench_cpu_calls", "PetalLinear eager calls on CPU at the demo's shapes (vs F.linear)",
+          ("calls",), "eager calls at the cost of the work: fixed host cost per call small against the demo "
+          "layers' F.linear time; fwd+bwd at the demo batch near the flop floor", gpu=False),
     Suite("contention", "benchmarks.bench_contention", "Training on a shared CPU (quiet vs beside busy processes)",
           ("contention",), "training step beside as many busy processes as cores (pinned to the same cores): "
           "≥ 0.4× the quiet throughput on 2 cores", gpu=False),

@@ -29,15 +29,16 @@ def test_cpp_petal_linear_kernels_take_zero_rows(branches, p, path):
         fwd, bwd = _ext.op("petal_linear_fwd"), _ext.op("petal_linear_bwd")
         r, k, n = 4, 16, 24
         x, w, b = torch.randn(0, k), torch.randn(n, k), torch.randn(n)
-        a_cat, b_cat = torch.randn(branches * r, k), torch.randn(n, branches * r)
-        coef = torch.rand(0, branches)
-        y, u = fwd(x, w, b, a_cat, b_cat, coef, p, 7)
+        lora_a, lora_b = torch.randn(branches, r, k), torch.randn(branches, n, r)
+        alpha = torch.rand(0) if branches == 2 else None
+        y, u = fwd(x, w, b, lora_a, lora_b, alpha, 0.5, p, 7)
         assert y.shape == (0, n) and u.shape == (0, branches * r)
-        dx, da, db = bwd(torch.randn(0, n), x, w, a_cat, b_cat, coef, u, p, 7, True)
-        assert dx.shape == (0, k) and da.shape == a_cat.shape and db.shape == b_cat.shape
-        assert torch.equal(da, torch.zeros_like(a_cat)) and torch.equal(db, torch.zeros_like(b_cat))
-        with pytest.raises(RuntimeError, match="rows must be a multiple of images"):
-            fwd(torch.randn(3, k), w, b, a_cat, b_cat, coef, p, 7)  # rows without images: an error, not SIGFPE
+        dx, da, db = bwd(torch.randn(0, n), x, w, lora_a, lora_b, alpha, 0.5, u, p, 7, True)
+        assert dx.shape == (0, k) and da.shape == lora_a.shape and db.shape == lora_b.shape
+        assert torch.equal(da, torch.zeros_like(lora_a)) and torch.equal(db, torch.zeros_like(lora_b))
+        if branches == 2:
+            with pytest.raises(RuntimeError, match="rows must be a multiple of images"):
+                fwd(torch.randn(3, k), w, b, lora_a, lora_b, alpha, 0.5, p, 7)  # rows without images: not SIGFPE
 
 
 @needs_cpp

@@ -93,10 +93,12 @@ def test_opcheck_brisque(backend):
 
 def test_opcheck_raw_cpp_kernels():
     """The C++ kernels registered by csrc/ have fake implementations too (they trace when called directly)."""
-    from petal_fast.ops.petal_linear_library import branch_coefficients, concat
     x, w, b, lora_a, lora_b, alpha = linear_inputs(grad=False)
-    (a_cat, b_cat), coef = concat(lora_a, lora_b), branch_coefficients(alpha, 2, 0.7)
-    torch.library.opcheck(torch.ops.petal_fast.petal_linear_fwd.default, (x, w, b, a_cat, b_cat, coef, 0.0, 0),
+    torch.library.opcheck(torch.ops.petal_fast.petal_linear_fwd.default, (x, w, b, lora_a, lora_b, alpha, 0.7, 0.0, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+    y, u = torch.ops.petal_fast.petal_linear_fwd(x, w, b, lora_a, lora_b, alpha, 0.7, 0.0, 0)
+    torch.library.opcheck(torch.ops.petal_fast.petal_linear_bwd.default,
+                          (torch.randn_like(y), x, w, lora_a, lora_b, alpha, 0.7, u, 0.1, 3, True),
                           test_utils=("test_schema", "test_faketensor"))
     e, w, labels = (t.detach() for t in margin_inputs())
     torch.library.opcheck(torch.ops.petal_fast.margin_loss_fwd.default, (e, w, labels, 16.0, 1e-5),

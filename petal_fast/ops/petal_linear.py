@@ -30,7 +30,7 @@ from petal_fast.reference import petal_linear as reference_petal_linear
 
 from ._graph import compiling, no_functorch, seed_tensor, triton_op_runs, unused_seed, value_check
 from . import _petal_linear_torch as torch_impl
-from .petal_linear_library import OP, EagerPetalLinear, branch_coefficients, forward_impl, fused_petal_linear
+from .petal_linear_library import OP, EagerPetalLinear, forward_impl, fused_petal_linear
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float, scale: float) -> None:
@@ -107,9 +107,8 @@ def _version(t: torch.Tensor) -> int | None:
 def _composition(x, weight, bias, lora_A, lora_B, alpha, scale):
     """Inference as ATen operations (what ``torch.export`` records): y = x Wᵀ + b + (c ⊙ x A_catᵀ) B_catᵀ."""
     branches = lora_A.shape[0]
-    coef = branch_coefficients(alpha, branches, scale, x.dtype, x.device)
-    a_cat = lora_A.reshape(-1, lora_A.shape[2])
-    b_cat = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+    coef = torch_impl.branch_coefficients(alpha, branches, scale, x.dtype, x.device)
+    a_cat, b_cat = torch_impl.concat(lora_A, lora_B)
     u = x @ a_cat.T
     y = torch.nn.functional.linear(x, weight, bias)
     return y + torch_impl.row_scale(u, coef) @ b_cat.T

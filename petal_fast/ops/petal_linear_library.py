@@ -11,7 +11,7 @@
 
 ``A`` (branches × r × in) and ``B`` (branches × out × r) are the layer's parameters as they are; the
 gradients come back in their layout. α enters as itself: the branch weights are computed by each
-backend (inside the Triton kernels; on the host for the CPU backends), so a call on CUDA launches no
+backend (inside the Triton kernels and the C++ ops; in the torch composition), so a call launches no
 kernel to build them. ``seed`` is a 1-element int64 tensor on x's device (read by the kernels on the
 device: no host synchronisation) and ``stream`` the layer's stream (petal_fast.definitions.dropout).
 ``validate``: check α's finiteness inside the operator (how a traced graph checks it).
@@ -54,43 +54,12 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def concat(lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
-    """A_cat (R × in) and B_cat (out × R), R = branches·r: the CPU backends' layout of both branches."""
-    branches, r, k = lora_A.shape
-    if branches == 1:
-        return lora_A[0], lora_B[0]
-    return lora_A.reshape(branches * r, k), lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], branches * r)
-
-
-def split_b(db_cat: Tensor, branches: int) -> Tensor:
-    """dB_cat (out × R) → (branches, out, r) with lora_B's canonical strides (DDP compares them literally)."""
-    if branches == 1:
-        return db_cat.unsqueeze(0)
-    return db_cat.reshape(db_cat.shape[0], branches, -1).permute(1, 0, 2).contiguous()
-
-
-def branch_coefficients(alpha: Tensor | None, branches: int, scale: float, dtype: torch.dtype = torch.float32,
-                        device=None) -> Tensor:
-    """(images, branches) per-image weights: [s(1−α), sα] for two branches, [[s]] for one."""
-    if branches == 1:
-        return torch.full((1, 1), float(scale), dtype=dtype, device=device)
-    a = alpha.to(dtype)
-    return torch.stack((scale * (1.0 - a), scale * a), dim=1)
-
-
 def host_seed(seed: Tensor, stream: int) -> int | Tensor:
     """The layer's seed as the CPU backends take it: an int read on the host for a real CPU tensor (no
     device to wait for), a tensor otherwise (the torch composition hashes it where it is)."""
     if seed.device.type == "cpu" and has_values(seed):
         return stream_seed(int(seed.reshape(-1)[0]), stream)
     return stream_seed(seed, stream)  # hashed as a tensor: on the device, or traced (fake: no value)
-
-
-def _cpu_args(lora_A: Tensor, lora_B: Tensor, alpha: Tensor | None, scale: float, x: Tensor):
-    a_cat, b_cat = concat(lora_A, lora_B)
-    coef_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    coef = branch_coefficients(alpha, lora_A.shape[0], scale, coef_dtype, x.device)
-    return a_cat.contiguous(), b_cat.contiguous(), coef
 
 
 def _triton():
@@ -112,9 +81,9 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         return _triton().forward(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream,
                                  **wrap_kwargs(wrap))
     fwd, _ = _impl(backend)
-    a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
     s = host_seed(seed, stream) if p > 0.0 else 0
-    return fwd(x, weight.contiguous(), None if bias is None else bias.contiguous(), a_cat, b_cat, coef, float(p), s)
+    return fwd(x, weight.contiguous(), None if bias is None else bias.contiguous(), lora_A, lora_B, alpha,
+               float(scale), float(p), s)
 
 
 def alpha_grad(dy: Tensor, u: Tensor, lora_B: Tensor, alpha: Tensor, scale: float, p: float, seed: Tensor,
@@ -149,10 +118,8 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
                                         **wrap_kwargs(wrap))
     else:
         _, bwd = _impl(backend)
-        a_cat, b_cat, coef = _cpu_args(lora_A, lora_B, alpha, scale, x)
         s = host_seed(seed, stream) if p > 0.0 else 0
-        dx, da_cat, db_cat = bwd(dy, x, weight.contiguous(), a_cat, b_cat, coef, u, float(p), s, need_x)
-        da, db = da_cat.reshape(lora_A.shape), split_b(db_cat, lora_A.shape[0])
+        dx, da, db = bwd(dy, x, weight.contiguous(), lora_A, lora_B, alpha, float(scale), u, float(p), s, need_x)
     dalpha = alpha_grad(dy, u, lora_B, alpha, scale, p, seed, stream) if need_alpha else _empty(x)
     return (dx if need_x else _empty(x)), da, db, dalpha, dw, dbias
 
@@ -276,10 +243,11 @@ def _raw_kernel_fakes() -> None:
         return
 
     @torch.library.register_fake("petal_fast::petal_linear_fwd")
-    def _(x, weight, bias, a_cat, b_cat, coef, p, seed):
-        return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a_cat.shape[0]))
+    def _(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed):
+        rank = lora_A.shape[0] * lora_A.shape[1]
+        return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
 
     @torch.library.register_fake("petal_fast::petal_linear_bwd")
-    def _(dy, x, weight, a_cat, b_cat, coef, u, p, seed, need_x):
-        return (x.new_empty(x.shape) if need_x else x.new_empty(0), a_cat.new_empty(a_cat.shape),
-                b_cat.new_empty(b_cat.shape))
+    def _(dy, x, weight, lora_A, lora_B, alpha, scale, u, p, seed, need_x):
+        return (x.new_empty(x.shape) if need_x else x.new_empty(0), lora_A.new_empty(lora_A.shape),
+                lora_B.new_empty(lora_B.shape))
