@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# make demo PRESET=gpu (or gpu-small, tiny): see `petal-fast demo --help`
+PRESET ?= cpu
 
 $(BIN)/.installed: pyproject.toml setup.py petal_fast/_build.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +21,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m petal_fast.cli demo
+	$(BIN)/python -m petal_fast.cli demo --preset $(PRESET)
 
 bench: setup
 	$(BIN)/python -m benchmarks --quick

@@ -66,13 +66,15 @@ class TrainConfig:
     compile: bool = False                # torch.compile(fullgraph=True) the forward + margin loss (backward too)
     cuda_graphs: bool = False            # compile as above with mode="reduce-overhead": CUDA-graph replay (CUDA only)
     # adapters
-    rank: int = 8
+    rank: int = 8                        # per branch in petalface (two branches: 2 × rank in all)
+    feature_rank: int | None = None      # rank of the feature Linear's single-branch LoRA; default: rank
     scale: float = 1.0
     dropout: float = 0.1
     targets: tuple[str, ...] = ("attn.qkv",)
     feature_lora: bool = True
     quality: str = "brisque"
     alpha_mode: str = "oriented"
+    fixed_alpha: float | None = None     # petalface: this α for every image instead of the quality measure (ablation)
     calibrate_batches: int = 8           # training batches whose median quality becomes τ
     backbone_train_mode: bool = False    # adapter modes: run the frozen backbone's BN/dropout in train mode
     # loss
@@ -104,7 +106,7 @@ class TrainConfig:
         for key, allowed in choices.items():
             if _get(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {_get(self, key)!r}")
-        at_least = {"batch_size": 1, "epochs": 1, "max_steps": 1, "rank": 1, "calibrate_batches": 1, "log_every": 1,
+        at_least = {"batch_size": 1, "epochs": 1, "max_steps": 1, "rank": 1, "feature_rank": 1, "calibrate_batches": 1, "log_every": 1,
                     "save_every": 0, "num_classes": 2, "data.num_identities": 1, "data.images_per_identity": 1,
                     "data.identity_offset": 0, "data.size": 16, "data.num_workers": 0}
         for key, low in at_least.items():
@@ -124,6 +126,12 @@ class TrainConfig:
                 what = {"dropout": "in [0, 1)", "sample_rate": "in (0, 1]", "scale": "finite", "margin": "finite",
                         "weight_decay": ">= 0", "warmup": ">= 0"}.get(key, "> 0")
                 raise ConfigError(f"{key} must be a finite number {what}; got {value!r}")
+        if self.fixed_alpha is not None:
+            if not (math.isfinite(self.fixed_alpha) and 0.0 <= self.fixed_alpha <= 1.0):
+                raise ConfigError(f"fixed_alpha must be a number in [0, 1] (or unset); got {self.fixed_alpha!r}")
+            if self.mode != "petalface":
+                raise ConfigError(f"fixed_alpha weights PETALface's two branches: it needs mode=petalface, not "
+                                  f"mode={self.mode!r}")
         if self.warmup > 1 and self.warmup != int(self.warmup):
             raise ConfigError(f"warmup must be a fraction of the steps (<= 1) or a whole number of steps; got {self.warmup!r}")
         if self.margins is not None and not all(math.isfinite(m) for m in self.margins):

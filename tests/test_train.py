@@ -314,18 +314,6 @@ def test_cli_train_and_eval_round_trip(tmp_path):
     assert any(k.endswith("/identification") for k in report) and any(k.endswith("/verification") for k in report)
 
 
-def test_demo_tiny_end_to_end(tmp_path):
-    from petal_fast.demo import run_demo
-    results = run_demo("tiny", tmp_path / "demo", progress=False)
-    assert {"pretrained", "full_ft", "lora", "petalface"} <= set(results)
-    for m in ("full_ft", "lora", "petalface"):
-        assert 0 <= results[m]["lr_identification"]["rank"]["1"] <= 1
-        assert results[m]["images_per_second"] > 0
-    assert results["lora"]["trainable"] < results["full_ft"]["trainable"]
-    for name in ("results.json", "results.md", "lr_identification_cmc.png", "hr_verification_roc.png", "summary.png"):
-        assert (tmp_path / "demo" / name).stat().st_size > 0
-
-
 def test_compile_config_matches_eager(tmp_path, monkeypatch):
     """``compile = true`` trains through torch.compile(fullgraph=True) with the same losses and weights as
     eager. The graph is compiled with AOTAutograd and eager kernels here (the same capture, fake tensors

@@ -26,9 +26,9 @@ def build_training_model(cfg: TrainConfig, num_classes: int | None, device: torc
         backbone = build_backbone(cfg.backbone, **extra)
     if cfg.trains_adapters:
         common.update(rank=cfg.rank, scale=cfg.scale, dropout=cfg.dropout, targets=tuple(cfg.targets),
-                      feature_lora=cfg.feature_lora)
-    if cfg.mode == "petalface":
-        common.update(quality=cfg.quality, alpha_mode=cfg.alpha_mode)
+                      feature_lora=cfg.feature_lora, feature_rank=cfg.feature_rank)
+    if cfg.mode == "petalface":  # a fixed α replaces the quality measure (PetalFace takes a constant α)
+        common.update(quality=cfg.quality if cfg.fixed_alpha is None else cfg.fixed_alpha, alpha_mode=cfg.alpha_mode)
     # full_ft needs its checkpoint: it is loaded below, with the run's own rules
     mode = "pretrain" if cfg.mode == "full_ft" else cfg.mode
     model = build_model(mode, backbone=backbone, num_classes=num_classes, **common)

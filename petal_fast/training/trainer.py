@@ -128,8 +128,10 @@ class Trainer:
                            pin_memory=self.device.type == "cuda")
 
     def calibrate(self) -> None:
-        """τ of the quality → α mapping from the median quality of the first training batches."""
-        if self.cfg.mode != "petalface" or not hasattr(self.model, "calibrate_quality"):
+        """τ of the quality → α mapping from the median quality of the first training batches (none to
+        calibrate with ``fixed_alpha``)."""
+        if self.cfg.mode != "petalface" or self.cfg.fixed_alpha is not None \
+                or not hasattr(self.model, "calibrate_quality"):
             return
         batches = []
         for i, (images, _labels) in enumerate(self.loader(0)):

@@ -1,0 +1,3 @@
+from petal_fast.demo import main
+
+raise SystemExit(main())
