@@ -224,12 +224,13 @@ def test_backbone_module_and_paper_compat():
 
 
 def test_training_step_updates_only_adapters_and_head():
-    model = build_model("petalface", "tiny", num_classes=7, quality=lambda im: torch.rand(im.shape[0]),
+    # α a fixed function of the image (a fresh random α per step made the loss curve a coin toss at this lr)
+    model = build_model("petalface", "tiny", num_classes=7, quality=lambda im: torch.sigmoid(im.mean((1, 2, 3))),
                         dropout=0.1, loss="arcface")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert "head.weight" in trainable and all(".lora_" in n for n in trainable if n != "head.weight")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
     x, y = torch.randn(6, 3, 40, 40), torch.randint(0, 7, (6,))
     losses = []
     for _ in range(5):
