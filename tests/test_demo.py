@@ -144,3 +144,20 @@ def test_every_preset_gives_valid_train_configs(preset):
     low = level_degrade(LOW, 120 if p.backbone == "small" else 40)
     assert 4 <= low.resolution[0] < low.resolution[1]
     assert p.adapt_identities * (p.adapt_hq + p.adapt_lq) >= p.batch_size * p.calibrate_batches
+
+
+def test_readme_demo_table_is_generated_from_the_committed_run():
+    """The README's demo table is readme_table(docs/demo/results.json) (python -m petal_fast.demo.readme)."""
+    import json
+    from pathlib import Path
+
+    from petal_fast.demo import readme
+
+    root = Path(__file__).resolve().parents[1]
+    results = json.loads((root / "docs" / "demo" / "results.json").read_text())
+    text = (root / "README.md").read_text()
+    assert readme.rewrite(text, results) == text, "stale: run python -m petal_fast.demo.readme <run folder>"
+    for f in readme.FILES:
+        assert (root / "docs" / "demo" / f).is_file(), f
+    with pytest.raises(ValueError, match="once each"):
+        readme.rewrite(text.replace(readme.END, ""), results)
