@@ -36,11 +36,12 @@ The scoped APIs sit on top: ``use_backend(name)`` (thread-local, wins over ``bac
 ``override`` of ``cpu_path`` / ``cpu_block_rows``). ``build`` and ``cache_dir`` matter once, when the
 compiled CPU ops load (the first CPU op call or ``petal-fast info``); changing them later has no effect.
 
-Two layers below keep a copy that this module writes, and never read the environment themselves:
-``kernels/`` may import nothing of ``petal_fast`` but ``definitions`` (docs/design.md §2), so the
-Triton design is handed to ``petal_linear_config.configure_design``; the C++ knobs live in
-``csrc/petal_linear.cpp`` and are set through its ``petal_linear_cpu_tuning`` op when the library loads
-and on every change.
+This module imports nothing of petal_fast but ``definitions`` and ``threads``: the layers that use a
+setting read it when they run, and those below what may import it get it as an argument. The Triton
+design reaches ``kernels/`` as the ``design`` argument of its launchers (``ops/petal_linear/backends.py``);
+the C++ knobs reach ``csrc/petal_linear.cpp`` through its ``petal_linear_cpu_tuning`` op, called by the
+same table before a C++ call when they changed; ``build`` and ``cache_dir`` are read by ``_ext`` when it
+loads. ``threads`` is torch's state: ``configure`` applies it with ``torch.set_num_threads``.
 
 Not ours, so read where they are used: ``CXX``, ``PATH`` and ``XDG_CACHE_HOME`` (the build),
 ``TRITON_INTERPRET`` (Triton's own switch, read by Triton when kernels are defined),
@@ -60,10 +61,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from petal_fast import _ext  # reads build / cache_dir from here when it loads, not at import
 from petal_fast import threads as _threads
-from petal_fast.kernels import petal_linear_config  # torch only: no Triton needed
-from petal_fast.kernels.petal_linear_config import DESIGNS as TRITON_DESIGNS
+from petal_fast.definitions.petal_linear import TRITON_DESIGNS
 
 BACKENDS = ("reference", "torch", "cpp", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -186,7 +185,7 @@ def configure(**changes: Any) -> Settings:
         raise TypeError(f"configure: unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(ENV)}")
     with _lock:
         new = dataclasses.replace(_current, **changes)
-        _current = new  # before the push: a library loading meanwhile pushes this one itself
+        _current = new
         _push(new)
     return new
 
@@ -205,20 +204,8 @@ def override(**changes: Any) -> Iterator[Settings]:
 
 
 def _push(new: Settings) -> None:
-    """Hand the lower layers their copy (see the module docstring)."""
-    petal_linear_config.configure_design(new.triton_design)
+    """Size torch's thread pool (the one setting that is torch's state, not read by our code)."""
     _threads.apply(new.threads)
-    if _ext.loaded():
-        _push_cpu(new)
-
-
-def _push_cpu(new: Settings) -> None:
-    if _ext.has_op("petal_linear_cpu_tuning"):
-        _ext.op("petal_linear_cpu_tuning")(new.cpu_path, new.cpu_block_rows)
-
-
-def _push_cpu_on_load() -> None:
-    _push_cpu(_current)
 
 
 class SettingsError(ValueError):
@@ -250,4 +237,3 @@ def _at_import() -> Settings:
 _lock = threading.Lock()
 _current = _at_import()
 _push(_current)
-_ext.when_loaded(_push_cpu_on_load)

@@ -12,9 +12,7 @@ import sys
 import types
 
 # the BRISQUE stages live with the op (petal_fast.ops); still reachable as petal_fast.quality.ggd / resize / svr
-from petal_fast.ops import _brisque_ggd as ggd  # noqa: F401
-from petal_fast.ops import _brisque_resize as resize  # noqa: F401
-from petal_fast.ops import _brisque_svr as svr  # noqa: F401
+from petal_fast.ops.brisque import ggd, resize, svr  # noqa: F401
 
 from .alpha import (MODES, BrisqueQuality, CallableQuality, FeatureNormQuality, QualitySource, QualityToAlpha,
                     ResolutionQuality, alpha_from_quality, calibrate, make_source)

@@ -28,9 +28,10 @@ import torch
 from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from ._graph import compiling, no_functorch, seed_tensor, triton_op_runs, unused_seed, value_check
-from . import _petal_linear_torch as torch_impl
-from .petal_linear_library import OP, EagerPetalLinear, branch_coefficients, forward_impl, fused_petal_linear
+from .._graph import compiling, no_functorch, seed_tensor, triton_op_runs, unused_seed, value_check
+from .library import OP, EagerPetalLinear, forward_impl, fused_petal_linear
+from .torch_impl import branch_coefficients, row_scale
+
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float, scale: float) -> None:
@@ -112,7 +113,7 @@ def _composition(x, weight, bias, lora_A, lora_B, alpha, scale):
     b_cat = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
     u = x @ a_cat.T
     y = torch.nn.functional.linear(x, weight, bias)
-    return y + torch_impl.row_scale(u, coef) @ b_cat.T
+    return y + row_scale(u, coef) @ b_cat.T
 
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -183,5 +184,5 @@ def _cast(tensors, dtype):
 
 def _triton_op():
     """The triton_op module, imported on first use (it imports torch.library's Triton support)."""
-    from . import petal_linear_triton_library
-    return petal_linear_triton_library
+    from . import triton_library
+    return triton_library

@@ -15,8 +15,8 @@ from __future__ import annotations
 from torch import Tensor
 from torch.library import triton_op
 
-from ._graph import launchable
-from .brisque_library import brisque_impl
+from .._graph import launchable
+from .library import brisque_impl
 
 NAME = "petal_fast::triton_brisque"
 

@@ -27,8 +27,8 @@ from typing import Optional
 from torch import Tensor
 from torch.library import triton_op
 
-from ._graph import launchable as _launchable
-from .petal_linear_library import backward_impl, forward_impl, register_petal_autograd
+from .._graph import launchable as _launchable
+from .library import backward_impl, forward_impl, register_petal_linear_autograd
 
 NAME = "petal_fast::triton_petal_linear"
 
@@ -50,4 +50,4 @@ def triton_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: 
                          need_weight, need_bias, "triton", wrap=_launchable)
 
 
-register_petal_autograd(triton_petal_linear, triton_petal_linear_backward)
+register_petal_linear_autograd(triton_petal_linear, triton_petal_linear_backward)

@@ -17,6 +17,15 @@ import torch
 from petal_fast.definitions.dropout import dropout_mask
 
 
+def branch_coefficients(alpha: torch.Tensor | None, branches: int, scale: float,
+                        dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """(images, branches) per-image weights: [s(1−α), sα] for two branches, [[s]] for one."""
+    if branches == 1:
+        return torch.full((1, 1), float(scale), dtype=dtype, device=device)
+    a = alpha.to(dtype)
+    return torch.stack((scale * (1.0 - a), scale * a), dim=1)
+
+
 def row_scale(t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """t (M, R) times the per-row, per-branch weight, without an M-long copy of α."""
     images, branches = coef.shape
