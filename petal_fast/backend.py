@@ -69,7 +69,7 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@functools.cache  # find_spec searches sys.path (~35 µs): once per process, not per layer call
+@functools.cache  # find_spec searches sys.path: once per process, not per layer call
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -89,7 +89,7 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
         return _resolve_constant(device.type, op, supported, want)
     key = (device.type, op, supported, want, triton_interpreting(), device.type == "cpu" and _ext.has_op(op))
     backend = _resolved.get(key)
-    if backend is None:  # what is built and installed does not change in a process: decide once (per call ~7 µs)
+    if backend is None:  # what is built and installed does not change in a process: decide once
         backend = _resolve(device.type, op, supported, want)
         if want != "auto" or backend in ("cpp", "triton"):  # a fallback is not cached: it warns (once per op)
             _resolved[key] = backend

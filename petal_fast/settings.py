@@ -1,40 +1,14 @@
-"""Every petal_fast setting in one frozen object, read from the environment once, at import.
+"""Every petal_fast setting in one frozen object, read from the environment once, at import
+(docs/design.md §3.4; the fields, variables and values: :data:`ENV`, :class:`Settings` and the
+README's Settings table).
 
-=============================  ==========================  ==========================================
-field (``configure(...)``)     environment variable        values (default first)
-=============================  ==========================  ==========================================
-``backend``                    ``PETAL_FAST_BACKEND``      auto | reference | torch | cpp | triton
-``build``                      ``PETAL_FAST_BUILD``        auto | never | always
-``cache_dir``                  ``PETAL_FAST_CACHE_DIR``    None ($XDG_CACHE_HOME/petal_fast, else
-                                                           ~/.cache/petal_fast) | a folder
-``progress_interval``          ``PETAL_FAST_PROGRESS_      30.0 | seconds ≥ 0
-                               INTERVAL``
-``debug``                      ``PETAL_FAST_DEBUG``        False | True (1/true/yes/on; 0/false/no/off)
-``triton_design``              ``PETAL_FAST_TRITON_        None (the GPU generation's DEFAULT_DESIGN) |
-                               DESIGN``                    split | onepass
-``cpu_path``                   ``PETAL_FAST_CPU_PATH``     auto | blocked | whole
-``cpu_block_rows``             ``PETAL_FAST_CPU_BLOCK_     0 (automatic) | rows per block ≥ 1
-                               ROWS``
-``threads``                    ``PETAL_FAST_THREADS``      0 (automatic: the cores this process may
-                                                           use, at most torch's own choice) |
-                                                           threads ≥ 1 (torch's intra-op pool, which
-                                                           the C++ ops and MKL share; docs §3.6)
-=============================  ==========================  ==========================================
-
-``current()`` is the :class:`Settings` in force. ``configure(**changes)`` replaces fields for the rest
-of the process; ``with override(**changes):`` for a block (the fields it changed come back on exit).
-Changing ``os.environ`` after import has no effect. An empty variable counts as unset; a bad value
-raises at import, naming the variable, the value and what it may be.
-
-Why at import, not at first use: ``current()`` is then a plain read of a module attribute, which
-torch.compile traces and guards on (``backend`` is read while tracing: a ``configure(backend=...)``
-recompiles) with no lock or ``os.environ`` access inside a graph; and a bad value fails at once
-instead of an hour into training, when the first progress bar or CPU op would have read it.
-
-The scoped APIs sit on top: ``use_backend(name)`` (thread-local, wins over ``backend``),
-``use_design(name)`` (wins over ``triton_design``) and ``cpu_tuning(path, block_rows)`` (an
-``override`` of ``cpu_path`` / ``cpu_block_rows``). ``build`` and ``cache_dir`` matter once, when the
-compiled CPU ops load (the first CPU op call or ``petal-fast info``); changing them later has no effect.
+``current()`` is the :class:`Settings` in force, a plain attribute read (torch.compile traces and
+guards on it). ``configure(**changes)`` replaces fields for the rest of the process; ``with
+override(**changes):`` for a block (the fields it changed come back on exit). Changing
+``os.environ`` after import has no effect. An empty variable counts as unset; a bad value raises at
+import (:class:`SettingsError`, or a petal_fast command's one-line error), naming the variable, the
+value and what it may be. The scoped APIs sit on top: ``use_backend(name)`` (per thread, wins over
+``backend``), ``use_design(name)`` (wins over ``triton_design``), ``cpu_tuning(path, block_rows)``.
 
 This module imports nothing of petal_fast but ``definitions`` and ``threads``: the layers that use a
 setting read it when they run, and those below what may import it get it as an argument. The Triton
@@ -42,14 +16,7 @@ design reaches ``kernels/`` as the ``design`` argument of its launchers (``ops/p
 the C++ knobs reach ``csrc/petal_linear.cpp`` through its ``petal_linear_cpu_tuning`` op, called by the
 same table before a C++ call when they changed; ``build`` and ``cache_dir`` are read by ``_ext`` when it
 loads. ``threads`` is torch's state: ``configure`` applies it with ``torch.set_num_threads``.
-
-Not ours, so read where they are used: ``CXX``, ``PATH`` and ``XDG_CACHE_HOME`` (the build),
-``TRITON_INTERPRET`` (Triton's own switch, read by Triton when kernels are defined),
-``OMP_NUM_THREADS``, and torchrun's ``LOCAL_RANK`` / ``WORLD_SIZE``. ``OMP_WAIT_POLICY``,
-``GOMP_SPINCOUNT`` and ``OMP_MAX_ACTIVE_LEVELS`` are the OpenMP runtime's, read once when torch loads
-it: petal_fast sets defaults for them before that (:mod:`petal_fast._openmp_env`) and never reads a
-setting there. ``PETAL_FAST_NO_EXT`` is read by
-setup.py at build time; ``PETAL_FAST_SLOW_EXPORT`` and ``PETAL_FAST_TEST_TORCH`` only by the tests.
+Variables that are not petal_fast's are read where they are used (docs/design.md §3.4).
 """
 from __future__ import annotations
 

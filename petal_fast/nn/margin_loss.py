@@ -1,5 +1,5 @@
 """The margin-loss heads' modules: :class:`MarginSoftmaxLoss` (all classes on one process) and
-:class:`MarginHead`, what it shares with ``ShardedMarginSoftmaxLoss`` (``nn/margin_loss_sharded.py``).
+:class:`MarginLossHead`, what it shares with ``ShardedMarginSoftmaxLoss`` (``nn/margin_loss_sharded.py``).
 
 A head owns the class centres ``weight`` (C×D) and, for AdaFace, the moving averages of the embedding
 norms, μ (``norm_mean``) and σ (``norm_std``):
@@ -23,7 +23,7 @@ from petal_fast.ops.margin_loss import check_reduction, check_settings, check_te
 from petal_fast.ops.margin_loss.per_row import adaface_update
 
 
-class MarginHead(nn.Module):
+class MarginLossHead(nn.Module):
     """Base of the margin heads: validated settings, ``weight`` (rows×D) and, for AdaFace, the
     buffers ``norm_mean`` μ and ``norm_std`` σ.
 
@@ -78,7 +78,7 @@ class MarginHead(nn.Module):
             self.norm_std.copy_(stats[1])
 
 
-class MarginSoftmaxLoss(MarginHead):
+class MarginSoftmaxLoss(MarginLossHead):
     """Margin-softmax classification head.
 
     loss: ``cosface`` (m3 = 0.4), ``arcface`` (m2 = 0.5), ``combined`` (``margins=(m1, m2, m3)``:

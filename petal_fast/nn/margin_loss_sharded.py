@@ -32,7 +32,7 @@ from petal_fast.ops.margin_loss import (OP, check_reduction, check_tensors, marg
                                         partial_fc_sample)
 from petal_fast.ops.margin_loss.per_row import adaface_zhat, combine, reduce, target_logit
 
-from .margin_loss import MarginHead
+from .margin_loss import MarginLossHead
 
 
 class _AllGather(torch.autograd.Function):
@@ -75,7 +75,7 @@ def shard_range(num_classes: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-class ShardedMarginSoftmaxLoss(MarginHead):
+class ShardedMarginSoftmaxLoss(MarginLossHead):
     """MarginSoftmaxLoss with the class centres split over the ranks of ``process_group``.
 
     ``weight`` is this rank's shard (C_r×D); ``forward(embeddings, labels)`` takes this rank's

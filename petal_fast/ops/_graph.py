@@ -65,7 +65,7 @@ def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> Non
 
 def has_values(t: torch.Tensor) -> bool:
     """False for the fake tensors of a traced triton_op body (they hold no values). A plain tensor
-    answers without the ~3 µs mode lookup: the eager α check runs per layer call."""
+    answers without the fake-mode lookup: the eager α check runs per layer call."""
     return type(t) is torch.Tensor or detect_fake_mode() is None
 
 

@@ -4,10 +4,10 @@
 
 ``backend``: "torch" | "cpp" | "triton" (a constant in a traced graph). Per image: luminance Y;
 the fused stage (local Gaussian mean/variance → MSCN map → its four neighbour products → five
-moment sums of each map: ``_brisque_torch``, the C++ op ``brisque_moments`` or the Triton kernels);
-AGGD fits from the sums (``_brisque_ggd``); the same at OpenCV's half-size bicubic resize
-(``_brisque_resize``); the trained RBF ε-SVR of the installed ``brisque`` distribution
-(``_brisque_svr``). The cpp backend runs all of it per image in one C++ call (``brisque_score``).
+moment sums of each map: the backend's ``moments``, :mod:`.backends`); AGGD fits from the sums
+(:mod:`.ggd`); the same at OpenCV's half-size bicubic resize (:mod:`.resize`); the trained RBF ε-SVR
+of the installed ``brisque`` distribution (:mod:`.svr`). The cpp backend runs all of it per image in
+one C++ call (its ``score``).
 
 Float images outside [0, 1] raise ValueError from inside the operator (eager code even in a
 compiled graph), so the value scan never breaks a graph. Degenerate images (no local contrast:

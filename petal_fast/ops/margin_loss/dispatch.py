@@ -1,4 +1,4 @@
-"""Fused margin-softmax loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor.
+"""The margin loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor: :func:`margin_loss`.
 
 docs/design.md §1.3. With z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
 logit (``petal_fast.ops.margin_loss.per_row.target_logit``), the loss is split as
@@ -13,12 +13,10 @@ rest is B-long torch differentiated by autograd: the margin function with the ch
 convention (``exact`` or ``straight_through``) and the final combination. Everything
 accumulates in fp32 (fp64 for fp64 inputs).
 
-Why recompute in backward rather than produce dE, dW in the forward: the gradient of a tile needs
-the row's final log-sum-exp, so a class-chunked forward cannot emit dW in the same pass; the only
-direct form is row blocks × all C classes (3 GEMM passes instead of 4, but a b×C tile: 100 MB at
-b = 256, C = 100k, 12% of the materialised peak). Measured on the 2-core CPU (B = 256, C = 100k,
-D = 512, fwd+bwd): row-block direct 5.5 s vs class-chunked C++ 4.9 s. Recompute also keeps
-``reduction="none"`` and arbitrary upstream gradients exact, and holds nothing between the passes.
+Backward recomputes the class tiles: the gradient of a tile needs the row's final log-sum-exp, so
+a class-chunked forward cannot emit dW in the same pass (the comparison with a row-block direct
+form: docs/notes.md). Recompute keeps ``reduction="none"`` and arbitrary upstream gradients exact,
+and holds nothing between the passes.
 
 Partial FC (``sample_rate < 1``): each call keeps every positive class plus a uniform sample of the
 negatives, k = min(C, max(⌈sample_rate·C⌉, B)) classes in all (:func:`partial_fc_sample`); the loss is

@@ -74,7 +74,7 @@ def backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tens
         if need_w:
             dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
             # CPU: index_put_ adds in index order on one thread; index_add_ opens a parallel region even for
-            # B rows (≈4 µs against ≈60–120 µs on the 2-core machine). CUDA: index_add_'s atomics
+            # B rows (docs/design.md §3.6). CUDA: index_add_'s atomics
             if dw.device.type == "cpu":
                 dw = dw.index_put_((rows,), dw_t.to(dw.dtype), accumulate=True)
             else:

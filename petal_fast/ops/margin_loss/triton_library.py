@@ -4,7 +4,7 @@
     petal_fast::triton_margin_core_backward(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w)
         -> (dE | empty, dW | empty)
 
-Same bodies as ``petal_fast::fused_margin_loss`` (``margin_loss_library``: formulas, empty batch, the
+Same bodies as ``petal_fast::fused_margin_loss`` (:mod:`.library`: formulas, empty batch, the
 target path, value checks, double backward), with the kernels launched through ``wrap_triton``:
 under torch.compile AOTAutograd decomposes the operator and Inductor schedules the three kernels
 (``_fwd_kernel``, ``_bwd_de_kernel``, ``_bwd_dw_kernel``) and the torch code around them (norms,

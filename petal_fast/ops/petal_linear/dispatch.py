@@ -2,7 +2,7 @@
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
-Computed in the split-fused form (``petal_linear_library``): U = x A_catᵀ (M × 2r), the expand
+Computed in the split-fused form (:mod:`.library`): U = x A_catᵀ (M × 2r), the expand
 ``(c ⊙ U) B_catᵀ`` in the base GEMM's accumulator, c = [s(1−α), sα] per row. Saved for backward: x, U,
 α and the dropout seed — never an M × out tensor; masks are regenerated from (seed, stream).
 
@@ -151,7 +151,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the op is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)
-    if x2.dtype != dtype:  # (each skipped no-op call below saves ~1 µs of a ~100 µs host budget)
+    if x2.dtype != dtype:  # (no-op calls skipped: the host path is part of the cost, §3.5)
         x2 = x2.to(dtype)
     if not x2.is_contiguous():  # the one explicit copy of a non-contiguous input
         x2 = x2.contiguous()
@@ -176,7 +176,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _cast(tensors, dtype):
-    """Each tensor in ``dtype`` (None stays None; ``.to`` of a tensor already there costs ~1.5 µs)."""
+    """Each tensor in ``dtype`` (None stays None; no ``.to`` call for a tensor already there: it costs host time)."""
     if all(t is None or t.dtype == dtype for t in tensors):
         return tensors
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)

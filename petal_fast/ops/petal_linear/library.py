@@ -19,9 +19,9 @@ device: no host synchronisation) and ``stream`` the layer's stream (petal_fast.d
 Two routes run the same bodies (``forward_impl`` / ``backward_impl``):
 
 - eager calls go through :class:`EagerPetalLinear`, a plain ``torch.autograd.Function``: no
-  dispatcher, no schema parsing (the custom-op route costs hundreds of µs of host time per call);
+  dispatcher, no schema parsing (host time the custom-op route spends on every call);
 - ``torch.compile`` / ``torch.export`` see the operators (this module's opaque pair, or the Triton
-  ``triton_op`` pair in ``petal_linear_triton_library``), with fake implementations and registered
+  ``triton_op`` pair in :mod:`.triton_library`), with fake implementations and registered
   autograd.
 
 Saved for backward: x, W, A, B, α, U and the seed — never an M × out tensor. W and b get gradients

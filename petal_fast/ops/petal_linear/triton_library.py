@@ -5,7 +5,7 @@
                                              need_x, need_alpha, need_weight, need_bias)
         -> (dX | empty, dA, dB, dα | empty, dW | empty, db | empty)
 
-Same formulas, outputs and rules as ``petal_fast::fused_petal_linear`` (``petal_linear_library``:
+Same formulas, outputs and rules as ``petal_fast::fused_petal_linear`` (:mod:`.library`:
 empty batch, dα, dW, double backward). The difference is what a compiler sees. These bodies are made
 only of torch operations and kernel launches through ``torch.library.wrap_triton``, with no value
 read on the host (the dropout seed is a device tensor that the kernels hash themselves). So under
@@ -18,7 +18,7 @@ Under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests) a kernel is
 function. ``wrap_triton`` hands it back unwrapped, and it cannot run on fake tensors. Eager calls
 run it. Fake-tensor calls (shape propagation, ``opcheck``) skip the launch, which only writes
 outputs the body allocated. A graph compiled under the interpreter uses the opaque
-``fused_petal_linear`` instead (``ops/petal_linear.py`` chooses).
+``fused_petal_linear`` instead (:mod:`.dispatch` chooses).
 """
 from __future__ import annotations
 
