@@ -109,8 +109,9 @@ def _tile_table(triton_error: str | None) -> list[str]:
     try:
         k = importlib.import_module("petal_fast.kernels.petal_linear")
         generation = k.generation(device)
+        design = settings.current().triton_design
         lines = [f"Triton tiles for this GPU (generation {generation!r}; design fwd "
-                 f"{k.design_for(device, 'fwd')}, bwd {k.design_for(device, 'bwd')}):"]
+                 f"{k.design_for(device, 'fwd', design)}, bwd {k.design_for(device, 'bwd', design)}):"]
         for kernel, cfg in k.TILE_CONFIGS[generation].items():
             lines.append(f"  {kernel:12s} " + ", ".join(f"{key}={value}" for key, value in cfg.items()))
         return lines
