@@ -1,7 +1,7 @@
 """What the ops need to stay inside one graph under ``torch.compile`` / ``torch.export``.
 
 - ``value_check``: validation that needs tensor *values* (α finite, labels in range). On CPU
-  tensors it is the plain ``ValueError`` it always was (the values are on the host: no sync); on
+  tensors it is a plain ``ValueError`` (the values are on the host: no sync); on
   CUDA tensors it is ``torch._assert_async`` (a device-side assert: no host sync). It only ever runs
   eagerly: in eager mode before the op, and in a traced graph inside the opaque operator bodies
   (``validate=True``), so a traced graph holds no data-dependent branch and no graph break.

@@ -5,8 +5,8 @@
     q2a = calibrate("brisque", train_images)    # τ = median score of the training data
     alpha = q2a(images)                         # clamp(0.5 + k·(τ − score), 0, 1)
 
-``petal_fast.quality(alpha)`` was once a second name of ``petal_fast.alpha_scope(alpha)``; it is gone
-(it did not trace like ``alpha_scope``), and calling the package says so.
+Calling the package (``petal_fast.quality(alpha)``) raises a TypeError that names
+``petal_fast.alpha_scope``, the context that hands α to PetalLinear layers.
 """
 import sys
 import types
