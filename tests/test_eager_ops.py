@@ -39,7 +39,7 @@ def test_eager_only_for_plain_tensors_outside_any_trace():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_margin_core_eager_equals_the_operator(backend):
+def test_margin_loss_core_eager_equals_the_operator(backend):
     B, C, D = 6, 37, 16
     e, w = torch.randn(B, D), torch.randn(C, D)
     labels = torch.randint(0, C, (B,))

@@ -71,7 +71,7 @@ def margin_inputs(b: int = 6, d: int = 8, c: int = 37):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_margin_core(backend):
+def test_opcheck_margin_loss_core(backend):
     op = torch.ops.petal_fast.fused_margin_loss.default
     e, w, labels = margin_inputs()
     args = (e, w, labels, 16.0, backend, True)

@@ -243,7 +243,7 @@ TRACE = textwrap.dedent("""
     torch._dynamo.mark_dynamic(labels, 0)
     from petal_fast.ops.margin_loss import triton_library as mlib
     calls["margin_fwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_loss(e, cw, labels, 16.0)
-    calls["margin_bwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_core_backward(
+    calls["margin_bwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_loss_backward(
         e, cw, labels, torch.zeros(e.shape[0]), torch.ones(e.shape[0]), torch.ones(e.shape[0]),
         torch.ones(e.shape[0]), 16.0, True, True)
     from petal_fast.ops.brisque import triton_library as blib

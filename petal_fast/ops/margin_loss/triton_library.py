@@ -1,7 +1,7 @@
 """The margin-softmax core's Triton backend as ``torch.library.triton_op`` operators (torch.compile sees the kernels).
 
     petal_fast::triton_margin_loss(e, w, labels, scale, validate) -> (lse, zsum, cos_t)
-    petal_fast::triton_margin_core_backward(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w)
+    petal_fast::triton_margin_loss_backward(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w)
         -> (dE | empty, dW | empty)
 
 Same bodies as ``petal_fast::fused_margin_loss`` (:mod:`.library`: formulas, empty batch, the
@@ -29,10 +29,10 @@ def triton_margin_loss(e: Tensor, w: Tensor, labels: Tensor, scale: float,
 
 
 @triton_op(NAME + "_backward", mutates_args=())
-def triton_margin_core_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
+def triton_margin_loss_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
                                 g_cos: Tensor, scale: float, need_e: bool, need_w: bool) -> tuple[Tensor, Tensor]:
     return backward_impl(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, "triton",
                               wrap=launchable)
 
 
-register_margin_loss_autograd(triton_margin_loss, triton_margin_core_backward)
+register_margin_loss_autograd(triton_margin_loss, triton_margin_loss_backward)
