@@ -170,3 +170,16 @@ def test_settings_are_read_from_below():
     compiled-ops loader, the ops), only the shared definitions and the thread-pool sizing it applies."""
     ours = _graph()["petal_fast.settings"]
     assert all(n.startswith("petal_fast.definitions") or n == "petal_fast.threads" for n in ours), sorted(ours)
+
+
+def test_ops_find_their_backends_by_plain_imports():
+    """Each op's backends are a table of plain imports (ops/<op>/backends.py), so ops → kernels is
+    visible to readers and tools: no importlib, no __import__ in the ops or the kernels."""
+    dynamic = []
+    for path in sorted((ROOT / "petal_fast" / "ops").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.func.attr if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else (
+                node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else None)
+            if name in ("import_module", "__import__"):
+                dynamic.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert dynamic == []

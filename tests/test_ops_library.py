@@ -203,3 +203,23 @@ def test_inference_mode_first_then_training():
         layer(x, alpha=alpha), lora(x)
     (layer(x, alpha=alpha).sum() + lora(x).sum()).backward()
     assert layer.lora_A.grad is not None and lora.lora_B.grad is not None
+
+
+# which of each backend's two functions exist: PetalLinear and the margin loss (forward, backward),
+# BRISQUE (moments, score: the C++ op runs the whole pipeline, the others the fused stage only)
+PAIRS = {"petal_linear": {"torch": (1, 1), "cpp": (1, 1)}, "margin_loss": {"torch": (1, 1), "cpp": (1, 1)},
+         "brisque": {"torch": (1, 0), "cpp": (0, 1)}}
+
+
+@pytest.mark.parametrize("op", sorted(PAIRS))
+def test_each_op_has_one_backend_table(op):
+    """ops/<op>/backends.py maps every non-reference backend to the op's pair of functions, built once."""
+    import importlib
+    from petal_fast import _ext, backend
+    table = importlib.import_module(f"petal_fast.ops.{op}.backends")
+    assert set(table.BACKENDS) == set(backend.BACKENDS) - {"reference"}
+    for name, present in PAIRS[op].items():
+        if name == "cpp" and not _ext.has_op("petal_linear_fwd"):
+            continue
+        pair = table.implementation(name)
+        assert tuple(int(callable(f)) for f in pair) == present and table.implementation(name) is pair
