@@ -22,7 +22,8 @@ _build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_build)  # torch-free: flags shared with the just-in-time build
 
 packages = ["petal_fast", "petal_fast.kernels", "petal_fast.csrc"] + [
-    "petal_fast." + d for d in ("ops", "reference", "nn", "quality", "models", "data", "eval", "training", "definitions", "demo")
+    "petal_fast." + d for d in ("ops", "ops.petal_linear", "ops.margin_loss", "ops.brisque", "reference", "nn", "quality",
+                               "models", "data", "eval", "training", "definitions", "demo")
 ]
 package_dir = {"petal_fast": "petal_fast", "petal_fast.kernels": "kernels", "petal_fast.csrc": "csrc"}
 package_data = {"petal_fast.csrc": ["*.cpp", "*.h"]}

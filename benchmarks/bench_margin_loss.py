@@ -2,8 +2,8 @@
 
 Providers (interleaved in one process, medians over repeats):
 - ``materialised`` normalise, linear to B×C cosines, margin on the target column, cross entropy
-                   (``petal_fast.reference.margin``) — the baseline;
-- ``fused``        ``margin_softmax_loss`` on the auto backend (C++ on CPU, Triton on CUDA);
+                   (``petal_fast.reference.margin_loss``) — the baseline;
+- ``fused``        ``margin_loss`` on the auto backend (C++ on CPU, Triton on CUDA);
 - ``fused_torch``  the torch composition of the same chunked online-LSE algorithm (CPU, C ≤ 10k).
 Mode ``fwd+bwd`` (ArcFace, exact gradients, dE and dW). Memory: on CPU the peak RSS of a fresh
 subprocess running one fwd+bwd minus that of a subprocess holding the same inputs and gradients
@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import append_rows, base_row, peak_rss_subprocess, print_table, summary_rows, time_interleaved
 from petal_fast import use_backend
-from petal_fast.ops.margin_loss import margin_softmax_loss
+from petal_fast.ops.margin_loss import margin_loss
 from petal_fast.progress import progress
 
 SUITE = "margin_loss"
@@ -38,7 +38,7 @@ BACKENDS = {"materialised": "reference", "fused": "auto", "fused_torch": "torch"
 def _step(backend: str, e, w, labels) -> None:
     ctx = contextlib.nullcontext() if backend == "auto" else use_backend(backend)
     with ctx:
-        loss = margin_softmax_loss(e, w, labels, loss=LOSS)
+        loss = margin_loss(e, w, labels, loss=LOSS)
     loss.backward()
     e.grad = w.grad = None
 

@@ -291,16 +291,18 @@ def _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned, *extra)
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
             lora_B: torch.Tensor, alpha: torch.Tensor | None, scale: float, p: float, seed: torch.Tensor | None,
-            stream: int, table: dict | None = None, wrap: Callable = direct) -> tuple[torch.Tensor, torch.Tensor]:
+            stream: int, table: dict | None = None, wrap: Callable = direct,
+            design: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, U): y = b + x Wᵀ + Σ_k D_k((c_k ⊙ U_k) B_kᵀ), U = x A_catᵀ (M × R, x's dtype, unscaled).
 
     ``table``: a tile table instead of the device's (tests, the tuner); ``wrap``: applied to each
-    kernel before its launch (``torch.library.wrap_triton`` in a triton_op).
+    kernel before its launch (``torch.library.wrap_triton`` in a triton_op); ``design``: the
+    ``triton_design`` setting (None: ``DEFAULT_DESIGN``; a ``use_design`` block wins).
     """
     if not x.is_contiguous():
         raise ValueError("petal_linear (triton): x must be row-major contiguous")
     tma_aligned = _aligned(x, weight)
-    design = design_for(x.device, "fwd")
+    design = design_for(x.device, "fwd", design)
     cached = table is None and _static(x, alpha)  # a traced symbolic batch is planned once, not cached
     key = _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned) if cached else None
     plan = _forward_plans.get(key) if cached else None
@@ -337,8 +339,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
              alpha: torch.Tensor | None, u: torch.Tensor, scale: float, p: float, seed: torch.Tensor | None,
-             stream: int, need_x: bool, table: dict | None = None,
-             wrap: Callable = direct) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+             stream: int, need_x: bool, table: dict | None = None, wrap: Callable = direct,
+             design: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dX or None, dA, dB): dA in lora_A's dtype and shape, dB in lora_B's, both contiguous; W, b frozen.
 
     The one-pass design covers p = 0 with dX wanted; with dropout (masks would be hashed in the
@@ -347,7 +349,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     if not (x.is_contiguous() and dy.is_contiguous() and u.is_contiguous()):
         raise ValueError("petal_linear (triton): x, dy and U must be row-major contiguous")
     tma_aligned = _aligned(x, weight, dy)
-    design = design_for(x.device, "bwd")
+    design = design_for(x.device, "bwd", design)
     cached = table is None and _static(x, alpha)
     key = _key(x, weight, None, lora_A, lora_B, alpha, p, design, tma_aligned, need_x) if cached else None
     plan = _backward_plans.get(key) if cached else None

@@ -22,10 +22,9 @@ serialises the wgmma pipeline of the flattened loop with the epilogue, C7514/C75
 ``python -m petal_fast.kernels.tune_petal_linear --tune`` measures both on the GPU present, and
 ``--compile-check 90`` compiles every rung without one; docs/design.md records how the entries were chosen.
 
-The design in force is, in order: the innermost ``use_design`` block, the configured design,
-``DEFAULT_DESIGN``. The configured design is ``petal_fast.settings``' ``triton_design``
-(``PETAL_FAST_TRITON_DESIGN``, read once with every other setting), which that module hands down through
-``configure_design``: ``kernels/`` may not import the layers above it, and reads no environment itself.
+The design in force is, in order: the innermost ``use_design`` block, the launchers' ``design``
+argument (the ``triton_design`` setting, which the op reads and passes down: ``kernels/`` imports
+nothing of petal_fast but ``definitions``), ``DEFAULT_DESIGN``.
 """
 from __future__ import annotations
 
@@ -34,6 +33,8 @@ import functools
 from typing import Iterator
 
 import torch
+
+from petal_fast.definitions.petal_linear import TRITON_DESIGNS as DESIGNS
 
 
 def _gemm(bm, bn, bk, warps, stages, **extra):
@@ -110,7 +111,6 @@ LOAD_COST = 64
 INTERPRETER_SMS = 2  # stands in for the SM count on CPU tensors
 MAX_R = 128          # branches·rank: two branches of rank 64
 
-DESIGNS = ("split", "onepass")
 DIRECTIONS = ("fwd", "bwd")
 # The kernels each design launches per direction (the tuner adds up their best times).
 DESIGN_KERNELS = {("split", "fwd"): ("shrink", "fwd"), ("onepass", "fwd"): ("fwd_onepass",),
@@ -120,30 +120,16 @@ DEFAULT_DESIGN: dict[object, dict[str, str]] = {
     gen: {"fwd": "split", "bwd": "split"} for gen in (8, "default", "interpreter")}
 DEFAULT_DESIGN[9] = {"fwd": "onepass", "bwd": "split"}
 
-_configured: str | None = None  # petal_fast.settings' triton_design; None: DEFAULT_DESIGN decides
 _design_override: list[str] = []  # process-wide, not thread-local: backward runs on autograd's threads
-
-
-def configure_design(name: str | None) -> None:
-    """Set the design outside ``use_design`` blocks (None: ``DEFAULT_DESIGN``). Called by
-    ``petal_fast.settings`` (``configure(triton_design=...)``), the one owner of this setting."""
-    global _configured
-    if name is not None and name not in DESIGNS:
-        raise ValueError(f"design must be one of {DESIGNS} or None, got {name!r}")
-    _configured = name
-
-
-def configured_design() -> str | None:
-    """The design set by ``configure_design`` (None: ``DEFAULT_DESIGN`` decides)."""
-    return _configured
 
 
 @contextlib.contextmanager
 def use_design(name: str) -> Iterator[None]:
     """Force the ``"split"`` or ``"onepass"`` kernels inside the block (forward and backward).
 
-    Process-wide (backward may run on another thread); for benchmarks and tests. Outside any
-    block the configured design (``petal_fast.settings``) and then ``DEFAULT_DESIGN`` decide.
+    Process-wide (backward may run on another thread); for benchmarks, tests and the tuner. Outside
+    any block the launchers' ``design`` argument (the ``triton_design`` setting) and then
+    ``DEFAULT_DESIGN`` decide.
     """
     if name not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
@@ -154,13 +140,15 @@ def use_design(name: str) -> Iterator[None]:
         _design_override.pop()
 
 
-def design_for(device: torch.device, direction: str) -> str:
-    """The design of ``direction`` ("fwd" | "bwd") on ``device``: use_design, then the configured
-    design, then ``DEFAULT_DESIGN``."""
+def design_for(device: torch.device, direction: str, configured: str | None = None) -> str:
+    """The design of ``direction`` ("fwd" | "bwd") on ``device``: use_design, then ``configured`` (the
+    ``triton_design`` setting, passed down by the op), then ``DEFAULT_DESIGN``."""
     if _design_override:
         return _design_override[-1]
-    if _configured is not None:
-        return _configured
+    if configured is not None:
+        if configured not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS} or None, got {configured!r}")
+        return configured
     return DEFAULT_DESIGN[generation(device)][direction]
 
 

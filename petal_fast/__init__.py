@@ -26,7 +26,7 @@ if _util.find_spec("petal_fast.kernels") is None and (_Path(__file__).resolve().
 from .backend import requested_backend, use_backend  # noqa: E402
 from .nn import (InjectionReport, PetalLinear, adapter_state_dict, alpha_scope, inject_petal,
                  load_adapter_state_dict, merge_and_unload, merge_petal, parameter_counts, unmerge_petal)
-from .nn.margin import MarginSoftmaxLoss
+from .nn.margin_loss import MarginSoftmaxLoss
 
 __version__ = "0.1.0"
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from petal_fast import _build
+from petal_fast import _build, settings
 
 # One op of each source file: all present means a library from csrc/ is already loaded.
 PROBE_OPS = ("petal_linear_fwd", "margin_loss_fwd", "brisque_score")
@@ -69,18 +69,12 @@ def status() -> Status:
     with _lock:
         loading = _status is None
         if loading:
-            from petal_fast import settings  # late: settings imports this module
             config = settings.current()
             _status = _load(config.build, _build.cache_root(config.cache_dir))
     if loading and _status.source is not None:
         for fn in _when_loaded:
             fn()
     return _status
-
-
-def loaded() -> bool:
-    """Whether the compiled ops are loaded (without loading them)."""
-    return _status is not None and _status.source is not None
 
 
 def when_loaded(fn: Callable[[], None]) -> Callable[[], None]:

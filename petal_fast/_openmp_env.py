@@ -4,9 +4,8 @@ torch's intra-op pool and petal_fast's C++ ops share one OpenMP runtime: the ``l
 ``import torch`` loads (the extension links the same soname, so the dynamic loader reuses torch's).
 libgomp reads its wait policy (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) and nesting
 (``OMP_MAX_ACTIVE_LEVELS``) once, in its constructor, when it is loaded: at ``import torch``. Its
-default wait spins 300 000 pause iterations (≈1–20 ms, longer where PAUSE is slow, as on Intel
-since Skylake) before an idle worker sleeps; on a shared machine the spinning workers take the
-cores from the threads with work, and a training step collapsed from ~840 to ~10 img/s.
+default wait spins 300 000 pause iterations before an idle worker sleeps; on a shared machine the
+spinning workers take the cores from the threads with work (measurements: docs/design.md §3.6).
 
 So ``petal_fast/__init__.py`` runs this first, before anything imports torch: unless the user chose
 (either wait variable set) it sets ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep at once; Intel's

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from petal_fast import settings
+from petal_fast import _ext, settings
 from petal_fast.settings import BACKENDS  # noqa: F401  (re-exported)
 
 
@@ -69,27 +69,13 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@functools.cache  # find_spec searches sys.path (~35 µs): once per process, not per layer call
+@functools.cache  # find_spec searches sys.path: once per process, not per layer call
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def implementation(backend: str, op: str, torch_impl) -> tuple:
-    """(forward, backward) of ``op`` on a resolved non-reference backend: the torch composition
-    module's functions, the C++ ops ``<op>_fwd``/``<op>_bwd``, or ``petal_fast.kernels.<op>``
-    (imported only when asked for, so machines without Triton never import it)."""
-    if backend == "torch":
-        return torch_impl.forward, torch_impl.backward
-    from petal_fast import _ext
-    if backend == "cpp":
-        return _ext.op(f"{op}_fwd"), _ext.op(f"{op}_bwd")
-    kernels = importlib.import_module(f"petal_fast.kernels.{op}")
-    return kernels.forward, kernels.backward
 
 
 def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS) -> str:
@@ -101,10 +87,9 @@ def resolve(device: torch.device, op: str, supported: tuple[str, ...] = BACKENDS
     want = requested_backend()  # traced under torch.compile: Dynamo guards on the context / environment
     if torch.compiler.is_compiling():
         return _resolve_constant(device.type, op, supported, want)
-    from petal_fast import _ext  # late: _ext imports this module
     key = (device.type, op, supported, want, triton_interpreting(), device.type == "cpu" and _ext.has_op(op))
     backend = _resolved.get(key)
-    if backend is None:  # what is built and installed does not change in a process: decide once (per call ~7 µs)
+    if backend is None:  # what is built and installed does not change in a process: decide once
         backend = _resolve(device.type, op, supported, want)
         if want != "auto" or backend in ("cpp", "triton"):  # a fallback is not cached: it warns (once per op)
             _resolved[key] = backend
@@ -129,7 +114,6 @@ def _resolve_constant(device_type: str, op: str, supported: tuple[str, ...], wan
 
 
 def _resolve(device_type: str, op: str, supported: tuple[str, ...], want: str) -> str:
-    from petal_fast import _ext  # late: _ext imports this module
 
     device = torch.device(device_type)
     if want == "auto":

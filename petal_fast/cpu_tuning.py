@@ -1,11 +1,12 @@
-"""The C++ PetalLinear's tuning knobs, set explicitly (the defaults are measured; see README).
+"""The C++ PetalLinear's tuning knobs, set explicitly.
 
 The CPU PetalLinear (``csrc/petal_linear.cpp``) chooses per call between row blocks that stay in
-cache and whole-matrix BLAS calls, and how many rows a block has. Two settings override those
-choices for re-tuning on another machine: ``cpu_path`` (``PETAL_FAST_CPU_PATH=auto|blocked|whole``)
-and ``cpu_block_rows`` (``PETAL_FAST_CPU_BLOCK_ROWS=n``, 0 automatic), read with every other setting
-when petal_fast is imported (:mod:`petal_fast.settings`, which hands them to the C++ library when it
-loads); changing the environment later has no effect. To change them in a running process::
+cache and whole-matrix BLAS calls, and how many rows a block has (the rule: docs/design.md §3.3).
+Two settings override those choices for re-tuning on another machine: ``cpu_path``
+(``PETAL_FAST_CPU_PATH=auto|blocked|whole``) and ``cpu_block_rows`` (``PETAL_FAST_CPU_BLOCK_ROWS=n``,
+0 automatic), read with every other setting when petal_fast is imported (:mod:`petal_fast.settings`)
+and handed to the C++ library before its next call (``ops/petal_linear/backends.apply_cpu_tuning``).
+To change them in a running process::
 
     from petal_fast.cpu_tuning import cpu_tuning
     with cpu_tuning(path="whole", block_rows=64):
@@ -20,6 +21,7 @@ import contextlib
 from typing import Any, Iterator
 
 from petal_fast import _ext, settings
+from petal_fast.ops.petal_linear.backends import apply_cpu_tuning
 
 PATHS = settings.CPU_PATHS
 
@@ -43,7 +45,9 @@ def _changes(path: str | None, block_rows: int | None) -> dict[str, Any]:
 def get_cpu_tuning() -> tuple[str, int]:
     """(path, block_rows) in force in the C++ library: path ``auto`` | ``blocked`` | ``whole``,
     block_rows 0 for automatic."""
-    path, rows = _op()(None, None)
+    op = _op()
+    apply_cpu_tuning()  # the settings in force, handed over if they changed since the last C++ call
+    path, rows = op(None, None)
     return str(path), int(rows)
 
 

@@ -11,7 +11,6 @@ the first op call would. ``--require-fast`` exits 1 when the compiled CPU ops ar
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
@@ -22,12 +21,16 @@ import torch
 
 import petal_fast
 from petal_fast import _build, _ext, backend, settings, threads
+from petal_fast.ops.brisque import backends as brisque_backends
+from petal_fast.ops.margin_loss import backends as margin_loss_backends
+from petal_fast.ops.petal_linear import backends as petal_linear_backends
 
 # op → (the name backend.resolve is asked about, the backends it implements, the Triton kernel module)
+# op → (its name for backend.resolve, the backends it supports, its backend table)
 OPS = {
-    "petal_linear": ("petal_linear", backend.BACKENDS, "petal_fast.kernels.petal_linear"),
-    "margin_loss": ("margin_loss", backend.BACKENDS, "petal_fast.kernels.margin_loss"),
-    "brisque": ("brisque_score", ("reference", "torch", "cpp", "triton"), "petal_fast.kernels.brisque"),
+    "petal_linear": ("petal_linear", backend.BACKENDS, petal_linear_backends.BACKENDS),
+    "margin_loss": ("margin_loss", backend.BACKENDS, margin_loss_backends.BACKENDS),
+    "brisque": ("brisque_score", ("reference", "torch", "cpp", "triton"), brisque_backends.BACKENDS),
 }
 SOURCES = {"aot": "ahead-of-time extension petal_fast._C (built at install)",
            "jit": "just-in-time build (user cache)", "preloaded": "already registered in this process"}
@@ -85,7 +88,7 @@ def _cpu_row(op: str) -> tuple[str, str]:
 
 def _cuda_row(op: str, triton_error: str | None) -> tuple[str, str]:
     """(the backend CUDA tensors get, why not the Triton kernels when it is not that)."""
-    name, supported, kernel_module = OPS[op]
+    name, supported, table = OPS[op]
     if _cuda_device() is None:
         return "-", ""
     chosen, error = _resolve(_cuda_device(), name, supported)
@@ -93,9 +96,9 @@ def _cuda_row(op: str, triton_error: str | None) -> tuple[str, str]:
         return "none", error or "unknown"
     if chosen == "triton":
         try:
-            importlib.import_module(kernel_module)
+            table["triton"]()  # imports the op's Triton launchers
         except Exception as err:  # noqa: BLE001 - a diagnostics command reports, it does not crash
-            return "triton", f"CUDA triton fails: {kernel_module}: {_first_line(err)}"
+            return "triton", f"CUDA triton fails: {op}'s kernels: {_first_line(err)}"
         return "triton", ""
     return chosen, f"CUDA triton: {triton_error}" if triton_error else ""
 
@@ -107,10 +110,11 @@ def _tile_table(triton_error: str | None) -> list[str]:
     if triton_error is not None:
         return [f"Triton tiles: Triton unavailable ({triton_error})"]
     try:
-        k = importlib.import_module("petal_fast.kernels.petal_linear")
+        from petal_fast.kernels import petal_linear as k
         generation = k.generation(device)
+        design = settings.current().triton_design
         lines = [f"Triton tiles for this GPU (generation {generation!r}; design fwd "
-                 f"{k.design_for(device, 'fwd')}, bwd {k.design_for(device, 'bwd')}):"]
+                 f"{k.design_for(device, 'fwd', design)}, bwd {k.design_for(device, 'bwd', design)}):"]
         for kernel, cfg in k.TILE_CONFIGS[generation].items():
             lines.append(f"  {kernel:12s} " + ", ".join(f"{key}={value}" for key, value in cfg.items()))
         return lines

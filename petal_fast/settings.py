@@ -1,54 +1,22 @@
-"""Every petal_fast setting in one frozen object, read from the environment once, at import.
+"""Every petal_fast setting in one frozen object, read from the environment once, at import
+(docs/design.md §3.4; the fields, variables and values: :data:`ENV`, :class:`Settings` and the
+README's Settings table).
 
-=============================  ==========================  ==========================================
-field (``configure(...)``)     environment variable        values (default first)
-=============================  ==========================  ==========================================
-``backend``                    ``PETAL_FAST_BACKEND``      auto | reference | torch | cpp | triton
-``build``                      ``PETAL_FAST_BUILD``        auto | never | always
-``cache_dir``                  ``PETAL_FAST_CACHE_DIR``    None ($XDG_CACHE_HOME/petal_fast, else
-                                                           ~/.cache/petal_fast) | a folder
-``progress_interval``          ``PETAL_FAST_PROGRESS_      30.0 | seconds ≥ 0
-                               INTERVAL``
-``debug``                      ``PETAL_FAST_DEBUG``        False | True (1/true/yes/on; 0/false/no/off)
-``triton_design``              ``PETAL_FAST_TRITON_        None (the GPU generation's DEFAULT_DESIGN) |
-                               DESIGN``                    split | onepass
-``cpu_path``                   ``PETAL_FAST_CPU_PATH``     auto | blocked | whole
-``cpu_block_rows``             ``PETAL_FAST_CPU_BLOCK_     0 (automatic) | rows per block ≥ 1
-                               ROWS``
-``threads``                    ``PETAL_FAST_THREADS``      0 (automatic: the cores this process may
-                                                           use, at most torch's own choice) |
-                                                           threads ≥ 1 (torch's intra-op pool, which
-                                                           the C++ ops and MKL share; docs §3.6)
-=============================  ==========================  ==========================================
+``current()`` is the :class:`Settings` in force, a plain attribute read (torch.compile traces and
+guards on it). ``configure(**changes)`` replaces fields for the rest of the process; ``with
+override(**changes):`` for a block (the fields it changed come back on exit). Changing
+``os.environ`` after import has no effect. An empty variable counts as unset; a bad value raises at
+import (:class:`SettingsError`, or a petal_fast command's one-line error), naming the variable, the
+value and what it may be. The scoped APIs sit on top: ``use_backend(name)`` (per thread, wins over
+``backend``), ``use_design(name)`` (wins over ``triton_design``), ``cpu_tuning(path, block_rows)``.
 
-``current()`` is the :class:`Settings` in force. ``configure(**changes)`` replaces fields for the rest
-of the process; ``with override(**changes):`` for a block (the fields it changed come back on exit).
-Changing ``os.environ`` after import has no effect. An empty variable counts as unset; a bad value
-raises at import, naming the variable, the value and what it may be.
-
-Why at import, not at first use: ``current()`` is then a plain read of a module attribute, which
-torch.compile traces and guards on (``backend`` is read while tracing: a ``configure(backend=...)``
-recompiles) with no lock or ``os.environ`` access inside a graph; and a bad value fails at once
-instead of an hour into training, when the first progress bar or CPU op would have read it.
-
-The scoped APIs sit on top: ``use_backend(name)`` (thread-local, wins over ``backend``),
-``use_design(name)`` (wins over ``triton_design``) and ``cpu_tuning(path, block_rows)`` (an
-``override`` of ``cpu_path`` / ``cpu_block_rows``). ``build`` and ``cache_dir`` matter once, when the
-compiled CPU ops load (the first CPU op call or ``petal-fast info``); changing them later has no effect.
-
-Two layers below keep a copy that this module writes, and never read the environment themselves:
-``kernels/`` may import nothing of ``petal_fast`` but ``definitions`` (docs/design.md §2), so the
-Triton design is handed to ``petal_linear_config.configure_design``; the C++ knobs live in
-``csrc/petal_linear.cpp`` and are set through its ``petal_linear_cpu_tuning`` op when the library loads
-and on every change.
-
-Not ours, so read where they are used: ``CXX``, ``PATH`` and ``XDG_CACHE_HOME`` (the build),
-``TRITON_INTERPRET`` (Triton's own switch, read by Triton when kernels are defined),
-``OMP_NUM_THREADS``, and torchrun's ``LOCAL_RANK`` / ``WORLD_SIZE``. ``OMP_WAIT_POLICY``,
-``GOMP_SPINCOUNT`` and ``OMP_MAX_ACTIVE_LEVELS`` are the OpenMP runtime's, read once when torch loads
-it: petal_fast sets defaults for them before that (:mod:`petal_fast._openmp_env`) and never reads a
-setting there. ``PETAL_FAST_NO_EXT`` is read by
-setup.py at build time; ``PETAL_FAST_SLOW_EXPORT`` and ``PETAL_FAST_TEST_TORCH`` only by the tests.
+This module imports nothing of petal_fast but ``definitions`` and ``threads``: the layers that use a
+setting read it when they run, and those below what may import it get it as an argument. The Triton
+design reaches ``kernels/`` as the ``design`` argument of its launchers (``ops/petal_linear/backends.py``);
+the C++ knobs reach ``csrc/petal_linear.cpp`` through its ``petal_linear_cpu_tuning`` op, called by the
+same table before a C++ call when they changed; ``build`` and ``cache_dir`` are read by ``_ext`` when it
+loads. ``threads`` is torch's state: ``configure`` applies it with ``torch.set_num_threads``.
+Variables that are not petal_fast's are read where they are used (docs/design.md §3.4).
 """
 from __future__ import annotations
 
@@ -60,10 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from petal_fast import _ext  # reads build / cache_dir from here when it loads, not at import
 from petal_fast import threads as _threads
-from petal_fast.kernels import petal_linear_config  # torch only: no Triton needed
-from petal_fast.kernels.petal_linear_config import DESIGNS as TRITON_DESIGNS
+from petal_fast.definitions.petal_linear import TRITON_DESIGNS
 
 BACKENDS = ("reference", "torch", "cpp", "triton")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -186,7 +152,7 @@ def configure(**changes: Any) -> Settings:
         raise TypeError(f"configure: unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(ENV)}")
     with _lock:
         new = dataclasses.replace(_current, **changes)
-        _current = new  # before the push: a library loading meanwhile pushes this one itself
+        _current = new
         _push(new)
     return new
 
@@ -205,20 +171,8 @@ def override(**changes: Any) -> Iterator[Settings]:
 
 
 def _push(new: Settings) -> None:
-    """Hand the lower layers their copy (see the module docstring)."""
-    petal_linear_config.configure_design(new.triton_design)
+    """Size torch's thread pool (the one setting that is torch's state, not read by our code)."""
     _threads.apply(new.threads)
-    if _ext.loaded():
-        _push_cpu(new)
-
-
-def _push_cpu(new: Settings) -> None:
-    if _ext.has_op("petal_linear_cpu_tuning"):
-        _ext.op("petal_linear_cpu_tuning")(new.cpu_path, new.cpu_block_rows)
-
-
-def _push_cpu_on_load() -> None:
-    _push_cpu(_current)
 
 
 class SettingsError(ValueError):
@@ -250,4 +204,3 @@ def _at_import() -> Settings:
 _lock = threading.Lock()
 _current = _at_import()
 _push(_current)
-_ext.when_loaded(_push_cpu_on_load)

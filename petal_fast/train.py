@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", help="TOML or JSON config file (see configs/)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-3 mode=lora data.path=x.rec")
     args = ap.parse_args(argv)
-    from petal_fast.cli import report_errors
+    from petal_fast.user_errors import report_errors
     return report_errors("petal-fast train", _run, args)
 
 

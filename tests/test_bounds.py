@@ -19,7 +19,7 @@ from petal_fast.eval import add_eval_arguments
 from petal_fast.eval.cli import check_eval_arguments
 from petal_fast.memory import check_fits
 from petal_fast.models import build_backbone, build_model
-from petal_fast.nn.margin import MarginSoftmaxLoss
+from petal_fast.nn.margin_loss import MarginSoftmaxLoss
 from petal_fast.quality import QualityToAlpha, alpha_from_quality, calibrate
 from petal_fast.training.resources import check_model_fits
 

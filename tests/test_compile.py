@@ -205,7 +205,7 @@ def test_backend_choice_is_a_guard():
     recompiles onto the new backend instead of silently reusing the old graph."""
     import petal_fast
     from petal_fast import PetalLinear
-    from petal_fast.ops import petal_linear_library as lib
+    from petal_fast.ops.petal_linear import library as lib
     layer = PetalLinear(8, 6, rank=2)
     torch.nn.init.normal_(layer.lora_B)
     counter = torch._dynamo.testing.CompileCounter()

@@ -1,5 +1,5 @@
 """Eager calls skip custom-op dispatch (ops/_eager.py) and compute exactly what the operators do; anything
-that traces still sees the operators (petal_fast::fused_margin_core, petal_fast::fused_brisque)."""
+that traces still sees the operators (petal_fast::fused_margin_loss, petal_fast::fused_brisque)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +12,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import petal_fast
 from petal_fast import _ext
 from petal_fast.ops import _eager
-from petal_fast.ops.brisque_library import DegenerateImageWarning, brisque_impl, fused_brisque
-from petal_fast.ops.margin_loss import fused_core
-from petal_fast.ops.margin_loss_library import EagerCore, fused_margin_core
+from petal_fast.ops.brisque.library import DegenerateImageWarning, brisque_impl, fused_brisque
+from petal_fast.ops.margin_loss.dispatch import margin_loss_core
+from petal_fast.ops.margin_loss.library import EagerMarginLoss, fused_margin_loss
 from petal_fast.quality import brisque
 
 from conftest import triton_interpreter_ok
@@ -39,7 +39,7 @@ def test_eager_only_for_plain_tensors_outside_any_trace():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_margin_core_eager_equals_the_operator(backend):
+def test_margin_loss_core_eager_equals_the_operator(backend):
     B, C, D = 6, 37, 16
     e, w = torch.randn(B, D), torch.randn(C, D)
     labels = torch.randint(0, C, (B,))
@@ -50,12 +50,12 @@ def test_margin_core_eager_equals_the_operator(backend):
         ee, ww = e.clone().requires_grad_(), w.clone().requires_grad_()
         args = (ee, ww, labels, 30.0)
         if route == "eager":
-            out = EagerCore.apply(*args, backend)
+            out = EagerMarginLoss.apply(*args, backend)
         elif backend == "triton":
-            from petal_fast.ops.margin_loss_triton_library import triton_margin_core
-            out = triton_margin_core(*args)
+            from petal_fast.ops.margin_loss.triton_library import triton_margin_loss
+            out = triton_margin_loss(*args)
         else:
-            out = fused_margin_core(*args, backend)
+            out = fused_margin_loss(*args, backend)
         grads = torch.autograd.grad(out, (ee, ww), g)
         outs[route] = (*out, *grads)
     for name, a, b in zip(("lse", "zsum", "cos_t", "dE", "dW"), outs["eager"], outs["operator"]):
@@ -65,9 +65,9 @@ def test_margin_core_eager_equals_the_operator(backend):
 def test_traces_see_the_operators():
     e, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
     labels = torch.randint(0, 10, (4,))
-    loss_graph = make_fx(lambda e, w, y: fused_core(e, w, y, 30.0, "torch"))(e, w, labels)  # (the value checks
+    loss_graph = make_fx(lambda e, w, y: margin_loss_core(e, w, y, 30.0, "torch"))(e, w, labels)  # (the value checks
     # before it read the labels: make_fx's real-tensor tracing refuses them)
-    assert "petal_fast.fused_margin_core" in str(loss_graph.code)
+    assert "petal_fast.fused_margin_loss" in str(loss_graph.code)
     images = torch.rand(2, 3, 16, 18)
     score_graph = make_fx(lambda x: brisque(x))(images)
     assert "petal_fast.fused_brisque" in str(score_graph.code)

@@ -31,7 +31,7 @@ TORCH_REQ = os.environ.get("PETAL_FAST_TEST_TORCH", f"torch=={torch.__version__.
 OP_CALL = r"""
 import torch, petal_fast
 from petal_fast import _ext, backend, use_backend
-from petal_fast.ops import petal_linear
+from petal_fast.ops.petal_linear import petal_linear
 from petal_fast.quality import brisque
 from petal_fast.reference import petal_linear as ref
 cpu = torch.device("cpu")
@@ -191,7 +191,7 @@ def test_without_a_compiler_the_fallback_runs_and_says_why(venv, first_use, tmp_
     assert info.returncode == 1
     assert "no C++ compiler" in info.stderr and "apt-get install g++" in info.stderr
     assert "UNAVAILABLE: no C++ compiler" in info.stdout
-    code = ("import warnings, torch\nwarnings.simplefilter('always')\nfrom petal_fast.ops import petal_linear\n"
+    code = ("import warnings, torch\nwarnings.simplefilter('always')\nfrom petal_fast.ops.petal_linear import petal_linear\n"
             "y = petal_linear(torch.randn(3, 8), torch.randn(4, 8), None, torch.randn(2, 2, 8), torch.randn(2, 4, 2), "
             "torch.rand(1), 1.0)\nprint(y.shape)")
     out = _ok(_run([venv.python, "-c", code], env, venv.work))

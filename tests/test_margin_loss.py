@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import petal_fast
 from petal_fast import _ext
-from petal_fast.nn.margin import MarginSoftmaxLoss
-from petal_fast.ops.margin_loss import margin_softmax_loss, partial_fc_sample
-from petal_fast.reference import margin as ref
+from petal_fast.nn.margin_loss import MarginSoftmaxLoss
+from petal_fast.ops.margin_loss import margin_loss, partial_fc_sample
+from petal_fast.reference import margin_loss as ref
 
 from conftest import HAS_CUDA, TOL, rel_err, triton_interpreter_ok
 
@@ -37,7 +37,7 @@ def run(backend, e, w, labels, dtype=None, **kw):
     e = e.detach().to(dtype or e.dtype).requires_grad_()
     w = w.detach().to(dtype or w.dtype).requires_grad_()
     with petal_fast.use_backend(backend):
-        loss = margin_softmax_loss(e, w, labels, **kw)
+        loss = margin_loss(e, w, labels, **kw)
     de, dw = torch.autograd.grad(loss.sum(), (e, w))
     return loss, de, dw
 
@@ -121,9 +121,9 @@ def test_frozen_weight_or_embeddings(backend):
     e, w, labels = make_inputs(6, 40, 16)
     ew = e.clone().requires_grad_()
     with petal_fast.use_backend(backend):
-        (de,) = torch.autograd.grad(margin_softmax_loss(ew, w, labels), (ew,))
+        (de,) = torch.autograd.grad(margin_loss(ew, w, labels), (ew,))
         wg = w.clone().requires_grad_()
-        (dw,) = torch.autograd.grad(margin_softmax_loss(e, wg, labels), (wg,))
+        (dw,) = torch.autograd.grad(margin_loss(e, wg, labels), (wg,))
     _, de_ref, dw_ref = run("reference", e, w, labels, torch.float64)
     assert rel_err(de, de_ref) < 1e-5 and rel_err(dw, dw_ref) < 1e-5
 
@@ -132,7 +132,7 @@ def test_reference_matches_literal_formula():
     """The oracle itself against a per-row transcription of docs/design.md §1.3 (ArcFace, smoothing)."""
     e, w, labels = make_inputs(5, 9, 16, torch.float64)
     s, m2, eps_ls = 64.0, 0.5, 0.1
-    got = ref.margin_softmax_loss(e, w, labels, "arcface", scale=s, label_smoothing=eps_ls, reduction="none")
+    got = ref.margin_loss(e, w, labels, "arcface", scale=s, label_smoothing=eps_ls, reduction="none")
     for i in range(5):
         cos = [float(F.cosine_similarity(e[i], w[j], dim=0)) for j in range(9)]
         z = [s * c for c in cos]
@@ -158,12 +158,12 @@ def test_partial_fc_sampling(backend):
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     wg = w.clone().requires_grad_()
     with petal_fast.use_backend(backend):
-        loss = margin_softmax_loss(e, wg, labels, loss="arcface", sample_rate=0.25, generator=g1)
+        loss = margin_loss(e, wg, labels, loss="arcface", sample_rate=0.25, generator=g1)
     loss.backward()
     index, local = partial_fc_sample(labels, 200, 0.25, g2)
     assert index.numel() == 50 and torch.isin(labels, index).all()
     w_ref = w.double()[index].requires_grad_()
-    exp = ref.margin_softmax_loss(e.double(), w_ref, local, "arcface")
+    exp = ref.margin_loss(e.double(), w_ref, local, "arcface")
     exp.backward()
     assert rel_err(loss, exp) < 1e-5
     untouched = torch.ones(200, dtype=torch.bool)
@@ -265,13 +265,13 @@ def test_bad_input_module_and_state(make_bad, exc, match):
 def test_bad_arguments(kw, match):
     e, w, labels = make_inputs(3, 5, 8)
     with pytest.raises(ValueError, match=match):
-        margin_softmax_loss(e, w, labels, **kw)
+        margin_loss(e, w, labels, **kw)
 
 
 def test_bad_weight_and_module_arguments():
     e, w, labels = make_inputs(3, 5, 8)
     with pytest.raises(TypeError, match="weight must be a floating-point"):
-        margin_softmax_loss(e, w.long(), labels)
+        margin_loss(e, w.long(), labels)
     with pytest.raises(ValueError, match="num_classes must be"):
         MarginSoftmaxLoss(8, 0)
     with pytest.raises(ValueError, match="embedding_dim must be"):
@@ -286,14 +286,14 @@ def test_torch_func_transforms_get_a_clear_error_and_reference_supports_them(bac
     head = MarginSoftmaxLoss(8, 5)
     transforms = {"grad": lambda f: torch.func.grad(f)(e), "vmap": lambda f: torch.func.vmap(f)(e[None].expand(2, 4, 8))}
     for name, apply in transforms.items():
-        for f in (lambda x: margin_softmax_loss(x, w, y), lambda x: head(x, y)):
+        for f in (lambda x: margin_loss(x, w, y), lambda x: head(x, y)):
             with petal_fast.use_backend(backend), pytest.raises(NotImplementedError, match="use_backend.'reference'."):
                 apply(f)
             with petal_fast.use_backend("reference"):
                 apply(f)
     with petal_fast.use_backend("reference"):
-        got = torch.func.grad(lambda x: margin_softmax_loss(x, w, y))(e)
+        got = torch.func.grad(lambda x: margin_loss(x, w, y))(e)
     x = e.clone().requires_grad_()
     with petal_fast.use_backend(backend):
-        margin_softmax_loss(x, w, y).backward()
+        margin_loss(x, w, y).backward()
     torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-5)

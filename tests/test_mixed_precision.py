@@ -11,7 +11,7 @@ import torch
 import petal_fast
 import petal_fast.train
 from petal_fast import _ext
-from petal_fast.nn.margin import MarginSoftmaxLoss
+from petal_fast.nn.margin_loss import MarginSoftmaxLoss
 
 from test_train import tiny_cfg
 

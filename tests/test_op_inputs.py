@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from conftest import rel_err
 from petal_fast import use_backend
-from petal_fast.ops.margin_loss import margin_softmax_loss
+from petal_fast.ops.margin_loss import margin_loss
 from petal_fast.quality import brisque
-from petal_fast.reference import margin as ref_margin
+from petal_fast.reference import margin_loss as ref_margin
 
 LAYOUTS = ("dense", "transposed", "sliced")
 
@@ -44,8 +44,8 @@ def test_margin_loss_inputs_never_change_the_result_silently(backend, loss, e_dt
     er, wr = e.detach().double().requires_grad_(grads[0]), w.detach().double().requires_grad_(grads[1])
     margins = ref_margin.resolve_margins(loss, None)
     with use_backend(backend):
-        got = margin_softmax_loss(e, w, labels, loss=loss, scale=16.0, grad=grad)
-    expect = ref_margin.margin_softmax_loss(er, wr, labels64, loss, margins, 16.0, grad)
+        got = margin_loss(e, w, labels, loss=loss, scale=16.0, grad=grad)
+    expect = ref_margin.margin_loss(er, wr, labels64, loss, margins, 16.0, grad)
     tol = 2e-2 if e_dtype == torch.bfloat16 else 1e-5
     assert rel_err(got, expect) < tol
     if got.requires_grad:

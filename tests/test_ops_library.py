@@ -7,10 +7,10 @@ import torch
 
 import petal_fast
 from conftest import rel_err, triton_interpreter_ok
-from petal_fast.ops import petal_linear
-from petal_fast.ops.margin_loss import margin_softmax_loss
+from petal_fast.ops.petal_linear import petal_linear
+from petal_fast.ops.margin_loss import margin_loss
 from petal_fast.quality import brisque as _registers_fused_brisque  # noqa: F401
-from petal_fast.reference import margin as ref_margin
+from petal_fast.reference import margin_loss as ref_margin
 from petal_fast.reference import petal_linear as ref_petal_linear
 
 BACKENDS = ["cpp", "torch"] + (["triton"] if triton_interpreter_ok() else [])
@@ -71,8 +71,8 @@ def margin_inputs(b: int = 6, d: int = 8, c: int = 37):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_margin_core(backend):
-    op = torch.ops.petal_fast.fused_margin_core.default
+def test_opcheck_margin_loss_core(backend):
+    op = torch.ops.petal_fast.fused_margin_loss.default
     e, w, labels = margin_inputs()
     args = (e, w, labels, 16.0, backend, True)
     torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
@@ -139,7 +139,7 @@ def test_double_backward_raises_on_fused_backends(backend):
         (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward is not supported"):
             gx.sum().backward()
-        loss = margin_softmax_loss(e, cw, labels, scale=16.0)
+        loss = margin_loss(e, cw, labels, scale=16.0)
         (ge,) = torch.autograd.grad(loss, e, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward is not supported"):
             ge.sum().backward()
@@ -169,9 +169,9 @@ def test_empty_batches(backend):
             assert gx.shape == x.shape and torch.equal(ga, torch.zeros_like(la)) and torch.equal(gb, torch.zeros_like(lb))
         e, cw = torch.randn(0, 8, requires_grad=True), torch.randn(9, 8, requires_grad=True)
         labels = torch.zeros(0, dtype=torch.int64)
-        loss = margin_softmax_loss(e, cw, labels, scale=16.0, reduction="none")
+        loss = margin_loss(e, cw, labels, scale=16.0, reduction="none")
         assert loss.shape == (0,)
-        ge, gw = torch.autograd.grad(margin_softmax_loss(e, cw, labels, scale=16.0, reduction="sum"), (e, cw))
+        ge, gw = torch.autograd.grad(margin_loss(e, cw, labels, scale=16.0, reduction="sum"), (e, cw))
         assert ge.shape == (0, 8) and torch.equal(gw, torch.zeros_like(cw))
         from petal_fast.quality import brisque
         from petal_fast.quality.brisque import brisque_features
@@ -183,8 +183,8 @@ def test_margin_reference_empty_matches_fused_convention():
     """The reference margin loss agrees on an empty batch (mean of nothing is NaN, as torch's mean)."""
     e, w = torch.randn(0, 8), torch.randn(9, 8)
     labels = torch.zeros(0, dtype=torch.int64)
-    fused = margin_softmax_loss(e, w, labels, scale=16.0)
-    expect = ref_margin.margin_softmax_loss(e, w, labels, "cosface", ref_margin.resolve_margins("cosface", None), 16.0)
+    fused = margin_loss(e, w, labels, scale=16.0)
+    expect = ref_margin.margin_loss(e, w, labels, "cosface", ref_margin.resolve_margins("cosface", None), 16.0)
     assert fused.isnan() and expect.isnan()
 
 
@@ -204,3 +204,23 @@ def test_inference_mode_first_then_training():
         layer(x, alpha=alpha), lora(x)
     (layer(x, alpha=alpha).sum() + lora(x).sum()).backward()
     assert layer.lora_A.grad is not None and lora.lora_B.grad is not None
+
+
+# which of each backend's two functions exist: PetalLinear and the margin loss (forward, backward),
+# BRISQUE (moments, score: the C++ op runs the whole pipeline, the others the fused stage only)
+PAIRS = {"petal_linear": {"torch": (1, 1), "cpp": (1, 1)}, "margin_loss": {"torch": (1, 1), "cpp": (1, 1)},
+         "brisque": {"torch": (1, 0), "cpp": (0, 1)}}
+
+
+@pytest.mark.parametrize("op", sorted(PAIRS))
+def test_each_op_has_one_backend_table(op):
+    """ops/<op>/backends.py maps every non-reference backend to the op's pair of functions, built once."""
+    import importlib
+    from petal_fast import _ext, backend
+    table = importlib.import_module(f"petal_fast.ops.{op}.backends")
+    assert set(table.BACKENDS) == set(backend.BACKENDS) - {"reference"}
+    for name, present in PAIRS[op].items():
+        if name == "cpp" and not _ext.has_op("petal_linear_fwd"):
+            continue
+        pair = table.implementation(name)
+        assert tuple(int(callable(f)) for f in pair) == present and table.implementation(name) is pair

@@ -39,3 +39,14 @@ def test_top_level_kernels_does_not_shadow_the_pypi_package():
     out = subprocess.run([sys.executable, "-c", "import transformers.integrations.hub_kernels"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_setup_lists_every_subpackage():
+    """setup.py names its packages one by one: a subpackage missing there (an op's package) would be
+    left out of every wheel, and the installed petal_fast would fail at import."""
+    namespace: dict = {}
+    source = (REPO / "setup.py").read_text()
+    exec(source[source.index("packages = ["):source.index("package_dir =")], namespace)  # the list alone
+    listed = set(namespace["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "petal_fast").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err
-from petal_fast.nn.margin import MarginSoftmaxLoss
+from petal_fast.nn.margin_loss import MarginSoftmaxLoss
 from petal_fast.ops.margin_loss import partial_fc_count, partial_fc_sample
-from petal_fast.reference import margin as ref
+from petal_fast.reference import margin_loss as ref
 
 C, D, RATE = 24, 16, 0.5  # ⌈0.5·24⌉ = 12 classes sampled unless the batch is larger
 
@@ -118,7 +118,7 @@ def test_compiled_head_matches_eager_and_reference(head):
         (loss, de, dw), (closs, cde, cdw) = results
         assert rel_err(closs, loss) < 1e-5 and rel_err(cde, de) < 1e-5 and rel_err(cdw, dw) < 1e-5
         w_ref = head.weight.detach().double()[index]
-        expect = ref.margin_softmax_loss(e.double(), w_ref, local, "arcface")
+        expect = ref.margin_loss(e.double(), w_ref, local, "arcface")
         assert rel_err(loss, expect) < 1e-5
         untouched = torch.ones(C, dtype=torch.bool)
         untouched[index] = False

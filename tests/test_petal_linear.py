@@ -8,7 +8,7 @@ import torch
 
 import petal_fast
 from petal_fast import PetalLinear, _ext, use_backend
-from petal_fast.ops import petal_linear
+from petal_fast.ops.petal_linear import petal_linear
 from petal_fast.reference import dropout_mask, petal_linear as ref_petal_linear
 from conftest import TOL, rel_err
 
@@ -197,7 +197,7 @@ def test_alpha_checked_once_per_version(backend, monkeypatch):
     are checked once, and again only after a change (its version counter moves) or for another α tensor;
     an inference tensor (no version counter) is checked on every call."""
     import importlib
-    ops = importlib.import_module("petal_fast.ops.petal_linear")
+    ops = importlib.import_module("petal_fast.ops.petal_linear.dispatch")
     checked = []
     real = ops.check_alpha_values
     monkeypatch.setattr(ops, "check_alpha_values", lambda *a, **k: (checked.append(1), real(*a, **k))[1])
@@ -278,7 +278,7 @@ def test_cpp_paths(path, dtype, p, block_rows):
 TUNING_SCRIPT = """
 import os, torch
 from petal_fast.cpu_tuning import cpu_tuning, get_cpu_tuning
-from petal_fast.ops import petal_linear
+from petal_fast.ops.petal_linear import petal_linear
 os.environ["PETAL_FAST_CPU_PATH"], os.environ["PETAL_FAST_CPU_BLOCK_ROWS"] = "blocked", "3"  # after import
 x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 2, 8), torch.randn(2, 6, 2)
 petal_linear(x, w, None, a, b, torch.rand(4))       # the library loads: it gets the settings read at import
@@ -311,7 +311,7 @@ def test_eager_route_equals_the_operator(backend, p):
     """Eager training calls run the operator bodies behind a plain autograd.Function; the registered
     operator (what torch.compile sees) gives the same output, the same dropout masks and the same
     gradients of every input (x, W, b, A, B, α)."""
-    from petal_fast.ops.petal_linear_library import EagerPetalLinear, fused_petal_linear
+    from petal_fast.ops.petal_linear.library import EagerPetalLinear, fused_petal_linear
     x, w, b, a, bb, alpha = make_inputs((5, 4), 12, 9, 3, 5)
     seed = torch.tensor([987])
     dy = torch.randn(20, 9)

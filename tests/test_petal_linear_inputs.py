@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import rel_err
 from petal_fast import use_backend
-from petal_fast.ops import petal_linear
+from petal_fast.ops.petal_linear import petal_linear
 from petal_fast.reference import petal_linear as ref_petal_linear
 
 NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "alpha")

@@ -431,14 +431,16 @@ def test_design_selection(monkeypatch):
             assert kernels.design_for(cpu, direction) == kernels.DEFAULT_DESIGN["interpreter"][direction]
         monkeypatch.setitem(kernels.DEFAULT_DESIGN, "interpreter", {"fwd": "onepass", "bwd": "split"})
         assert (kernels.design_for(cpu, "fwd"), kernels.design_for(cpu, "bwd")) == ("onepass", "split")
-        with settings.override(triton_design="onepass"):  # PETAL_FAST_TRITON_DESIGN's setting
-            assert kernels.design_for(cpu, "bwd") == "onepass"
-            with kernels.use_design("split"):  # the context wins over the setting, and nests
-                assert kernels.design_for(cpu, "fwd") == "split"
-                with kernels.use_design("onepass"):
-                    assert kernels.design_for(cpu, "bwd") == "onepass"
-                assert kernels.design_for(cpu, "bwd") == "split"
+        # the triton_design setting (PETAL_FAST_TRITON_DESIGN), which the op passes to the launchers
+        assert kernels.design_for(cpu, "bwd", "onepass") == "onepass"
+        with kernels.use_design("split"):  # the context wins over the setting, and nests
+            assert kernels.design_for(cpu, "fwd", "onepass") == "split"
+            with kernels.use_design("onepass"):
+                assert kernels.design_for(cpu, "bwd", "split") == "onepass"
+            assert kernels.design_for(cpu, "bwd", "onepass") == "split"
         assert kernels.design_for(cpu, "bwd") == "split"
+        with pytest.raises(ValueError, match="design must be one of"):
+            kernels.design_for(cpu, "fwd", "fastest")
     with pytest.raises(ValueError, match="triton_design .PETAL_FAST_TRITON_DESIGN."):
         settings.configure(triton_design=" fastest ")
     with pytest.raises(ValueError, match="design must be one of"):

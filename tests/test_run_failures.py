@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from petal_fast.jsonio import dumps, finite
-from petal_fast.nn.margin import MarginSoftmaxLoss
+from petal_fast.nn.margin_loss import MarginSoftmaxLoss
 from petal_fast.training import state as training_state
 from petal_fast.training.result import TrainingFailed
 from petal_fast.train import Trainer

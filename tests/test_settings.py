@@ -107,11 +107,21 @@ def test_use_backend_stays_per_thread():
     assert seen == [settings.current().backend]
 
 
-def test_design_setting_reaches_the_kernels_config():
+def test_design_setting_reaches_the_triton_launchers(monkeypatch):
+    """kernels/ imports nothing of petal_fast but the definitions: the op's backend table reads the
+    setting at each call and hands it to the launchers as their ``design`` argument."""
+    pytest.importorskip("triton")
+    from petal_fast.kernels import petal_linear as launch
+    from petal_fast.ops.petal_linear import backends
+    seen = []
+    monkeypatch.setattr(launch, "forward", lambda *a, **k: seen.append(("fwd", k["design"])))
+    monkeypatch.setattr(launch, "backward", lambda *a, **k: seen.append(("bwd", k["design"])))
+    forward, backward = backends.BACKENDS["triton"]()
     with settings.override(triton_design="onepass"):
-        assert petal_linear_config.configured_design() == "onepass"
-        assert petal_linear_config.design_for(torch.device("cpu"), "bwd") == "onepass"
-    assert petal_linear_config.configured_design() == settings.current().triton_design
+        forward(), backward()
+    with settings.override(triton_design=None):
+        forward()
+    assert seen == [("fwd", "onepass"), ("bwd", "onepass"), ("fwd", None)]
 
 
 @pytest.mark.skipif(not _ext.has_op("petal_linear_cpu_tuning"), reason="C++ extension not built")
@@ -154,7 +164,8 @@ for var in settings.ENV.values():
     os.environ[var] = {later!r}.get(var, "")  # after import: no effect
 from petal_fast.cpu_tuning import get_cpu_tuning
 s = settings.current()
-print(json.dumps([s.backend, s.build, str(s.cache_dir), log_interval(), s.debug, design_for(torch.device("cpu"), "fwd"),
+print(json.dumps([s.backend, s.build, str(s.cache_dir), log_interval(), s.debug,
+                  design_for(torch.device("cpu"), "fwd", s.triton_design),
                   list(get_cpu_tuning()), petal_fast.requested_backend(), torch.get_num_threads()]))
 """
 

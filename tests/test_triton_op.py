@@ -33,7 +33,7 @@ def inputs(m: int = 12, k: int = 13, n: int = 19, r: int = 3, images: int = 4, d
 
 
 def lib():
-    from petal_fast.ops import petal_linear_triton_library
+    from petal_fast.ops.petal_linear import triton_library as petal_linear_triton_library
     return petal_linear_triton_library
 
 
@@ -45,7 +45,7 @@ GRAD = (0, 1, 2, 3, 4, 5)  # x, W, b, A, B, α: every input can ask for its grad
 def test_triton_op_matches_float64_composition(p):
     """Forward and every gradient (x, W, b, A, B, α) of the triton_op against the torch composition in
     float64 — the same dropout masks, regenerated from a seed tensor the kernels read on the device."""
-    from petal_fast.ops.petal_linear_library import fused_petal_linear
+    from petal_fast.ops.petal_linear.library import fused_petal_linear
     args = inputs()
     for i in GRAD:
         args[i].requires_grad_()
@@ -119,7 +119,7 @@ def test_module_routes_on_the_triton_backend(monkeypatch):
     under the interpreter uses the opaque operator (interpreted kernels cannot be traced); a compiled
     graph with real JIT kernels gets the triton_op (test_compiled_graph_holds_the_kernel_launches)."""
     import importlib
-    dispatch = importlib.import_module("petal_fast.ops.petal_linear")  # the module (the package exports the function)
+    dispatch = importlib.import_module("petal_fast.ops.petal_linear.dispatch")  # the module (the package exports the function)
     seen = []
 
     def spy(module, name, label):
@@ -148,7 +148,7 @@ def test_module_routes_on_the_triton_backend(monkeypatch):
 
 
 def margin_lib():
-    from petal_fast.ops import margin_loss_triton_library
+    from petal_fast.ops.margin_loss import triton_library as margin_loss_triton_library
     return margin_loss_triton_library
 
 
@@ -156,13 +156,13 @@ def margin_lib():
 def test_margin_triton_op_matches_float64_composition():
     """The margin core's triton_op: (lse, zsum, cos_t) and dE, dW against the torch composition in
     float64, including a label outside [0, C) (a row whose class is on another rank)."""
-    from petal_fast.ops.margin_loss_library import fused_margin_core
+    from petal_fast.ops.margin_loss.library import fused_margin_loss
     e, w = torch.randn(7, 12, requires_grad=True), torch.randn(45, 12, requires_grad=True)
     labels = torch.randint(0, 45, (7,))
     labels[3] = -1
-    out = margin_lib().triton_margin_core(e, w, labels, 16.0)
+    out = margin_lib().triton_margin_loss(e, w, labels, 16.0)
     e64, w64 = (t.detach().double().requires_grad_() for t in (e, w))
-    expect = fused_margin_core(e64, w64, labels, 16.0, "torch")
+    expect = fused_margin_loss(e64, w64, labels, 16.0, "torch")
     for o, x in zip(out, expect):
         assert rel_err(o, x) < 1e-5
     gs = [torch.randn(7) for _ in range(3)]
@@ -174,7 +174,7 @@ def test_margin_triton_op_matches_float64_composition():
 
 @interpreter
 def test_opcheck_margin_triton_op():
-    op = torch.ops.petal_fast.triton_margin_core.default
+    op = torch.ops.petal_fast.triton_margin_loss.default
     e, w = torch.randn(6, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True)
     labels = torch.randint(0, 37, (6,))
     torch.library.opcheck(op, (e, w, labels, 16.0, True),
@@ -189,8 +189,8 @@ def test_opcheck_margin_triton_op():
 def test_brisque_triton_op_matches_torch_backend():
     """BRISQUE's triton_op: features and scores equal the torch backend's; bad values and degenerate
     images behave as in every eager call (ValueError naming the range; +inf with one warning)."""
-    from petal_fast.ops import brisque_triton_library as blib
-    from petal_fast.ops.brisque_library import DegenerateImageWarning, fused_brisque
+    from petal_fast.ops.brisque import triton_library as blib
+    from petal_fast.ops.brisque.library import DegenerateImageWarning, fused_brisque
     images = torch.rand(2, 3, 20, 21)
     assert rel_err(blib.triton_brisque(images, True), fused_brisque(images, True, "torch")) < 1e-6
     torch.library.opcheck(torch.ops.petal_fast.triton_brisque.default, (images, False),
@@ -209,7 +209,7 @@ TRACE = textwrap.dedent("""
     import torch
     from torch._dynamo.backends.common import aot_autograd
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from petal_fast.ops import petal_linear_triton_library as lib
+    from petal_fast.ops.petal_linear import triton_library as lib
 
     graphs = []
     class Captured(Exception):
@@ -241,12 +241,12 @@ TRACE = textwrap.dedent("""
     e, cw, labels = torch.randn(m, 8), torch.randn(50, 8), torch.randint(0, 50, (m,))
     torch._dynamo.mark_dynamic(e, 0)
     torch._dynamo.mark_dynamic(labels, 0)
-    from petal_fast.ops import margin_loss_triton_library as mlib
-    calls["margin_fwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_core(e, cw, labels, 16.0)
-    calls["margin_bwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_core_backward(
+    from petal_fast.ops.margin_loss import triton_library as mlib
+    calls["margin_fwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_loss(e, cw, labels, 16.0)
+    calls["margin_bwd"] = lambda x, dy, u, coef, s: mlib.triton_margin_loss_backward(
         e, cw, labels, torch.zeros(e.shape[0]), torch.ones(e.shape[0]), torch.ones(e.shape[0]),
         torch.ones(e.shape[0]), 16.0, True, True)
-    from petal_fast.ops import brisque_triton_library as blib
+    from petal_fast.ops.brisque import triton_library as blib
     imgs = torch.rand(m, 3, 24, 28)
     torch._dynamo.mark_dynamic(imgs, 0)
     calls["brisque"] = lambda x, dy, u, coef, s: blib.triton_brisque(imgs, False)

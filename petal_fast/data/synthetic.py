@@ -8,8 +8,7 @@ from ``default_rng([seed, identity_id, image_index, 1])``. Identity ids are ``id
 two sets built with the same seed and non-overlapping id ranges hold disjoint identities.
 
 Every part is a polygon in face coordinates, mapped to the image by the pose (roll, scale, shift)
-and drawn with Pillow in painter's order at 2× resolution, then box-reduced (anti-aliasing): about
-half a millisecond per 112×112 face. Texture, lighting and noise are applied with numpy. Pixels
+and drawn with Pillow in painter's order at 2× resolution, then box-reduced (anti-aliasing). Texture, lighting and noise are applied with numpy. Pixels
 depend only on (seed, identity id, image index), never on the order or batch they are rendered in.
 """
 from __future__ import annotations
@@ -248,7 +247,7 @@ class SyntheticFaces:
     ``[identity_offset, identity_offset + num_identities)`` share no identity.
 
     ``variation`` in [0, 1] scales the per-image nuisance (0: every image of an identity identical).
-    Without a cache each item is rendered on access (≈2.5 ms of CPU at 112 px, fine for DataLoader
+    Without a cache each item is rendered on access (fast enough for DataLoader
     workers); ``load()`` keeps the whole set in memory and ``cache_dir`` stores it once as a ``.npy``
     file (memory-mapped afterwards). ``chunk`` is the unit of work of ``materialize``.
     """

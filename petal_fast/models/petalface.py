@@ -80,7 +80,7 @@ class FaceModel(nn.Module):
         if num_classes is not None:
             if not isinstance(num_classes, int) or num_classes < 2:
                 raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-            from petal_fast.nn.margin import MarginSoftmaxLoss
+            from petal_fast.nn.margin_loss import MarginSoftmaxLoss
             if not isinstance(loss, str):  # margins given directly: (m1, m2, m3) of the combined loss
                 loss, margins = "combined", tuple(loss)
             self.head = MarginSoftmaxLoss(self.embedding_size, num_classes, loss=loss, margins=margins,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from petal_fast.definitions.dropout import mix32
-from petal_fast.ops import petal_linear
+from petal_fast.ops.petal_linear import petal_linear
 from petal_fast.ops._graph import compiling, draw_seed
 
 from .context import current_scope

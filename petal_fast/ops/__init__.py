@@ -1,7 +1,6 @@
-"""The fused ops (PyTorch operators in ``torch.library``) with backend dispatch. No ``nn.Module`` here."""
+"""The fused ops, one package each: :mod:`.petal_linear`, :mod:`.margin_loss`, :mod:`.brisque`
+(operators in ``torch.library``, backend tables, torch compositions). No ``nn.Module`` here.
+:mod:`._graph` and :mod:`._eager` hold what the three share (tracing, eager routes)."""
 from petal_fast.definitions.dropout import dropout_mask
 
-from .petal_linear import petal_linear
-from .petal_linear_library import fused_petal_linear, fused_petal_linear_backward
-
-__all__ = ["dropout_mask", "fused_petal_linear", "fused_petal_linear_backward", "petal_linear"]
+__all__ = ["dropout_mask"]

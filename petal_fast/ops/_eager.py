@@ -1,7 +1,7 @@
 """When an op may run its operator bodies directly instead of through ``torch.library`` dispatch.
 
-A custom operator call goes Python → the C++ dispatcher → its autograd kernel → back to Python: tens
-to hundreds of µs per call on a CPU, more than the work of a small PETALface shape. Eagerly, with
+A custom operator call goes Python → the C++ dispatcher → its autograd kernel → back to Python, host
+time that can exceed the work of a small PETALface shape (docs/design.md §3.5). Eagerly, with
 plain tensors, nothing needs that path: the ops then call the same bodies through a
 ``torch.autograd.Function`` (gradients, saved tensors and the double-backward error as the operator
 registers them). Everything that must see an operator keeps it: Dynamo (``torch.compile``,

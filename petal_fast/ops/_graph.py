@@ -1,7 +1,7 @@
 """What the ops need to stay inside one graph under ``torch.compile`` / ``torch.export``.
 
 - ``value_check``: validation that needs tensor *values* (α finite, labels in range). On CPU
-  tensors it is the plain ``ValueError`` it always was (the values are on the host: no sync); on
+  tensors it is a plain ``ValueError`` (the values are on the host: no sync); on
   CUDA tensors it is ``torch._assert_async`` (a device-side assert: no host sync). It only ever runs
   eagerly: in eager mode before the op, and in a traced graph inside the opaque operator bodies
   (``validate=True``), so a traced graph holds no data-dependent branch and no graph break.
@@ -65,7 +65,7 @@ def value_check(ok: torch.Tensor, message: str, sync: bool | None = None) -> Non
 
 def has_values(t: torch.Tensor) -> bool:
     """False for the fake tensors of a traced triton_op body (they hold no values). A plain tensor
-    answers without the ~3 µs mode lookup: the eager α check runs per layer call."""
+    answers without the fake-mode lookup: the eager α check runs per layer call."""
     return type(t) is torch.Tensor or detect_fake_mode() is None
 
 

@@ -5,16 +5,14 @@
     q2a = calibrate("brisque", train_images)    # τ = median score of the training data
     alpha = q2a(images)                         # clamp(0.5 + k·(τ − score), 0, 1)
 
-``petal_fast.quality(alpha)`` was once a second name of ``petal_fast.alpha_scope(alpha)``; it is gone
-(it did not trace like ``alpha_scope``), and calling the package says so.
+Calling the package (``petal_fast.quality(alpha)``) raises a TypeError that names
+``petal_fast.alpha_scope``, the context that hands α to PetalLinear layers.
 """
 import sys
 import types
 
 # the BRISQUE stages live with the op (petal_fast.ops); still reachable as petal_fast.quality.ggd / resize / svr
-from petal_fast.ops import _brisque_ggd as ggd  # noqa: F401
-from petal_fast.ops import _brisque_resize as resize  # noqa: F401
-from petal_fast.ops import _brisque_svr as svr  # noqa: F401
+from petal_fast.ops.brisque import ggd, resize, svr  # noqa: F401
 
 from .alpha import (MODES, BrisqueQuality, CallableQuality, FeatureNormQuality, QualitySource, QualityToAlpha,
                     ResolutionQuality, alpha_from_quality, calibrate, make_source)

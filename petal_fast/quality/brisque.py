@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from petal_fast.ops.brisque import brisque_op
-from petal_fast.ops.brisque_library import (DEGENERATE_SCORE, MIN_SIZE, DegenerateImageWarning,  # noqa: F401
-                                            check_images)
+from petal_fast.ops.brisque import (DEGENERATE_SCORE, MIN_SIZE, DegenerateImageWarning,  # noqa: F401
+                                    brisque_op, check_images)
 
 __all__ = ["DEGENERATE_SCORE", "DegenerateImageWarning", "brisque", "brisque_features", "check_images"]
 

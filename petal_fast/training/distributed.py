@@ -114,7 +114,7 @@ class Distributed:
         self.forward = self.ddp or net
 
     def _shard_head(self, model: nn.Module, cfg: TrainConfig) -> None:
-        from petal_fast.nn.margin_sharded import ShardedMarginSoftmaxLoss
+        from petal_fast.nn.margin_loss_sharded import ShardedMarginSoftmaxLoss
         old = model.head
         loss, margins = cfg.margin_args()
         model.head = ShardedMarginSoftmaxLoss(old.embedding_dim, old.num_classes, loss=loss, margins=margins,
@@ -181,7 +181,7 @@ class Distributed:
 
     def full_head_weight(self, model: nn.Module) -> torch.Tensor:
         """All class centres (C×D) of a sharded head, gathered from every rank (a collective)."""
-        from petal_fast.nn.margin_sharded import shard_range
+        from petal_fast.nn.margin_loss_sharded import shard_range
         head = model.head
         ranges = [shard_range(head.num_classes, self.world, r) for r in range(self.world)]
         rows = max(e - s for s, e in ranges)

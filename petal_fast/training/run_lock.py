@@ -5,9 +5,7 @@ dies, so a killed run leaves no stale lock behind), and the file names its owner
 time, command) for the message another run gets. On a file system without ``flock`` the file itself
 is the lock (created exclusively); a leftover one whose process is gone (same host, pid not alive) is
 stale and taken over, one from another host is reported with its owner, to be removed by hand.
-
-Before this lock two trainers started together on one folder both ran: one result was lost and the
-JSON-lines log interleaved (the config check refuses a foreign run only once a checkpoint exists).
+(The config check alone refuses a foreign run only once a checkpoint exists.)
 """
 from __future__ import annotations
 

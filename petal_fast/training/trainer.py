@@ -10,20 +10,7 @@ were. ``fit`` = resume, loop, export.
 ``compile = true`` compiles forward + fused margin loss as one graph (``fullgraph=True``; AOTAutograd
 compiles the backward with it). Clipping and the AdamW step stay eager: they run only when the loss
 and the gradient norm are finite (a host-side decision per step), and in torch 2.13
-``torch.compile(optimizer.step, fullgraph=True)`` does not trace in one graph. Measured with the
-optimizer ``build_optimizer`` returns:
-
-- ``torch.optim.Optimizer``'s ``_use_grad`` wrapper (torch/optim/optimizer.py) calls
-  ``torch._dynamo.graph_break()`` before and after the update, on purpose: it makes AOTAutograd see
-  the update as a no-grad (inference) graph, so Inductor updates the parameters in place instead of
-  allocating a copy of each (pytorch/pytorch#104053). fullgraph: "Call to torch._dynamo.graph_break()".
-- once an LR scheduler is attached, ``optimizer.step`` is the scheduler's step-counting wrapper,
-  defined in torch/optim/lr_scheduler.py, a file Dynamo skips: "Attempted to call function marked
-  as skipped" (``Adam.step``).
-
-Calling the undecorated step (``AdamW.step`` unwrapped through ``__wrapped__``) inside ``torch.no_grad()`` does
-compile in one graph and gives eager's weights, but bypasses the optimizer's hooks and the profiler
-and depends on how torch layers its decorators, so the trainer keeps the public eager step.
+``torch.compile(optimizer.step, fullgraph=True)`` does not trace in one graph (why: docs/notes.md).
 """
 from __future__ import annotations
 

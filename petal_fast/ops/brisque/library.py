@@ -4,10 +4,10 @@
 
 ``backend``: "torch" | "cpp" | "triton" (a constant in a traced graph). Per image: luminance Y;
 the fused stage (local Gaussian mean/variance → MSCN map → its four neighbour products → five
-moment sums of each map: ``_brisque_torch``, the C++ op ``brisque_moments`` or the Triton kernels);
-AGGD fits from the sums (``_brisque_ggd``); the same at OpenCV's half-size bicubic resize
-(``_brisque_resize``); the trained RBF ε-SVR of the installed ``brisque`` distribution
-(``_brisque_svr``). The cpp backend runs all of it per image in one C++ call (``brisque_score``).
+moment sums of each map: the backend's ``moments``, :mod:`.backends`); AGGD fits from the sums
+(:mod:`.ggd`); the same at OpenCV's half-size bicubic resize (:mod:`.resize`); the trained RBF ε-SVR
+of the installed ``brisque`` distribution (:mod:`.svr`). The cpp backend runs all of it per image in
+one C++ call (its ``score``).
 
 Float images outside [0, 1] raise ValueError from inside the operator (eager code even in a
 compiled graph), so the value scan never breaks a graph. Degenerate images (no local contrast:
@@ -15,7 +15,6 @@ BRISQUE undefined, NaN) score :data:`DEGENERATE_SCORE` with one :class:`Degenera
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -23,13 +22,11 @@ from torch._guards import detect_fake_mode
 
 from petal_fast import _ext
 
-from . import _brisque_ggd as ggd
-from . import _brisque_resize as resize
-from . import _brisque_svr as svr
-from . import _brisque_torch as torch_impl
-from ._graph import value_check, wrap_kwargs
+from .._graph import value_check, wrap_kwargs
+from . import ggd, svr
+from .backends import implementation
 
-OP = "brisque_score"
+OP = "brisque_score"  # the C++ op whose presence means the cpp backend can run
 NAME = "petal_fast::fused_brisque"
 MIN_SIZE = 16
 DEGENERATE_SCORE = float("inf")  # the score of an image without local contrast: the worst quality
@@ -96,56 +93,20 @@ def check_values(images: torch.Tensor) -> None:
         value_check(((images >= 0) & (images <= 1)).all(), "images: float images must lie in [0, 1]")
 
 
-def moments(images: torch.Tensor, backend: str, wrap=None) -> torch.Tensor:
-    """The fused stage: images → (B, 2 scales, 5 maps, 5 sums) float64.
-
-    Scales: the luminance Y and OpenCV's half-size resize of Y. Maps: MSCN, horizontal, vertical,
-    main and secondary diagonal products. Sums: Σ|x|, Σ_{x<0} x², n_{x<0}, Σ_{x≥0} x², n_{x≥0}.
-    """
-    if backend == "cpp":  # luminance and resize inside, per image
-        return _ext.op("brisque_moments")(_cpu_input(images), 2)
-    gray = torch_impl.luminance(images)
-    half = resize.resize_half(gray).contiguous()
-    if backend == "triton":
-        from petal_fast.kernels import brisque as triton_brisque  # only imported when asked for
-        per_scale = functools.partial(triton_brisque.mscn_moments, **wrap_kwargs(wrap))
-    else:
-        per_scale = torch_impl.mscn_moments
-    return torch.stack([per_scale(gray), per_scale(half)], dim=1)
-
-
-def _cpu_input(images: torch.Tensor) -> torch.Tensor:
-    if images.is_floating_point() and images.dtype not in (torch.float32, torch.float64):
-        return images.float()
-    return images
-
-
-def _cpp_score(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, features) from one C++ call: moments, fits and SVR per image in one parallel task;
-    the input range is checked from the per-image [min, max] the same pass returns."""
-    m = svr.load_model("cpu")
-    scores, feats, ranges = _ext.op("brisque_score")(_cpu_input(images), m.f_min, m.f_max, m.support, m.coef,
-                                                     m.rho, m.gamma)
-    if images.is_floating_point():
-        check_images(images, (ranges[:, 0].min().item(), ranges[:, 1].max().item()))
-    return scores, feats
-
-
-def _features(images: torch.Tensor, backend: str, wrap=None) -> torch.Tensor:
-    m = moments(images, backend, wrap)  # both scales fitted in one vectorised call
-    return ggd.scale_features(m.flatten(0, 1)).view(m.shape[0], 36)
-
-
 def brisque_impl(images: torch.Tensor, features: bool, backend: str, wrap=None) -> torch.Tensor:
     """The operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper)."""
     if images.shape[0] == 0:
         return images.new_empty((0, 36) if features else (0,), dtype=torch.float64)
     images = images.contiguous()
-    if backend == "cpp":
-        scores, feats = _cpp_score(images)
+    moments, score = implementation(backend)
+    if score is not None:  # the whole pipeline per image in one call, the value range measured on the way
+        scores, feats, ranges = score(images)
+        if images.is_floating_point():
+            check_images(images, (ranges[:, 0].min().item(), ranges[:, 1].max().item()))
         return feats if features else degenerate_to_worst(scores)
     check_values(images)
-    f = _features(images, backend, wrap)
+    m = moments(images, **wrap_kwargs(wrap))  # both scales fitted in one vectorised call
+    f = ggd.scale_features(m.flatten(0, 1)).view(m.shape[0], 36)
     return f if features else degenerate_to_worst(svr.predict(f, svr.load_model(str(images.device))))
 
 

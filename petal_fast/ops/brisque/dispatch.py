@@ -16,10 +16,10 @@ import torch
 from petal_fast.backend import resolve
 from petal_fast.reference import brisque as reference_brisque  # the user-selectable `reference` backend
 
-from . import _brisque_svr as svr
-from ._eager import eager
-from ._graph import triton_op_runs
-from .brisque_library import OP, brisque_impl, check_images, degenerate_to_worst, fused_brisque
+from .._eager import eager
+from .._graph import triton_op_runs
+from . import svr
+from .library import OP, brisque_impl, check_images, degenerate_to_worst, fused_brisque
 
 SUPPORTED = ("reference", "torch", "cpp", "triton")
 
@@ -31,7 +31,7 @@ def brisque_op(images: torch.Tensor, features: bool) -> torch.Tensor:
     if backend != "reference" and eager(images):  # the operator's body without custom-op dispatch
         return brisque_impl(images, features, backend)
     if triton_op_runs(backend):  # the Triton kernel visible to torch.compile
-        from .brisque_triton_library import triton_brisque
+        from .triton_library import triton_brisque
         return triton_brisque(images, features)
     if backend != "reference":
         return fused_brisque(images, features, backend)

@@ -17,7 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._graph import graph_constant, real_tensors
+from .._graph import graph_constant, real_tensors
 
 LUMA = (0.2125, 0.7154, 0.0721)  # skimage.color.rgb2gray
 C_MSCN = 1.0 / 255.0

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ._graph import graph_constant, real_tensors
+from .._graph import graph_constant, real_tensors
 
 NU_LO, NU_HI = 1e-3, 1e3
 _TABLE = 4096

@@ -13,9 +13,9 @@ Gradient conventions at the target: ``exact`` differentiates the margin function
 insightface arcface_torch). θ comes from a clamped cosine so cos = ±1 never gives NaN, and norms
 are ε-safe (``F.normalize``), so a zero embedding gives a finite loss.
 
-Imports only torch and the shared names and constants (``petal_fast.definitions.margin``);
+Imports only torch and the shared names and constants (``petal_fast.definitions.margin_loss``);
 every function works in float64. The fused path has its own implementation
-(``petal_fast.margin_math``): nothing here is called by production code but the ``reference``
+(``petal_fast.ops.margin_loss.per_row``): nothing here is called by production code but the ``reference``
 backend of the op dispatcher.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from petal_fast.definitions.margin import (ACOS_EPS, ADAFACE_EPS, ADAFACE_H, ADAFACE_MOMENTUM, DEFAULT_MARGINS,
+from petal_fast.definitions.margin_loss import (ACOS_EPS, ADAFACE_EPS, ADAFACE_H, ADAFACE_MOMENTUM, DEFAULT_MARGINS,
                                           GRADS, LOSSES, NORM_EPS, REDUCTIONS, resolve_margins)
 
 __all__ = ["ACOS_EPS", "ADAFACE_EPS", "ADAFACE_H", "ADAFACE_MOMENTUM", "DEFAULT_MARGINS", "GRADS", "LOSSES",
-           "NORM_EPS", "REDUCTIONS", "adaface_update", "adaface_zhat", "margin_softmax_loss", "reduce",
+           "NORM_EPS", "REDUCTIONS", "adaface_update", "adaface_zhat", "margin_loss", "reduce",
            "resolve_margins", "smoothed_ce", "target_logit"]
 
 
@@ -91,7 +91,7 @@ def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def margin_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         loss: str = "cosface", margins: tuple[float, ...] | None = None, scale: float = 64.0,
                         grad: str = "exact", label_smoothing: float = 0.0, reduction: str = "mean",
                         norm_mean: torch.Tensor | float = 20.0, norm_std: torch.Tensor | float = 100.0,

@@ -5,7 +5,7 @@
                                              need_x, need_alpha, need_weight, need_bias)
         -> (dX | empty, dA, dB, dα | empty, dW | empty, db | empty)
 
-Same formulas, outputs and rules as ``petal_fast::fused_petal_linear`` (``petal_linear_library``:
+Same formulas, outputs and rules as ``petal_fast::fused_petal_linear`` (:mod:`.library`:
 empty batch, dα, dW, double backward). The difference is what a compiler sees. These bodies are made
 only of torch operations and kernel launches through ``torch.library.wrap_triton``, with no value
 read on the host (the dropout seed is a device tensor that the kernels hash themselves). So under
@@ -18,7 +18,7 @@ Under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU tests) a kernel is
 function. ``wrap_triton`` hands it back unwrapped, and it cannot run on fake tensors. Eager calls
 run it. Fake-tensor calls (shape propagation, ``opcheck``) skip the launch, which only writes
 outputs the body allocated. A graph compiled under the interpreter uses the opaque
-``fused_petal_linear`` instead (``ops/petal_linear.py`` chooses).
+``fused_petal_linear`` instead (:mod:`.dispatch` chooses).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from typing import Optional
 from torch import Tensor
 from torch.library import triton_op
 
-from ._graph import launchable as _launchable
-from .petal_linear_library import backward_impl, forward_impl, register_petal_autograd
+from .._graph import launchable as _launchable
+from .library import backward_impl, forward_impl, register_petal_linear_autograd
 
 NAME = "petal_fast::triton_petal_linear"
 
@@ -50,4 +50,4 @@ def triton_petal_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: 
                          need_weight, need_bias, "triton", wrap=_launchable)
 
 
-register_petal_autograd(triton_petal_linear, triton_petal_linear_backward)
+register_petal_linear_autograd(triton_petal_linear, triton_petal_linear_backward)

@@ -11,9 +11,9 @@ import torch.multiprocessing as mp
 
 import petal_fast
 from petal_fast import _ext
-from petal_fast.nn.margin_sharded import ShardedMarginSoftmaxLoss, shard_range
+from petal_fast.nn.margin_loss_sharded import ShardedMarginSoftmaxLoss, shard_range
 from petal_fast.ops.margin_loss import partial_fc_sample
-from petal_fast.reference import margin as ref
+from petal_fast.reference import margin_loss as ref
 
 from conftest import rel_err
 
@@ -81,7 +81,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
                 mean, std = ref.adaface_update(e64.detach().norm(dim=1), torch.tensor(20.0, dtype=torch.float64),
                                                torch.tensor(100.0, dtype=torch.float64))
                 kw = {"norm_mean": mean, "norm_std": std}
-            exp = ref.margin_softmax_loss(e64, w64, labels, loss, grad=grad, label_smoothing=ls, **kw)
+            exp = ref.margin_loss(e64, w64, labels, loss, grad=grad, label_smoothing=ls, **kw)
             exp.backward()
             for r in range(WORLD):
                 out, de, dw, stats = res[r][(backend, loss)]
@@ -97,7 +97,7 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     table = torch.full((C,), -1)
     table[kept] = torch.arange(kept.numel())
     e64, w64 = e.double().requires_grad_(), w.double()[kept].requires_grad_()
-    exp = ref.margin_softmax_loss(e64, w64, table[labels], "arcface", label_smoothing=0.1)
+    exp = ref.margin_loss(e64, w64, table[labels], "arcface", label_smoothing=0.1)
     exp.backward()
     offset = 0
     for r in range(WORLD):

@@ -1,7 +1,7 @@
 """Margin-softmax loss names, default margins and the constants of the formulas (docs/design.md §1.3).
 
-Shared by the fused path (``petal_fast.margin_math``, ``petal_fast.ops.margin_loss``), the modules
-and the oracle (``petal_fast.reference.margin``); the formulas themselves are written separately
+Shared by the fused path (``petal_fast.ops.margin_loss.per_row``, ``petal_fast.ops.margin_loss``), the modules
+and the oracle (``petal_fast.reference.margin_loss``); the formulas themselves are written separately
 in each. :func:`resolve_margins` is the one parser of the ``margins`` argument.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     y = x Wᵀ + b + s·(1 − α_i)·D₁(x A_lrᵀ B_lrᵀ) + s·α_i·D₂(x A_hrᵀ B_hrᵀ)
 
-Computed in the split-fused form (``petal_linear_library``): U = x A_catᵀ (M × 2r), the expand
+Computed in the split-fused form (:mod:`.library`): U = x A_catᵀ (M × 2r), the expand
 ``(c ⊙ U) B_catᵀ`` in the base GEMM's accumulator, c = [s(1−α), sα] per row. Saved for backward: x, U,
 α and the dropout seed — never an M × out tensor; masks are regenerated from (seed, stream).
 
@@ -28,9 +28,10 @@ import torch
 from petal_fast.backend import resolve
 from petal_fast.reference import petal_linear as reference_petal_linear
 
-from ._graph import compiling, no_functorch, seed_tensor, triton_op_runs, unused_seed, value_check
-from . import _petal_linear_torch as torch_impl
-from .petal_linear_library import OP, EagerPetalLinear, forward_impl, fused_petal_linear
+from .._graph import compiling, no_functorch, seed_tensor, triton_op_runs, unused_seed, value_check
+from .library import OP, EagerPetalLinear, forward_impl, fused_petal_linear
+from .torch_impl import branch_coefficients, concat, row_scale
+
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, alpha: torch.Tensor | None, dropout: float, scale: float) -> None:
@@ -107,11 +108,11 @@ def _version(t: torch.Tensor) -> int | None:
 def _composition(x, weight, bias, lora_A, lora_B, alpha, scale):
     """Inference as ATen operations (what ``torch.export`` records): y = x Wᵀ + b + (c ⊙ x A_catᵀ) B_catᵀ."""
     branches = lora_A.shape[0]
-    coef = torch_impl.branch_coefficients(alpha, branches, scale, x.dtype, x.device)
-    a_cat, b_cat = torch_impl.concat(lora_A, lora_B)
+    coef = branch_coefficients(alpha, branches, scale, x.dtype, x.device)
+    a_cat, b_cat = concat(lora_A, lora_B)
     u = x @ a_cat.T
     y = torch.nn.functional.linear(x, weight, bias)
-    return y + torch_impl.row_scale(u, coef) @ b_cat.T
+    return y + row_scale(u, coef) @ b_cat.T
 
 
 def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -149,7 +150,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the op is opaque to autocast: cast as F.linear would
         dtype = torch.get_autocast_dtype(x.device.type)
-    if x2.dtype != dtype:  # (each skipped no-op call below saves ~1 µs of a ~100 µs host budget)
+    if x2.dtype != dtype:  # (no-op calls skipped: the host path is part of the cost, §3.5)
         x2 = x2.to(dtype)
     if not x2.is_contiguous():  # the one explicit copy of a non-contiguous input
         x2 = x2.contiguous()
@@ -174,7 +175,7 @@ def petal_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _cast(tensors, dtype):
-    """Each tensor in ``dtype`` (None stays None; ``.to`` of a tensor already there costs ~1.5 µs)."""
+    """Each tensor in ``dtype`` (None stays None; no ``.to`` call for a tensor already there: it costs host time)."""
     if all(t is None or t.dtype == dtype for t in tensors):
         return tensors
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
@@ -182,5 +183,5 @@ def _cast(tensors, dtype):
 
 def _triton_op():
     """The triton_op module, imported on first use (it imports torch.library's Triton support)."""
-    from . import petal_linear_triton_library
-    return petal_linear_triton_library
+    from . import triton_library
+    return triton_library

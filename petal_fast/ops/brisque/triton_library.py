@@ -2,7 +2,7 @@
 
     petal_fast::triton_brisque(images, features) -> (B,) scores | (B, 36) features, float64
 
-The body of ``petal_fast::fused_brisque`` (``brisque_library``: luminance, half-size resize, the
+The body of ``petal_fast::fused_brisque`` (:mod:`.library`: luminance, half-size resize, the
 fused MSCN-moments kernel per scale, AGGD fits, SVR), with the kernel launched through
 ``wrap_triton``: under torch.compile Inductor schedules the moments kernel and fuses the torch
 stages around it. Two things a compiled graph cannot do without reading values on the host: the
@@ -15,8 +15,8 @@ from __future__ import annotations
 from torch import Tensor
 from torch.library import triton_op
 
-from ._graph import launchable
-from .brisque_library import brisque_impl
+from .._graph import launchable
+from .library import brisque_impl
 
 NAME = "petal_fast::triton_brisque"
 

@@ -26,12 +26,13 @@ import torch
 import torch.distributed as dist
 
 from petal_fast.backend import resolve
-from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_MOMENTUM
-from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
+from petal_fast.definitions.margin_loss import ADAFACE_H, ADAFACE_MOMENTUM
 from petal_fast.ops._graph import no_functorch
-from petal_fast.ops.margin_loss import OP, check_reduction, check_tensors, fused_core, partial_fc_count, partial_fc_sample
+from petal_fast.ops.margin_loss import (OP, check_reduction, check_tensors, margin_loss_core, partial_fc_count,
+                                        partial_fc_sample)
+from petal_fast.ops.margin_loss.per_row import adaface_zhat, combine, reduce, target_logit
 
-from .margin_head import MarginHead
+from .margin_loss import MarginLossHead
 
 
 class _AllGather(torch.autograd.Function):
@@ -74,7 +75,7 @@ def shard_range(num_classes: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-class ShardedMarginSoftmaxLoss(MarginHead):
+class ShardedMarginSoftmaxLoss(MarginLossHead):
     """MarginSoftmaxLoss with the class centres split over the ranks of ``process_group``.
 
     ``weight`` is this rank's shard (C_r×D); ``forward(embeddings, labels)`` takes this rank's
@@ -126,7 +127,7 @@ class ShardedMarginSoftmaxLoss(MarginHead):
             weight = weight.index_select(0, index)
             classes = sum(partial_fc_count(e - s, labels_all.shape[0], self.sample_rate)
                           for s, e in (shard_range(self.num_classes, self.world, r) for r in range(self.world)))
-        lse_r, zsum_r, cos_r = fused_core(e_all, weight, torch.where(owned, local, -1), self.scale, backend)
+        lse_r, zsum_r, cos_r = margin_loss_core(e_all, weight, torch.where(owned, local, -1), self.scale, backend)
         cos_t = _AllReduceSum.apply(cos_r, self.group)  # each row's target cosine, from its owner
         zhat = stats = None
         if self.loss == "adaface":

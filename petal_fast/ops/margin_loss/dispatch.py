@@ -1,24 +1,22 @@
-"""Fused margin-softmax loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor.
+"""The margin loss (CosFace, ArcFace, combined, AdaFace) that never holds a B×C tensor: :func:`margin_loss`.
 
 docs/design.md §1.3. With z_ij = s·cos θ_ij and t_i = s·f(cos θ_iy) the margined target
-logit (``petal_fast.margin_math.target_logit``), the loss is split as
+logit (``petal_fast.ops.margin_loss.per_row.target_logit``), the loss is split as
 
     lse_i  = log( exp t_i + Σ_{j≠y_i} exp z_ij ),     zsum_i = t_i + Σ_{j≠y_i} z_ij
     loss_i = lse_i − (1 − ε)·t_i − (ε/C)·zsum_i       (ε: label smoothing)
 
 The two sums over j ≠ y_i and the target cosine cos θ_iy = ⟨ê_i, ŵ_{y_i}⟩ are the fused core
-(the ``petal_fast::fused_margin_core`` operator: online log-sum-exp over class tiles forward, tiles recomputed backward,
+(the ``petal_fast::fused_margin_loss`` operator: online log-sum-exp over class tiles forward, tiles recomputed backward,
 on the torch / cpp / triton backends; the target rows' gradient is added into dW in place). The
 rest is B-long torch differentiated by autograd: the margin function with the chosen gradient
 convention (``exact`` or ``straight_through``) and the final combination. Everything
 accumulates in fp32 (fp64 for fp64 inputs).
 
-Why recompute in backward rather than produce dE, dW in the forward: the gradient of a tile needs
-the row's final log-sum-exp, so a class-chunked forward cannot emit dW in the same pass; the only
-direct form is row blocks × all C classes (3 GEMM passes instead of 4, but a b×C tile: 100 MB at
-b = 256, C = 100k, 12% of the materialised peak). Measured on the 2-core CPU (B = 256, C = 100k,
-D = 512, fwd+bwd): row-block direct 5.5 s vs class-chunked C++ 4.9 s. Recompute also keeps
-``reduction="none"`` and arbitrary upstream gradients exact, and holds nothing between the passes.
+Backward recomputes the class tiles: the gradient of a tile needs the row's final log-sum-exp, so
+a class-chunked forward cannot emit dW in the same pass (the comparison with a row-block direct
+form: docs/notes.md). Recompute keeps ``reduction="none"`` and arbitrary upstream gradients exact,
+and holds nothing between the passes.
 
 Partial FC (``sample_rate < 1``): each call keeps every positive class plus a uniform sample of the
 negatives, k = min(C, max(⌈sample_rate·C⌉, B)) classes in all (:func:`partial_fc_sample`); the loss is
@@ -32,16 +30,17 @@ import math
 import torch
 
 from petal_fast.backend import resolve
-from petal_fast.definitions.margin import ADAFACE_H, GRADS, REDUCTIONS, resolve_margins
-from petal_fast.margin_math import adaface_zhat, combine, reduce, target_logit
-from petal_fast.reference import margin as reference_margin  # the user-selectable `reference` backend
+from petal_fast.definitions.margin_loss import ADAFACE_H, GRADS, REDUCTIONS, resolve_margins
+from petal_fast.reference import margin_loss as reference_margin_loss  # the user-selectable `reference` backend
 
-from ._eager import eager
-from ._graph import compiling, functorch_active, no_functorch, triton_op_runs, value_check
-from .margin_loss_library import NORM_EPS, OP, EagerCore, fused_margin_core  # noqa: F401  (NORM_EPS re-exported)
+from .._eager import eager
+from .._graph import compiling, functorch_active, no_functorch, triton_op_runs, value_check
+from .library import OP, EagerMarginLoss, fused_margin_loss
+from .partial_fc import partial_fc_sample
+from .per_row import adaface_zhat, combine, reduce, target_logit
 
 
-def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
+def margin_loss_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: float,
                backend: str, validate: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse over non-targets, logit sum over non-targets, target cosine) on contiguous inputs. Eagerly the
     operator bodies run directly (``ops/_eager.py``); traced, the Triton backend runs through its
@@ -55,11 +54,11 @@ def fused_core(e: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, scale: fl
         e, w = e.to(dtype), w.to(dtype)
     args = (e.contiguous(), w.contiguous(), labels.long().contiguous(), float(scale))
     if eager(*args[:3]):  # the same bodies without custom-op dispatch (values were checked before)
-        return EagerCore.apply(*args, backend)
+        return EagerMarginLoss.apply(*args, backend)
     if triton_op_runs(backend):
-        from .margin_loss_triton_library import triton_margin_core
-        return triton_margin_core(*args, validate)
-    return fused_margin_core(*args, backend, validate)
+        from .triton_library import triton_margin_loss
+        return triton_margin_loss(*args, validate)
+    return fused_margin_loss(*args, backend, validate)
 
 
 def check_tensors(embeddings, weight, labels, num_classes: int | None = None) -> None:
@@ -69,7 +68,7 @@ def check_tensors(embeddings, weight, labels, num_classes: int | None = None) ->
     Types and shapes are plain Python errors (sizes only). The values (labels in range, finite
     embeddings): a ``ValueError`` with the offending range on CPU tensors (already on the host);
     on CUDA a device-side assert (``value_check``: no host sync); in a traced graph inside the
-    operator (``fused_core(validate=True)``).
+    operator (``margin_loss_core(validate=True)``).
     """
     if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
         raise TypeError(f"embeddings must be a floating-point tensor, got {getattr(embeddings, 'dtype', type(embeddings))}")
@@ -132,54 +131,14 @@ def check_reduction(reduction: str) -> None:
 def check_inputs(embeddings, weight, labels, scale: float = 64.0, label_smoothing: float = 0.0,
                  sample_rate: float = 1.0, grad: str = "exact", num_classes: int | None = None,
                  reduction: str = "mean") -> None:
-    """Everything :func:`margin_softmax_loss` checks: the tensors, then the settings (eager only:
+    """Everything :func:`margin_loss` checks: the tensors, then the settings (eager only:
     ``torch.compile(dynamic=True)`` may trace the numbers as symbolic floats)."""
     check_tensors(embeddings, weight, labels, num_classes)
     if not compiling():
         check_settings(scale, label_smoothing, sample_rate, grad, reduction)
 
 
-def partial_fc_count(num_classes: int, batch: int, sample_rate: float) -> int:
-    """k = min(C, max(⌈sample_rate·C⌉, B)): how many classes one Partial FC call keeps.
-
-    A function of sizes only (a symbolic int under ``torch.compile(dynamic=True)``), and at least the
-    batch size, so every positive fits whatever the labels are."""
-    return torch.sym_min(num_classes, torch.sym_max(math.ceil(sample_rate * num_classes), batch))
-
-
-def partial_fc_sample(labels: torch.Tensor, num_classes: int, sample_rate: float,
-                      generator: torch.Generator | None = None,
-                      owned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept class ids, sorted; labels re-indexed into them): every positive plus uniform random
-    negatives, k = :func:`partial_fc_count` classes in all (Partial FC).
-
-    score_j ~ U[0, 1) for every class, score_y = 2 for the positives, keep the top k: the positives
-    always, and the k − #positives negatives a uniform sample without replacement (as insightface's
-    PartialFC_V2). Labels map into the kept set through a lookup table. No step depends on the
-    labels' values for a shape, so the whole draw stays in a compiled graph. ``owned`` (a class shard):
-    only the labels where it is true are positives of these classes; the others map to 0 (mask them).
-
-    Where it differs from insightface: there k = max(#positives, ⌊sample_rate·C⌋), which depends on
-    how many distinct labels the batch holds (a data-dependent size); here k = max(⌈sample_rate·C⌉, B)
-    (capped at C). Whenever the batch fits in the sample (B ≤ ⌈sample_rate·C⌉, the usual case: C is
-    large) the two agree up to the rounding; with B > ⌈sample_rate·C⌉ this keeps B classes, i.e.
-    B − #positives negatives where insightface keeps none beyond the positives.
-    """
-    labels = labels.long()
-    keep = partial_fc_count(num_classes, labels.shape[0], sample_rate)
-    if owned is not None:  # other shards' positives: parked on an extra slot C, never kept
-        labels = torch.where(owned, labels, num_classes)
-    # rand's generator overload takes concrete sizes only: without a generator, C may be symbolic
-    gen = {} if generator is None else {"generator": generator}
-    score = torch.rand(num_classes, device=labels.device, **gen)
-    score = torch.cat([score, score.new_zeros(1)]).index_fill(0, labels, 2.0)[:num_classes]  # positives first
-    index = score.topk(keep, sorted=False).indices.sort().values  # sorted: the set, in class order
-    table = torch.zeros(num_classes + 1, dtype=torch.long, device=labels.device)
-    table = table.index_copy(0, index, torch.arange(index.shape[0], device=labels.device))
-    return index, table[labels]
-
-
-def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def margin_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         loss: str = "cosface", margins: tuple[float, ...] | None = None, scale: float = 64.0,
                         grad: str = "exact", label_smoothing: float = 0.0, reduction: str = "mean",
                         norm_mean: torch.Tensor | float = 20.0, norm_std: torch.Tensor | float = 100.0,
@@ -193,18 +152,18 @@ def margin_softmax_loss(embeddings: torch.Tensor, weight: torch.Tensor, labels: 
     fp32 and give an fp32 loss.
     """
     check_inputs(embeddings, weight, labels, scale, label_smoothing, sample_rate, grad, reduction=reduction)
-    return margin_softmax_loss_unchecked(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
+    return margin_loss_unchecked(embeddings, weight, labels, loss, margins, scale, grad, label_smoothing,
                                          reduction, norm_mean, norm_std, h, sample_rate, generator)
 
 
-def margin_softmax_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+def margin_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                   loss: str = "cosface", margins: tuple[float, ...] | None = None,
                                   scale: float = 64.0, grad: str = "exact", label_smoothing: float = 0.0,
                                   reduction: str = "mean", norm_mean: torch.Tensor | float = 20.0,
                                   norm_std: torch.Tensor | float = 100.0, h: float = ADAFACE_H,
                                   sample_rate: float = 1.0,
                                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """:func:`margin_softmax_loss` on inputs that already passed :func:`check_inputs` (a head that
+    """:func:`margin_loss` on inputs that already passed :func:`check_inputs` (a head that
     checked them itself, so that one step checks once)."""
     margins = resolve_margins(loss, margins)
     labels = labels.long()
@@ -213,11 +172,11 @@ def margin_softmax_loss_unchecked(embeddings: torch.Tensor, weight: torch.Tensor
         weight = weight.index_select(0, index)
     backend = resolve(embeddings.device, OP)
     if backend != "reference":
-        no_functorch("margin_softmax_loss")
+        no_functorch("margin_loss")
     if backend == "reference":
-        return reference_margin.margin_softmax_loss(embeddings, weight, labels, loss, margins, scale, grad,
+        return reference_margin_loss.margin_loss(embeddings, weight, labels, loss, margins, scale, grad,
                                                     label_smoothing, reduction, norm_mean, norm_std, h)
-    lse_nt, zsum_nt, cos_t = fused_core(embeddings, weight, labels, scale, backend, validate=compiling())
+    lse_nt, zsum_nt, cos_t = margin_loss_core(embeddings, weight, labels, scale, backend, validate=compiling())
     zhat = None
     if loss == "adaface":
         zhat = adaface_zhat(embeddings.detach().to(cos_t.dtype).norm(dim=1), norm_mean, norm_std, h)

@@ -1,15 +1,15 @@
-"""What the two margin-softmax heads share: their settings, class centres and AdaFace state.
+"""The margin-loss heads' modules: :class:`MarginSoftmaxLoss` (all classes on one process) and
+:class:`MarginLossHead`, what it shares with ``ShardedMarginSoftmaxLoss`` (``nn/margin_loss_sharded.py``).
 
-:class:`~petal_fast.nn.margin.MarginSoftmaxLoss` (all classes on one process) and
-:class:`~petal_fast.nn.margin_sharded.ShardedMarginSoftmaxLoss` (a shard per rank) differ only in
-how ``forward`` reaches the fused core. Both check their settings once, here, at construction
-(the per-call tensors are checked by the op, ``petal_fast.ops.margin_loss.check_tensors``), and
-both keep AdaFace's moving averages of the embedding norms the same way:
+A head owns the class centres ``weight`` (C×D) and, for AdaFace, the moving averages of the embedding
+norms, μ (``norm_mean``) and σ (``norm_std``):
 
     μ ← (1 − momentum)·μ + momentum·mean(‖e‖),   σ ← (1 − momentum)·σ + momentum·std(‖e‖)
 
-updated from the batch before the loss uses them (training mode only), and written into the
-buffers only once the loss has been computed, so a step that raises leaves them untouched.
+updated from the batch before the loss uses them (training mode only), and written into the buffers
+only once the loss has been computed, so a step that raises leaves them untouched. Settings are
+checked once, at construction; the per-call tensors by the op (``petal_fast.ops.margin_loss``), which
+never materialises the B×C logits (docs/design.md §1.3).
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import math
 import torch
 from torch import nn
 
-from petal_fast.definitions.margin import ADAFACE_H, ADAFACE_INIT, ADAFACE_MOMENTUM, resolve_margins
-from petal_fast.margin_math import adaface_update
-from petal_fast.ops.margin_loss import check_settings
+from petal_fast.definitions.margin_loss import ADAFACE_H, ADAFACE_INIT, ADAFACE_MOMENTUM, resolve_margins
+from petal_fast.ops.margin_loss import check_reduction, check_settings, check_tensors, margin_loss_unchecked
+from petal_fast.ops.margin_loss.per_row import adaface_update
 
 
-class MarginHead(nn.Module):
+class MarginLossHead(nn.Module):
     """Base of the margin heads: validated settings, ``weight`` (rows×D) and, for AdaFace, the
     buffers ``norm_mean`` μ and ``norm_std`` σ.
 
@@ -76,3 +76,35 @@ class MarginHead(nn.Module):
         if stats is not None and self.training:
             self.norm_mean.copy_(stats[0])
             self.norm_std.copy_(stats[1])
+
+
+class MarginSoftmaxLoss(MarginLossHead):
+    """Margin-softmax classification head.
+
+    loss: ``cosface`` (m3 = 0.4), ``arcface`` (m2 = 0.5), ``combined`` (``margins=(m1, m2, m3)``:
+    s·(cos(m1·θ + m2) − m3)), ``adaface`` (``margins=(m,)``, m = 0.4, h = 0.333).
+    grad: ``exact`` (true derivative of the margin) or ``straight_through`` (margin without
+    gradient, as insightface arcface_torch). sample_rate < 1: Partial FC negative sampling, every
+    positive plus uniform negatives, min(C, max(⌈sample_rate·C⌉, B)) classes per call
+    (``petal_fast.ops.margin_loss.partial_fc_sample``; compiles with ``fullgraph=True``).
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, loss: str = "cosface",
+                 margins: tuple[float, ...] | None = None, scale: float = 64.0, grad: str = "exact",
+                 label_smoothing: float = 0.0, sample_rate: float = 1.0, h: float = ADAFACE_H,
+                 momentum: float = ADAFACE_MOMENTUM, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(embedding_dim, num_classes, None, loss, margins, scale, grad, label_smoothing, sample_rate,
+                         h, momentum, device, dtype)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        # the op's checks, once: the tensors every call, of the settings only the per-call reduction
+        check_tensors(embeddings, self.weight, labels)
+        check_reduction(reduction)
+        stats = self.adaface_stats(embeddings.detach().float().norm(dim=1)) if self.loss == "adaface" else None
+        mean, std = stats if stats is not None else ADAFACE_INIT
+        out = margin_loss_unchecked(embeddings, self.weight, labels, self.loss, self.margins, self.scale,
+                                            self.grad, self.label_smoothing, reduction, mean, std, self.h,
+                                            self.sample_rate)
+        self.commit_adaface(stats)
+        return out

@@ -19,9 +19,9 @@ device: no host synchronisation) and ``stream`` the layer's stream (petal_fast.d
 Two routes run the same bodies (``forward_impl`` / ``backward_impl``):
 
 - eager calls go through :class:`EagerPetalLinear`, a plain ``torch.autograd.Function``: no
-  dispatcher, no schema parsing (the custom-op route costs hundreds of µs of host time per call);
+  dispatcher, no schema parsing (host time the custom-op route spends on every call);
 - ``torch.compile`` / ``torch.export`` see the operators (this module's opaque pair, or the Triton
-  ``triton_op`` pair in ``petal_linear_triton_library``), with fake implementations and registered
+  ``triton_op`` pair in :mod:`.triton_library`), with fake implementations and registered
   autograd.
 
 Saved for backward: x, W, A, B, α, U and the seed — never an M × out tensor. W and b get gradients
@@ -29,42 +29,23 @@ only when they require them (dW = dyᵀx and db by torch on every backend). Doub
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from petal_fast import _ext
-from petal_fast.backend import implementation
-from petal_fast.definitions.dropout import dropout_mask, stream_seed
+from petal_fast.definitions.dropout import dropout_mask
 
-from . import _petal_linear_torch as torch_impl
-from ._graph import has_values, value_check, wrap_kwargs
+from .._graph import value_check, wrap_kwargs
+from .backends import host_seed, implementation
 
 OP = "petal_linear"
 NAME = "petal_fast::fused_petal_linear"
 
 
-def _impl(backend: str):
-    return implementation(backend, OP, torch_impl)
-
-
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
-
-
-def host_seed(seed: Tensor, stream: int) -> int | Tensor:
-    """The layer's seed as the CPU backends take it: an int read on the host for a real CPU tensor (no
-    device to wait for), a tensor otherwise (the torch composition hashes it where it is)."""
-    if seed.device.type == "cpu" and has_values(seed):
-        return stream_seed(int(seed.reshape(-1)[0]), stream)
-    return stream_seed(seed, stream)  # hashed as a tensor: on the device, or traced (fake: no value)
-
-
-def _triton():
-    """The Triton launchers (kernels/petal_linear.py), imported when the Triton backend first runs."""
-    return importlib.import_module("petal_fast.kernels.petal_linear")
 
 
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -76,14 +57,9 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     branches, r = lora_A.shape[:2]
     if x.shape[0] == 0:  # no kernel is launched on an empty batch
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, branches * r))
-    x = x.contiguous()  # the kernels take x row-major (a no-op for what the dispatcher passes)
-    if backend == "triton":
-        return _triton().forward(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream,
-                                 **wrap_kwargs(wrap))
-    fwd, _ = _impl(backend)
-    s = host_seed(seed, stream) if p > 0.0 else 0
-    return fwd(x, weight.contiguous(), None if bias is None else bias.contiguous(), lora_A, lora_B, alpha,
-               float(scale), float(p), s)
+    forward, _ = implementation(backend)
+    # the backends take x row-major (a no-op for what the dispatcher passes)
+    return forward(x.contiguous(), weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, **wrap_kwargs(wrap))
 
 
 def alpha_grad(dy: Tensor, u: Tensor, lora_B: Tensor, alpha: Tensor, scale: float, p: float, seed: Tensor,
@@ -113,13 +89,8 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
         return (x.new_empty(x.shape) if need_x else _empty(x), torch.zeros_like(lora_A),
                 torch.zeros_like(lora_B), torch.zeros_like(alpha) if need_alpha else _empty(x), dw, dbias)
     dy, x, u = dy.contiguous(), x.contiguous(), u.contiguous()
-    if backend == "triton":
-        dx, da, db = _triton().backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x,
-                                        **wrap_kwargs(wrap))
-    else:
-        _, bwd = _impl(backend)
-        s = host_seed(seed, stream) if p > 0.0 else 0
-        dx, da, db = bwd(dy, x, weight.contiguous(), lora_A, lora_B, alpha, float(scale), u, float(p), s, need_x)
+    _, backward = implementation(backend)
+    dx, da, db = backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, **wrap_kwargs(wrap))
     dalpha = alpha_grad(dy, u, lora_B, alpha, scale, p, seed, stream) if need_alpha else _empty(x)
     return (dx if need_x else _empty(x)), da, db, dalpha, dw, dbias
 
@@ -201,7 +172,7 @@ def fake_backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, strea
 fused_petal_linear_backward.register_fake(fake_backward)
 
 
-def register_petal_autograd(forward_op, backward_op) -> None:
+def register_petal_linear_autograd(forward_op, backward_op) -> None:
     """Make ``backward_op`` the gradient of ``forward_op`` (this module's operator pair, or the Triton
     one): forward inputs (x, W, b, A, B, α, s, p, seed, stream, *extra, validate), backward inputs
     (dy, x, W, A, B, α, U, s, p, seed, stream, need_x, need_alpha, need_weight, need_bias, *extra)."""
@@ -232,7 +203,7 @@ def _no_double_backward(ctx, *grads):
         "(petal_fast.use_backend('reference')) for higher-order gradients.")
 
 
-register_petal_autograd(fused_petal_linear, fused_petal_linear_backward)
+register_petal_linear_autograd(fused_petal_linear, fused_petal_linear_backward)
 
 
 # -- the raw C++ kernels: fake implementations so they trace when called directly -----------------------

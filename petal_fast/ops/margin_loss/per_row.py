@@ -3,14 +3,14 @@
 The fused core (``petal_fast.ops.margin_loss``) reduces the B×C logits to three numbers per row:
 the non-target log-sum-exp, the non-target logit sum and the target cosine cos θ_iy. What is left
 is B-long and differentiated by autograd; it lives here so that the unsharded op and the
-class-sharded head (``petal_fast.nn.margin_sharded``) run one implementation:
+class-sharded head (``petal_fast.nn.margin_loss_sharded``) run one implementation:
 
     target logit  t_i = s·(cos(m1·θ + m2) − m3)                      cosface / arcface / combined
                   t_i = s·(cos(clip(θ − m·ẑ_i, ε, π−ε)) − m·(1 + ẑ_i))  adaface
     AdaFace ẑ     ẑ_i = clip(h·(‖e_i‖ − μ)/(σ + ε_σ), −1, 1) on detached norms clipped to [0.001, 100]
     per-row loss  lse_i − (1 − ε)·t_i − (ε/C)·zsum_i,  lse_i = logaddexp(lse_nt_i, t_i)
 
-This is production code, written apart from the oracle ``petal_fast.reference.margin`` on purpose:
+This is production code, written apart from the oracle ``petal_fast.reference.margin_loss`` on purpose:
 the tests check both against the textbook formulas, so a slip here cannot be mirrored there.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from petal_fast.definitions.margin import (ACOS_EPS, ADAFACE_EPS, ADAFACE_H, ADAFACE_MOMENTUM, ADAFACE_NORM_CLIP,
+from petal_fast.definitions.margin_loss import (ACOS_EPS, ADAFACE_EPS, ADAFACE_H, ADAFACE_MOMENTUM, ADAFACE_NORM_CLIP,
                                           ADAFACE_STD_EPS, GRADS, REDUCTIONS)
 
 __all__ = ["adaface_update", "adaface_zhat", "combine", "reduce", "smoothed_ce", "target_logit"]

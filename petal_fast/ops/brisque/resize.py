@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._graph import graph_constant, real_tensors
+from .._graph import graph_constant, real_tensors
 
 HALF_CUBIC = (-3.0 / 32.0, 19.0 / 32.0, 19.0 / 32.0, -3.0 / 32.0)
 

@@ -1,8 +1,8 @@
 """The fused margin-softmax core as PyTorch operators (``torch.library``).
 
-    petal_fast::fused_margin_core(e, w, labels, scale, backend, validate) -> (lse, zsum, cos_t)
+    petal_fast::fused_margin_loss(e, w, labels, scale, backend, validate) -> (lse, zsum, cos_t)
         lse_i  = log Σ_{j≠y_i} exp(s·cos θ_ij),   zsum_i = Σ_{j≠y_i} s·cos θ_ij,   cos_t_i = ⟨ê_i, ŵ_{y_i}⟩
-    petal_fast::fused_margin_core_backward(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend)
+    petal_fast::fused_margin_loss_backward(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend)
         -> (dE | empty, dW | empty)
 
 ``backend``: "torch" | "cpp" | "triton" (a constant in a traced graph). ``validate``: check inside
@@ -18,18 +18,14 @@ import torch
 from torch import Tensor
 
 from petal_fast import _ext
-from petal_fast.backend import implementation
-from petal_fast.definitions.margin import NORM_EPS
+from petal_fast.definitions.margin_loss import NORM_EPS
 
-from . import _margin_loss_torch as torch_impl
-from ._graph import value_check, wrap_kwargs
+from .._graph import value_check, wrap_kwargs
+from . import torch_impl
+from .backends import implementation
 
 OP = "margin_loss"
-NAME = "petal_fast::fused_margin_core"
-
-
-def _impl(backend: str):
-    return implementation(backend, OP, torch_impl)
+NAME = "petal_fast::fused_margin_loss"
 
 
 def _target(e: Tensor, w: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -41,7 +37,7 @@ def _target(e: Tensor, w: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tenso
     return owned, rows, e_acc, w_t, torch_impl.inv_norm(e_acc, NORM_EPS), torch_impl.inv_norm(w_t, NORM_EPS)
 
 
-def core_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, validate: bool = False,
+def forward_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, validate: bool = False,
               wrap=None) -> tuple[Tensor, Tensor, Tensor]:
     """The forward operator's body (of the Triton triton_op too, with ``wrap`` = its kernel wrapper)."""
     if validate:
@@ -50,7 +46,7 @@ def core_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, 
     acc = torch_impl.acc_dtype(e.dtype)
     if e.shape[0] == 0:
         return tuple(e.new_empty(0, dtype=acc) for _ in range(3))
-    fwd, _ = _impl(backend)
+    fwd, _ = implementation(backend)
     e, w, labels = e.contiguous(), w.contiguous(), labels.contiguous()  # the kernels take dense row-major inputs
     with torch.autocast(e.device.type, enabled=False):  # the op sets its own precision (fp32 accumulation)
         lse, zsum = fwd(e, w, labels, float(scale), NORM_EPS, **wrap_kwargs(wrap))
@@ -59,13 +55,13 @@ def core_impl(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str, 
     return lse.to(acc), zsum.to(acc), cos_t
 
 
-def core_backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
+def backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
                        g_cos: Tensor, scale: float, need_e: bool, need_w: bool, backend: str,
                        wrap=None) -> tuple[Tensor, Tensor]:
     """The backward operator's body (of the Triton triton_op too, with ``wrap``)."""
     if e.shape[0] == 0:
         return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_zeros(w.shape) if need_w else w.new_empty(0))
-    _, bwd = _impl(backend)
+    _, bwd = implementation(backend)
     e, w, labels, lse, g_lse, g_zsum, g_cos = (t.contiguous() for t in (e, w, labels, lse, g_lse, g_zsum, g_cos))
     with torch.autocast(e.device.type, enabled=False):  # a backward called inside autocast: same precision
         de, dw = bwd(e, w, labels, lse, g_lse, g_zsum, float(scale), NORM_EPS, need_e, need_w,
@@ -78,7 +74,7 @@ def core_backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse:
         if need_w:
             dw_t = torch_impl.normalise_grad(g * e_acc * re.unsqueeze(1), w_t, rw, NORM_EPS)
             # CPU: index_put_ adds in index order on one thread; index_add_ opens a parallel region even for
-            # B rows (≈4 µs against ≈60–120 µs on the 2-core machine). CUDA: index_add_'s atomics
+            # B rows (docs/design.md §3.6). CUDA: index_add_'s atomics
             if dw.device.type == "cpu":
                 dw = dw.index_put_((rows,), dw_t.to(dw.dtype), accumulate=True)
             else:
@@ -87,30 +83,30 @@ def core_backward_impl(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse:
 
 
 @torch.library.custom_op(NAME, mutates_args=())
-def fused_margin_core(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str,
+def fused_margin_loss(e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str,
                       validate: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    return core_impl(e, w, labels, scale, backend, validate)
+    return forward_impl(e, w, labels, scale, backend, validate)
 
 
-@fused_margin_core.register_fake
+@fused_margin_loss.register_fake
 def _(e, w, labels, scale, backend, validate=False):
     acc = torch_impl.acc_dtype(e.dtype)
     return tuple(e.new_empty(e.shape[0], dtype=acc) for _ in range(3))
 
 
 @torch.library.custom_op(NAME + "_backward", mutates_args=())
-def fused_margin_core_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
+def fused_margin_loss_backward(e: Tensor, w: Tensor, labels: Tensor, lse: Tensor, g_lse: Tensor, g_zsum: Tensor,
                                g_cos: Tensor, scale: float, need_e: bool, need_w: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
-    return core_backward_impl(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend)
+    return backward_impl(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend)
 
 
-@fused_margin_core_backward.register_fake
+@fused_margin_loss_backward.register_fake
 def _(e, w, labels, lse, g_lse, g_zsum, g_cos, scale, need_e, need_w, backend):
     return (e.new_empty(e.shape) if need_e else e.new_empty(0)), (w.new_empty(w.shape) if need_w else w.new_empty(0))
 
 
-def register_margin_autograd(forward_op, backward_op) -> None:
+def register_margin_loss_autograd(forward_op, backward_op) -> None:
     """Make ``backward_op`` the gradient of ``forward_op`` (this module's operator pair, or the Triton
     one): forward inputs (e, w, labels, scale, *extra, validate), backward inputs (e, w, labels, lse,
     g_lse, g_zsum, g_cos, scale, need_e, need_w, *extra); saved: e, w, labels and lse (B values)."""
@@ -132,21 +128,21 @@ def register_margin_autograd(forward_op, backward_op) -> None:
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("margin_softmax_loss: double backward is not supported by the fused core; use the "
+    raise RuntimeError("margin_loss: double backward is not supported by the fused core; use the "
                        "reference backend (petal_fast.use_backend('reference')) for higher-order gradients.")
 
 
-register_margin_autograd(fused_margin_core, fused_margin_core_backward)
+register_margin_loss_autograd(fused_margin_loss, fused_margin_loss_backward)
 
 
-class EagerCore(torch.autograd.Function):
+class EagerMarginLoss(torch.autograd.Function):
     """The operator pair above without ``torch.library`` dispatch, for eager calls (``ops/_eager.py``):
     the same bodies, the same saved tensors, the same double-backward error. Any backend, Triton
     included (its kernels launched directly, as a triton_op body does outside a trace)."""
 
     @staticmethod
     def forward(ctx, e: Tensor, w: Tensor, labels: Tensor, scale: float, backend: str):
-        lse, zsum, cos_t = core_impl(e, w, labels, scale, backend)
+        lse, zsum, cos_t = forward_impl(e, w, labels, scale, backend)
         ctx.save_for_backward(e, w, labels, lse)
         ctx.scale, ctx.backend = scale, backend
         return lse, zsum, cos_t
@@ -155,17 +151,17 @@ class EagerCore(torch.autograd.Function):
     def backward(ctx, g_lse, g_zsum, g_cos):
         e, w, labels, lse = ctx.saved_tensors
         need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        de, dw = EagerCoreBackward.apply(e, w, labels, lse, g_lse.contiguous(), g_zsum.contiguous(),
+        de, dw = EagerMarginLossBackward.apply(e, w, labels, lse, g_lse.contiguous(), g_zsum.contiguous(),
                                          g_cos.contiguous(), ctx.scale, need_e, need_w, ctx.backend)
         return (de if need_e else None), (dw if need_w else None), None, None, None
 
 
-class EagerCoreBackward(torch.autograd.Function):
-    """``fused_margin_core_backward`` for :class:`EagerCore`; differentiating it raises, as the operator's does."""
+class EagerMarginLossBackward(torch.autograd.Function):
+    """``fused_margin_loss_backward`` for :class:`EagerMarginLoss`; differentiating it raises, as the operator's does."""
 
     @staticmethod
     def forward(ctx, *args):
-        return core_backward_impl(*args)
+        return backward_impl(*args)
 
     @staticmethod
     def backward(ctx, *grads):

@@ -23,10 +23,10 @@ import torch
 
 import petal_fast
 from petal_fast import _ext
-from petal_fast.definitions.margin import resolve_margins
-from petal_fast.margin_math import adaface_zhat, target_logit
-from petal_fast.nn.margin import MarginSoftmaxLoss
-from petal_fast.ops.margin_loss import margin_softmax_loss
+from petal_fast.definitions.margin_loss import resolve_margins
+from petal_fast.ops.margin_loss.per_row import adaface_zhat, target_logit
+from petal_fast.nn.margin_loss import MarginSoftmaxLoss
+from petal_fast.ops.margin_loss import margin_loss
 
 from conftest import rel_err, triton_interpreter_ok
 
@@ -95,7 +95,7 @@ def grads_of(fn, e: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.
 @pytest.mark.parametrize("grad", ["exact", "straight_through"])
 @pytest.mark.parametrize("loss", list(MARGINS))
 def test_op_is_the_textbook_formula(backend, loss, grad):
-    """petal_fast.ops.margin_softmax_loss: loss, dE and dW equal the textbook formula's."""
+    """petal_fast.ops.margin_loss: loss, dE and dW equal the textbook formula's."""
     e, w, labels = inputs()
     # the Triton kernels compute in float32 (the interpreter has no float64 dot)
     dtype, tol = (torch.float32, 1e-5) if backend == "triton" else (torch.float64, 1e-9)
@@ -104,7 +104,7 @@ def test_op_is_the_textbook_formula(backend, loss, grad):
 
     def op(e, w):
         with petal_fast.use_backend(backend):
-            return margin_softmax_loss(e, w, labels, loss=loss, margins=MARGINS[loss], scale=S, grad=grad, **ada)
+            return margin_loss(e, w, labels, loss=loss, margins=MARGINS[loss], scale=S, grad=grad, **ada)
     got = grads_of(op, e, w)
     want = grads_of(lambda e, w: textbook_loss(e, w, labels, loss, grad), e.double(), w.double())
     for name, a, b in zip(("loss", "dE", "dW"), got, want):
@@ -143,7 +143,7 @@ def test_module_is_the_textbook_formula(backend, loss):
 @pytest.mark.parametrize("grad", ["exact", "straight_through"])
 @pytest.mark.parametrize("loss", list(MARGINS))
 def test_fused_margin_math_is_the_textbook_formula(loss, grad):
-    """``petal_fast.margin_math`` (what the fused paths apply to the target cosines) on its own:
+    """``petal_fast.ops.margin_loss.per_row`` (what the fused paths apply to the target cosines) on its own:
     the target logit and its derivative, and ẑ, equal the textbook's."""
     cos = (torch.rand(64, dtype=torch.float64) * 1.8 - 0.9).requires_grad_()
     norms = 4.0 + 4.0 * torch.rand(64, dtype=torch.float64)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ._graph import graph_constant, real_tensors
+from .._graph import graph_constant, real_tensors
 
 _FILES = ("svm.txt", "normalize.pickle")
 _NUMPY_ALLOWED = {
