@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -92,18 +91,20 @@ Coef coef_of(const Dims& d, const std::optional<Tensor>& alpha, double scale) {
   return {branch_weights<float>(d, alpha, scale), branch_weights<double>(d, alpha, scale)};
 }
 
-// Tuning knobs of the strategies below (for re-tuning on another machine; the defaults are measured).
-// Automatic until set through petal_linear_cpu_tuning: petal_fast.settings, which reads
-// PETAL_FAST_CPU_PATH / PETAL_FAST_CPU_BLOCK_ROWS once with every other setting, sets them when this
-// library loads and whenever they change (petal_fast.cpu_tuning). Never read per call.
-struct CpuTuning {
-  std::atomic<int> path{-1};            // -1 auto (by the size of W), 0 whole matrices, 1 row blocks
-  std::atomic<int64_t> block_rows{0};   // 0 auto, else rows per block
+// Tuning knobs of the strategies below, passed with every call (for re-tuning on another machine;
+// the defaults are measured): path -1 automatic (by the size of W), 0 whole matrices, 1 row blocks;
+// block_rows 0 automatic, else rows per block. The caller reads them from petal_fast's settings (the
+// `cpu_path` / `cpu_block_rows` fields, per thread inside a settings.override block): the library
+// keeps no copy, so two threads may run with different knobs.
+struct Tuning {
+  int64_t path;
+  int64_t block_rows;
 };
 
-CpuTuning& cpu_tuning() {
-  static CpuTuning tuning;  // initialised once, thread-safe (C++11 function-local static)
-  return tuning;
+Tuning tuning_of(int64_t path, int64_t block_rows) {
+  TORCH_CHECK(path >= -1 && path <= 1, "petal_linear: path must be -1 (auto), 0 (whole) or 1 (blocked), got ", path);
+  TORCH_CHECK(block_rows >= 0, "petal_linear: block_rows must be 0 (auto) or >= 1, got ", block_rows);
+  return {path, block_rows};
 }
 
 // Rows per block. A block of the widest operand (~1 MiB) stays in L2 across all the GEMMs that
@@ -111,9 +112,9 @@ CpuTuning& cpu_tuning() {
 // again, so blocks grow to ≥ 256 rows, where the re-read is amortised (64-row blocks at 4096×4096
 // cost 1.4× the base GEMM). A block does at least ~2¹⁸ multiply-adds: a smaller one does not pay for
 // waking another thread, so a small call runs as one block on the calling thread.
-// CpuTuning::block_rows overrides the choice.
-int64_t block_rows(const Dims& d, int64_t elem, bool blocks_read_w) {
-  if (const int64_t fixed = cpu_tuning().block_rows.load()) return fixed;
+// Tuning::block_rows overrides the choice.
+int64_t block_rows(const Dims& d, int64_t elem, bool blocks_read_w, const Tuning& t) {
+  if (t.block_rows) return t.block_rows;
   if (d.M == 0) return 1;  // no rows: no blocks (callers return before using this)
   int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, std::max(d.N, d.K) * elem);
   rows = std::max<int64_t>(16, std::min<int64_t>(512, rows / 16 * 16));
@@ -143,9 +144,9 @@ void for_blocks(int64_t blocks, const F& body) {
 // 1600×1536→4608 blocked 1.41× the frozen base vs 1.05× whole; 25600×384→1152 blocked 1.12× vs 1.18×).
 // With dropout and a large W only the base GEMM (x Wᵀ, dY W) is one whole call; the masked LoRA
 // products still run per row block, so no M × out product or mask is ever materialised.
-// CpuTuning::path overrides the choice.
-bool use_row_blocks(const Dims& d, int64_t elem) {
-  if (const int forced = cpu_tuning().path.load(); forced >= 0) return forced == 1;
+// Tuning::path overrides the choice.
+bool use_row_blocks(const Dims& d, int64_t elem, const Tuning& t) {
+  if (t.path >= 0) return t.path == 1;
   return d.N * d.K * elem <= (int64_t{4} << 20);
 }
 
@@ -237,8 +238,9 @@ void masked(Tensor out, const Tensor& part, int64_t r0, int64_t seed, int64_t br
 std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias,
                                             const Tensor& lora_a, const Tensor& lora_b,
                                             const std::optional<Tensor>& alpha, double scale, double p,
-                                            int64_t seed) {
+                                            int64_t seed, int64_t path, int64_t rows_per_block) {
   const Dims d = dims_of(x, w, lora_a, lora_b, alpha);
+  const Tuning tune = tuning_of(path, rows_per_block);
   Tensor y = at::empty({d.M, d.N}, x.options());
   Tensor u = at::empty({d.M, d.R}, x.options());
   if (d.M == 0) return {y, u};  // empty batch: empty outputs, no GEMM, no block arithmetic
@@ -246,7 +248,7 @@ std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, co
   const Tensor a_cat = a_cat_of(lora_a), b_cat = b_cat_of(lora_b);
   const Tensor wt = w.t(), at_ = a_cat.t(), bt = b_cat.t();
   const auto dt = x.scalar_type();
-  const bool blocked = use_row_blocks(d, x.element_size());
+  const bool blocked = use_row_blocks(d, x.element_size(), tune);
   auto base = [&](Tensor out, const Tensor& in) {  // b + x Wᵀ
     if (bias.has_value()) at::addmm_out(out, *bias, in, wt);
     else at::mm_out(out, in, wt);
@@ -260,7 +262,7 @@ std::tuple<Tensor, Tensor> petal_linear_fwd(const Tensor& x, const Tensor& w, co
       return {y, u};
     }
   }
-  const int64_t rows = block_rows(d, x.element_size(), blocked);
+  const int64_t rows = block_rows(d, x.element_size(), blocked, tune);
   const int64_t blocks = (d.M + rows - 1) / rows;
   for_blocks(blocks, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain kernels, no autograd
@@ -296,8 +298,10 @@ std::tuple<Tensor, Tensor> to_parameter_layout(const Tensor& da, const Tensor& d
 std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const Tensor& x, const Tensor& w,
                                                     const Tensor& lora_a, const Tensor& lora_b,
                                                     const std::optional<Tensor>& alpha, double scale,
-                                                    const Tensor& u, double p, int64_t seed, bool need_x) {
+                                                    const Tensor& u, double p, int64_t seed, bool need_x,
+                                                    int64_t path, int64_t rows_per_block) {
   const Dims d = dims_of(x, w, lora_a, lora_b, alpha);
+  const Tuning tune = tuning_of(path, rows_per_block);
   const Tensor dy = dy_in.contiguous();
   TORCH_CHECK(dy.size(0) == d.M && dy.size(1) == d.N, "petal_linear_bwd: dy must be (M, N)");
   TORCH_CHECK(u.dim() == 2 && u.size(0) == d.M && u.size(1) == d.R && u.is_contiguous(),
@@ -311,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
   const auto acc = fp32 ? x.options() : x.options().dtype(at::kFloat);  // reductions over M in fp32
   const auto acc_t = acc.dtype().toScalarType();
   const Tensor b_acc = b_cat.to(acc_t), a_acc = a_cat.to(acc_t);
-  const bool blocked = use_row_blocks(d, x.element_size());
+  const bool blocked = use_row_blocks(d, x.element_size(), tune);
   if (!blocked && p == 0.0) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Tensor dy_acc = dy.to(acc_t);
@@ -341,7 +345,7 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
       branch_cols.push_back(cols);
       b_branch.push_back(b_acc * cols);
     }
-  const int64_t rows = block_rows(d, x.element_size(), blocked);
+  const int64_t rows = block_rows(d, x.element_size(), blocked, tune);
   const int64_t blocks = (d.M + rows - 1) / rows;
   const int threads = blocks == 1 ? 1 : at::get_num_threads();
   std::vector<Tensor> db_part(threads), da_part(threads);
@@ -394,30 +398,11 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
   return {dx, da_p, db_p};
 }
 
-// Sets the knobs given (path: "auto" | "blocked" | "whole"; block_rows: 0 = auto, n ≥ 1 rows) and
-// returns the settings now in force, so a caller can restore the previous ones.
-std::tuple<std::string, int64_t> petal_linear_cpu_tuning(std::optional<std::string> path,
-                                                         std::optional<int64_t> block_rows) {
-  CpuTuning& t = cpu_tuning();
-  if (path.has_value()) {
-    TORCH_CHECK(*path == "auto" || *path == "blocked" || *path == "whole",
-                "petal_linear_cpu_tuning: path must be 'auto', 'blocked' or 'whole', got '", *path, "'");
-  }
-  if (block_rows.has_value()) {
-    TORCH_CHECK(*block_rows >= 0, "petal_linear_cpu_tuning: block_rows must be 0 (auto) or >= 1, got ", *block_rows);
-  }
-  if (path.has_value()) t.path = *path == "auto" ? -1 : (*path == "blocked" ? 1 : 0);
-  if (block_rows.has_value()) t.block_rows = *block_rows;
-  const int now = t.path.load();
-  return {now < 0 ? "auto" : (now == 1 ? "blocked" : "whole"), t.block_rows.load()};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(petal_fast, m) {
-  m.def("petal_linear_cpu_tuning(str? path=None, int? block_rows=None) -> (str, int)", &petal_linear_cpu_tuning);
-  m.def("petal_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? alpha, float scale, float p, int seed) -> (Tensor, Tensor)");
-  m.def("petal_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? alpha, float scale, Tensor u, float p, int seed, bool need_x) -> (Tensor, Tensor, Tensor)");
+  m.def("petal_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? alpha, float scale, float p, int seed, int path=-1, int block_rows=0) -> (Tensor, Tensor)");
+  m.def("petal_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? alpha, float scale, Tensor u, float p, int seed, bool need_x, int path=-1, int block_rows=0) -> (Tensor, Tensor, Tensor)");
   m.impl("petal_linear_fwd", c10::DispatchKey::CPU, TORCH_FN(petal_linear_fwd));
   m.impl("petal_linear_bwd", c10::DispatchKey::CPU, TORCH_FN(petal_linear_bwd));
 }

@@ -22,14 +22,15 @@ serialises the wgmma pipeline of the flattened loop with the epilogue, C7514/C75
 ``python -m petal_fast.kernels.tune_petal_linear --tune`` measures both on the GPU present, and
 ``--compile-check 90`` compiles every rung without one; docs/design.md records how the entries were chosen.
 
-The design in force is, in order: the innermost ``use_design`` block, the launchers' ``design``
-argument (the ``triton_design`` setting, which the op reads and passes down: ``kernels/`` imports
-nothing of petal_fast but ``definitions``), ``DEFAULT_DESIGN``.
+The design in force is, in order: the calling thread's innermost ``use_design`` block, the launchers'
+``design`` argument (the op passes the design its forward used, or the ``triton_design`` setting:
+``kernels/`` imports nothing of petal_fast but ``definitions``), ``DEFAULT_DESIGN``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Iterator
 
 import torch
@@ -120,31 +121,44 @@ DEFAULT_DESIGN: dict[object, dict[str, str]] = {
     gen: {"fwd": "split", "bwd": "split"} for gen in (8, "default", "interpreter")}
 DEFAULT_DESIGN[9] = {"fwd": "onepass", "bwd": "split"}
 
-_design_override: list[str] = []  # process-wide, not thread-local: backward runs on autograd's threads
+class _Forced(threading.local):
+    """This thread's ``use_design`` blocks, innermost last (a list that always exists: stable guards)."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+
+
+_forced = _Forced()
 
 
 @contextlib.contextmanager
 def use_design(name: str) -> Iterator[None]:
-    """Force the ``"split"`` or ``"onepass"`` kernels inside the block (forward and backward).
-
-    Process-wide (backward may run on another thread); for benchmarks, tests and the tuner. Outside
-    any block the launchers' ``design`` argument (the ``triton_design`` setting) and then
-    ``DEFAULT_DESIGN`` decide.
-    """
+    """Force the ``"split"`` or ``"onepass"`` kernels for the calls this thread makes inside the block
+    (forward and backward: the op keeps the design of a forward for its backward, which autograd may
+    run on another thread); for benchmarks, tests and the tuner. Outside any block the launchers'
+    ``design`` argument (the ``triton_design`` setting) and then ``DEFAULT_DESIGN`` decide."""
     if name not in DESIGNS:
         raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
-    _design_override.append(name)
+    stack = _forced.stack
+    stack.append(name)
     try:
         yield
     finally:
-        _design_override.pop()
+        stack.pop()
+
+
+def forced_design() -> str | None:
+    """The design of this thread's innermost ``use_design`` block, or None."""
+    stack = _forced.stack
+    return stack[-1] if stack else None
 
 
 def design_for(device: torch.device, direction: str, configured: str | None = None) -> str:
     """The design of ``direction`` ("fwd" | "bwd") on ``device``: use_design, then ``configured`` (the
     ``triton_design`` setting, passed down by the op), then ``DEFAULT_DESIGN``."""
-    if _design_override:
-        return _design_override[-1]
+    forced = forced_design()
+    if forced is not None:
+        return forced
     if configured is not None:
         if configured not in DESIGNS:
             raise ValueError(f"design must be one of {DESIGNS} or None, got {configured!r}")

@@ -5,7 +5,8 @@ cache and whole-matrix BLAS calls, and how many rows a block has (the rule: docs
 Two settings override those choices for re-tuning on another machine: ``cpu_path``
 (``PETAL_FAST_CPU_PATH=auto|blocked|whole``) and ``cpu_block_rows`` (``PETAL_FAST_CPU_BLOCK_ROWS=n``,
 0 automatic), read with every other setting when petal_fast is imported (:mod:`petal_fast.settings`)
-and handed to the C++ library before its next call (``ops/petal_linear/backends.apply_cpu_tuning``).
+and passed to the C++ ops with every call (``ops/petal_linear/backends.cpu_knobs``): the library keeps
+no copy, so a ``with`` block changes them for the calls of its thread only.
 To change them in a running process::
 
     from petal_fast.cpu_tuning import cpu_tuning
@@ -21,16 +22,14 @@ import contextlib
 from typing import Any, Iterator
 
 from petal_fast import _ext, settings
-from petal_fast.ops.petal_linear.backends import apply_cpu_tuning
 
 PATHS = settings.CPU_PATHS
 
 
-def _op():
-    if not _ext.has_op("petal_linear_cpu_tuning"):
+def _op() -> None:
+    if not _ext.has_op("petal_linear"):
         raise RuntimeError(f"the C++ extension is not available ({_ext.load_error() or 'op missing'}): there are "
                            "no CPU tuning knobs to set; build it with `pip install --no-build-isolation -e .`")
-    return _ext.op("petal_linear_cpu_tuning")
 
 
 def _changes(path: str | None, block_rows: int | None) -> dict[str, Any]:
@@ -43,12 +42,11 @@ def _changes(path: str | None, block_rows: int | None) -> dict[str, Any]:
 
 
 def get_cpu_tuning() -> tuple[str, int]:
-    """(path, block_rows) in force in the C++ library: path ``auto`` | ``blocked`` | ``whole``,
-    block_rows 0 for automatic."""
-    op = _op()
-    apply_cpu_tuning()  # the settings in force, handed over if they changed since the last C++ call
-    path, rows = op(None, None)
-    return str(path), int(rows)
+    """(path, block_rows) this thread's C++ PetalLinear calls use: path ``auto`` | ``blocked`` |
+    ``whole``, block_rows 0 for automatic."""
+    _op()
+    current = settings.current()
+    return current.cpu_path, current.cpu_block_rows
 
 
 def set_cpu_tuning(path: str | None = None, block_rows: int | None = None) -> tuple[str, int]:

@@ -2,20 +2,18 @@
 (docs/design.md §3.4; the fields, variables and values: :data:`ENV`, :class:`Settings` and the
 README's Settings table).
 
-``current()`` is the :class:`Settings` in force, a plain attribute read (torch.compile traces and
-guards on it). ``configure(**changes)`` replaces fields for the rest of the process; ``with
-override(**changes):`` for a block (the fields it changed come back on exit). Changing
-``os.environ`` after import has no effect. An empty variable counts as unset; a bad value raises at
-import (:class:`SettingsError`, or a petal_fast command's one-line error), naming the variable, the
-value and what it may be. The scoped APIs sit on top: ``use_backend(name)`` (per thread, wins over
-``backend``), ``use_design(name)`` (wins over ``triton_design``), ``cpu_tuning(path, block_rows)``.
+``current()`` is the :class:`Settings` in force on the calling thread: a plain attribute read
+(torch.compile traces and guards on it). ``configure(**changes)`` replaces fields for the process;
+``with override(**changes):`` changes them for the calls this thread makes inside the block, as every
+petal_fast context manager does (docs/design.md §3.7); ``threads``, the size of torch's process-wide
+pool, changes only with ``configure``. Changing ``os.environ`` after import has no effect. An empty
+variable counts as unset; a bad value raises at import (:class:`SettingsError`, or a petal_fast
+command's one-line error), naming the variable, the value and what it may be.
 
 This module imports nothing of petal_fast but ``definitions`` and ``threads``: the layers that use a
-setting read it when they run, and those below what may import it get it as an argument. The Triton
-design reaches ``kernels/`` as the ``design`` argument of its launchers (``ops/petal_linear/backends.py``);
-the C++ knobs reach ``csrc/petal_linear.cpp`` through its ``petal_linear_cpu_tuning`` op, called by the
-same table before a C++ call when they changed; ``build`` and ``cache_dir`` are read by ``_ext`` when it
-loads. ``threads`` is torch's state: ``configure`` applies it with ``torch.set_num_threads``.
+setting read it when they run, and those below what may import it get it as an argument (the Triton
+design as the launchers' ``design``, the C++ knobs as the C++ ops' ``path`` / ``block_rows``, both
+from ``ops/petal_linear/backends.py``); ``build`` and ``cache_dir`` are read by ``_ext`` when it loads.
 Variables that are not petal_fast's are read where they are used (docs/design.md §3.4).
 """
 from __future__ import annotations
@@ -138,36 +136,64 @@ def from_environ(environ: Mapping[str, str]) -> Settings:
     return Settings(**values)
 
 
+class _Blocks(threading.local):
+    """This thread's ``override`` blocks, innermost last: (the changes of the block and of those around
+    it, the settings in force inside). A list that always exists (a lazily created one would change what
+    a compiled graph's guards see after the first block, and force a recompile)."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[dict, Settings]] = []
+
+
+_blocks = _Blocks()
+PROCESS_ONLY = ("threads",)  # torch's process-wide pool: configure() only
+
+
 def current() -> Settings:
-    """The settings in force (a plain attribute read: torch.compile traces and guards on it)."""
-    return _current
+    """The settings in force on this thread: its innermost ``override`` block's, else the process's."""
+    stack = _blocks.stack
+    return stack[-1][1] if stack else _current
+
+
+def _check_names(changes: Mapping[str, Any], what: str) -> None:
+    unknown = sorted(set(changes) - set(ENV))
+    if unknown:
+        raise TypeError(f"{what}: unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(ENV)}")
 
 
 def configure(**changes: Any) -> Settings:
-    """Replace the named fields for the rest of the process (validated together: a bad value changes
-    nothing); returns the settings now in force."""
+    """Replace the named fields for the process (validated together: a bad value changes nothing);
+    returns the settings now in force on this thread. This thread's ``override`` blocks keep their own
+    fields on top; other threads' blocks see the change when they end."""
     global _current
-    unknown = sorted(set(changes) - set(ENV))
-    if unknown:
-        raise TypeError(f"configure: unknown setting(s) {', '.join(unknown)}; the settings are {', '.join(ENV)}")
+    _check_names(changes, "configure")
     with _lock:
         new = dataclasses.replace(_current, **changes)
         _current = new
         _push(new)
-    return new
+        stack = _blocks.stack
+        stack[:] = [(fields, dataclasses.replace(new, **fields)) for fields, _ in stack]
+    return current()
 
 
 @contextlib.contextmanager
 def override(**changes: Any) -> Iterator[Settings]:
-    """``configure(**changes)`` inside a ``with`` block; on exit the fields it changed get back the
-    values they had when it began (others changed meanwhile are kept). Process-wide, like what it
-    sets: for scripts, benchmarks and tests, not for threads that want different values at once."""
-    before = {field: getattr(_current, field) for field in changes if field in ENV}
-    new = configure(**changes)
+    """The settings with ``changes`` (validated together) for the calls this thread makes inside the
+    ``with`` block; blocks nest, the innermost wins, and other threads are not affected. ``threads`` is
+    the size of torch's process-wide thread pool: change it with ``configure(threads=n)``."""
+    _check_names(changes, "override")
+    process = sorted(set(changes) & set(PROCESS_ONLY))
+    if process:
+        raise ValueError(f"override: {', '.join(process)} sizes torch's process-wide thread pool, which a block of "
+                         f"one thread cannot change; use petal_fast.settings.configure({process[0]}=...)")
+    stack = _blocks.stack
+    fields = {**(stack[-1][0] if stack else {}), **changes}
+    new = dataclasses.replace(_current, **fields)
+    stack.append((fields, new))
     try:
         yield new
     finally:
-        configure(**before)
+        stack.pop()
 
 
 def _push(new: Settings) -> None:

@@ -55,6 +55,10 @@ def test_quality_context_and_explicit_alpha():
         with alpha_scope(a2):  # innermost wins
             torch.testing.assert_close(model(x), expect2)
         torch.testing.assert_close(layer(x, alpha=a2), expect2)  # explicit beats the context
+        assert layer.last_alpha is a2  # the α the layer used, visible on it
+        model(x)
+        assert layer.last_alpha is a1
+    assert PetalLinear(8, 5, rank=2).last_alpha is None
     with pytest.raises(ValueError, match="petal_fast.alpha_scope"):
         model(x)
     with pytest.raises(TypeError, match="alpha must be a tensor"):

@@ -97,6 +97,113 @@ def test_override_restores_what_it_changed_and_nests():
     assert settings.current() == before
 
 
+def test_every_context_manager_is_per_thread():
+    """override, use_backend, use_design, cpu_tuning and alpha_scope change what this thread's calls use;
+    another thread running meanwhile sees the process's settings (docs/design.md §3.7)."""
+    from petal_fast.cpu_tuning import get_cpu_tuning
+    seen, inside, go = [], threading.Event(), threading.Event()
+
+    def other():
+        inside.wait()
+        s = settings.current()
+        seen.append((s.progress_interval, s.triton_design, petal_fast.requested_backend(),
+                     petal_linear_config.forced_design(), petal_fast.nn.context.current_alpha()))
+        go.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    alpha = torch.rand(2)
+    with settings.override(progress_interval=3, triton_design="onepass", cpu_path="whole"), \
+            petal_fast.use_backend("reference"), petal_linear_config.use_design("split"), \
+            petal_fast.alpha_scope(alpha):
+        inside.set()
+        go.wait()
+        assert (settings.current().progress_interval, settings.current().triton_design) == (3, "onepass")
+        if _ext.has_op("petal_linear"):
+            assert get_cpu_tuning()[0] == "whole"
+    worker.join()
+    process = settings.current()
+    assert seen == [(process.progress_interval, process.triton_design, process.backend, None, None)]
+
+
+def test_configure_inside_an_override_block_keeps_the_blocks_fields():
+    before = settings.current()
+    try:
+        with settings.override(progress_interval=3):
+            now = settings.configure(progress_interval=9, debug=not before.debug)
+            assert now is settings.current() and (now.progress_interval, now.debug) == (3, not before.debug)
+        assert (settings.current().progress_interval, settings.current().debug) == (9, not before.debug)
+    finally:
+        settings.configure(progress_interval=before.progress_interval, debug=before.debug)
+    assert settings.current() == before
+    with pytest.raises(TypeError, match="override: unknown setting"):
+        with settings.override(colour="blue"):
+            pass
+
+
+@pytest.mark.skipif(not _ext.has_op("petal_linear"), reason="C++ extension not built")
+def test_cpu_knobs_are_arguments_of_each_call():
+    """Two threads run the C++ PetalLinear with different knobs at once: the library keeps no copy."""
+    from petal_fast.cpu_tuning import cpu_tuning
+    from petal_fast.ops.petal_linear import petal_linear
+    x, w, a, b = torch.randn(64, 24, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64), \
+        torch.randn(2, 4, 24, dtype=torch.float64), torch.randn(2, 40, 4, dtype=torch.float64)
+    alpha = torch.rand(8, dtype=torch.float64)
+    want = petal_linear(x, w, None, a, b, alpha)
+    got, errors = {}, []
+
+    def run(path, rows):
+        try:
+            with cpu_tuning(path=path, block_rows=rows):
+                for _ in range(20):
+                    got[path] = petal_linear(x, w, None, a, b, alpha)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=knobs) for knobs in (("whole", 0), ("blocked", 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and set(got) == {"whole", "blocked"}
+    for y in got.values():
+        torch.testing.assert_close(y, want)
+    fwd = _ext.op("petal_linear_fwd")
+    with pytest.raises(RuntimeError, match="path must be -1"):
+        fwd(x, w, None, a, b, alpha, 1.0, 0.0, 0, 5, 0)
+    with pytest.raises(RuntimeError, match="block_rows must be 0"):
+        fwd(x, w, None, a, b, alpha, 1.0, 0.0, 0, -1, -2)
+
+
+def test_the_triton_design_of_a_forward_is_kept_for_its_backward(monkeypatch):
+    """use_design is per thread; the eager route keeps the forward's design for the backward, which
+    autograd may run on another thread (on CUDA, its device thread)."""
+    pytest.importorskip("triton")
+    from petal_fast.kernels import petal_linear as launch
+    from petal_fast.ops.petal_linear.library import EagerPetalLinear
+    seen = []
+
+    def fake_forward(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, design=None):
+        seen.append(("fwd", design))
+        return x @ weight.T, x.new_zeros(x.shape[0], lora_A.shape[0] * lora_A.shape[1])
+
+    def fake_backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, design=None):
+        seen.append(("bwd", design))
+        return dy @ weight, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+
+    monkeypatch.setattr(launch, "forward", fake_forward)
+    monkeypatch.setattr(launch, "backward", fake_backward)
+    x = torch.randn(6, 8, requires_grad=True)
+    args = (torch.randn(5, 8), None, torch.randn(2, 2, 8, requires_grad=True), torch.randn(2, 5, 2), torch.rand(3),
+            1.0, 0.0, torch.zeros(1, dtype=torch.int64), 0, "triton")
+    with petal_linear_config.use_design("onepass"):
+        y = EagerPetalLinear.apply(x, *args)
+    worker = threading.Thread(target=lambda: y.sum().backward())
+    worker.start()
+    worker.join()
+    assert seen == [("fwd", "onepass"), ("bwd", "onepass")] and x.grad is not None
+
+
 def test_use_backend_stays_per_thread():
     seen = []
     with petal_fast.use_backend("reference"):
@@ -124,7 +231,7 @@ def test_design_setting_reaches_the_triton_launchers(monkeypatch):
     assert seen == [("fwd", "onepass"), ("bwd", "onepass"), ("fwd", None)]
 
 
-@pytest.mark.skipif(not _ext.has_op("petal_linear_cpu_tuning"), reason="C++ extension not built")
+@pytest.mark.skipif(not _ext.has_op("petal_linear"), reason="C++ extension not built")
 def test_cpu_knobs_reach_the_library_and_cpu_tuning_sits_on_the_settings():
     from petal_fast.cpu_tuning import cpu_tuning, get_cpu_tuning
     before = get_cpu_tuning()
@@ -176,7 +283,7 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.skipif(not _ext.has_op("petal_linear_cpu_tuning"), reason="C++ extension not built")
+@pytest.mark.skipif(not _ext.has_op("petal_linear"), reason="C++ extension not built")
 def test_the_environment_is_read_once_at_import(tmp_path):
     env = {"PETAL_FAST_BACKEND": "torch", "PETAL_FAST_BUILD": "auto", "PETAL_FAST_CACHE_DIR": str(tmp_path),
            "PETAL_FAST_PROGRESS_INTERVAL": "7", "PETAL_FAST_DEBUG": "1", "PETAL_FAST_TRITON_DESIGN": "onepass",

@@ -50,10 +50,16 @@ def test_the_openmp_runtime_reads_them_when_petal_fast_comes_first():
 
 
 def test_the_threads_setting_sizes_torchs_pool():
-    before = torch.get_num_threads()
-    with settings.override(threads=1):
+    before, setting = torch.get_num_threads(), settings.current().threads
+    settings.configure(threads=1)
+    try:
         assert torch.get_num_threads() == 1
+    finally:
+        settings.configure(threads=setting)
     assert torch.get_num_threads() == before == threads.choose(settings.current().threads).threads
+    with pytest.raises(ValueError, match=r"process-wide thread pool.*configure\(threads=\.\.\.\)"):
+        with settings.override(threads=1):  # a block of one thread cannot resize the process's pool
+            pass
     assert threads.choose(3) == threads.Choice(3, "the threads setting (PETAL_FAST_THREADS=3)")
     auto = threads.choose(0)
     assert 1 <= auto.threads <= threads.available_cores() and auto.why.startswith("auto")

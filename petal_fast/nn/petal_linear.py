@@ -179,6 +179,12 @@ class PetalLinear(nn.Module):
         return linear
 
     @property
+    def last_alpha(self) -> torch.Tensor | None:
+        """The α this layer's last forward used (explicit or from its ``alpha_scope``; None for one branch
+        or before a call): what its backward, and an activation-checkpointing recompute, use."""
+        return self._last_call[0]
+
+    @property
     def merged(self) -> bool:
         return self._is_merged
 

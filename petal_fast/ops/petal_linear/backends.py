@@ -51,42 +51,38 @@ def _torch() -> tuple[Callable, Callable]:
     return _host(torch_impl.forward, torch_impl.backward)
 
 
-_cpu_tuned: tuple[str, int] | None = None  # the (cpu_path, cpu_block_rows) last handed to the C++ library
+CPU_PATH_CODES = {"auto": -1, "whole": 0, "blocked": 1}  # the C++ ops' ``path`` argument
 
 
-def apply_cpu_tuning() -> None:
-    """Hand the ``cpu_path`` / ``cpu_block_rows`` settings to the C++ PetalLinear when they changed since
-    the last call (the library keeps its copy; settings.py knows nothing of it). Runs before each C++ call."""
-    global _cpu_tuned
+def cpu_knobs() -> tuple[int, int]:
+    """(path, block_rows) arguments of this thread's C++ calls, from the ``cpu_path`` / ``cpu_block_rows``
+    settings in force (an ``override`` block of this thread, else the process's)."""
     current = settings.current()
-    knobs = (current.cpu_path, current.cpu_block_rows)
-    if knobs != _cpu_tuned and _ext.has_op("petal_linear_cpu_tuning"):
-        _ext.op("petal_linear_cpu_tuning")(*knobs)
-        _cpu_tuned = knobs
+    return CPU_PATH_CODES[current.cpu_path], current.cpu_block_rows
 
 
 def _cpp() -> tuple[Callable, Callable]:
     fwd, bwd = _ext.op("petal_linear_fwd"), _ext.op("petal_linear_bwd")
+    return _host(lambda *args: fwd(*args, *cpu_knobs()), lambda *args: bwd(*args, *cpu_knobs()))
 
-    def tuned_fwd(*args):
-        apply_cpu_tuning()
-        return fwd(*args)
 
-    def tuned_bwd(*args):
-        apply_cpu_tuning()
-        return bwd(*args)
-
-    return _host(tuned_fwd, tuned_bwd)
+def triton_design() -> str | None:
+    """The Triton design this thread's calls use: a ``use_design`` block's, else the ``triton_design``
+    setting in force (None: the GPU generation's default). Imports the kernels: Triton calls only."""
+    from petal_fast.kernels.petal_linear_config import forced_design
+    return forced_design() or settings.current().triton_design
 
 
 def _triton() -> tuple[Callable, Callable]:
     from petal_fast.kernels import petal_linear as launch
 
-    def forward(*args, **kwargs):
-        return launch.forward(*args, design=settings.current().triton_design, **kwargs)
+    # ``design``: what the forward of this call used (captured by the eager route, whose backward autograd
+    # may run on another thread); otherwise this thread's choice
+    def forward(*args, design: str | None = None, **kwargs):
+        return launch.forward(*args, design=design or triton_design(), **kwargs)
 
-    def backward(*args, **kwargs):
-        return launch.backward(*args, design=settings.current().triton_design, **kwargs)
+    def backward(*args, design: str | None = None, **kwargs):
+        return launch.backward(*args, design=design or triton_design(), **kwargs)
 
     return forward, backward
 

@@ -38,7 +38,7 @@ from petal_fast import _ext
 from petal_fast.definitions.dropout import dropout_mask
 
 from .._graph import value_check, wrap_kwargs
-from .backends import host_seed, implementation
+from .backends import host_seed, implementation, triton_design
 
 OP = "petal_linear"
 NAME = "petal_fast::fused_petal_linear"
@@ -50,8 +50,9 @@ def _empty(like: Tensor) -> Tensor:
 
 def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  alpha: Optional[Tensor], scale: float, p: float, seed: Tensor, stream: int, backend: str,
-                 validate: bool = False, wrap=None) -> tuple[Tensor, Tensor]:
-    """(y, U) on ``backend``; ``wrap``: a triton_op's kernel wrapper (``torch.library.wrap_triton``)."""
+                 validate: bool = False, wrap=None, design: str | None = None) -> tuple[Tensor, Tensor]:
+    """(y, U) on ``backend``; ``wrap``: a triton_op's kernel wrapper (``torch.library.wrap_triton``);
+    ``design``: the Triton design (None: this thread's)."""
     if validate and alpha is not None:
         value_check(torch.isfinite(alpha).all(), "petal_linear: alpha contains non-finite values")
     branches, r = lora_A.shape[:2]
@@ -59,7 +60,9 @@ def forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, branches * r))
     forward, _ = implementation(backend)
     # the backends take x row-major (a no-op for what the dispatcher passes)
-    return forward(x.contiguous(), weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, **wrap_kwargs(wrap))
+    extra = {"design": design} if design is not None else {}
+    return forward(x.contiguous(), weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, **wrap_kwargs(wrap),
+                   **extra)
 
 
 def alpha_grad(dy: Tensor, u: Tensor, lora_B: Tensor, alpha: Tensor, scale: float, p: float, seed: Tensor,
@@ -81,8 +84,8 @@ def alpha_grad(dy: Tensor, u: Tensor, lora_B: Tensor, alpha: Tensor, scale: floa
 def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, alpha: Optional[Tensor],
                   u: Tensor, scale: float, p: float, seed: Tensor, stream: int, need_x: bool, need_alpha: bool,
                   need_weight: bool, need_bias: bool, backend: str,
-                  wrap=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dX | empty, dA, dB, dα | empty, dW | empty, db | empty) on ``backend``."""
+                  wrap=None, design: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dX | empty, dA, dB, dα | empty, dW | empty, db | empty) on ``backend``; ``design`` as in forward_impl."""
     dw = (dy.T @ x).to(weight.dtype) if need_weight else _empty(weight)
     dbias = dy.sum(0).to(weight.dtype) if need_bias else _empty(weight)
     if x.shape[0] == 0:
@@ -90,7 +93,9 @@ def backward_impl(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
                 torch.zeros_like(lora_B), torch.zeros_like(alpha) if need_alpha else _empty(x), dw, dbias)
     dy, x, u = dy.contiguous(), x.contiguous(), u.contiguous()
     _, backward = implementation(backend)
-    dx, da, db = backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, **wrap_kwargs(wrap))
+    extra = {"design": design} if design is not None else {}
+    dx, da, db = backward(dy, x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream, need_x, **wrap_kwargs(wrap),
+                          **extra)
     dalpha = alpha_grad(dy, u, lora_B, alpha, scale, p, seed, stream) if need_alpha else _empty(x)
     return (dx if need_x else _empty(x)), da, db, dalpha, dw, dbias
 
@@ -101,20 +106,22 @@ class EagerPetalLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, backend):
-        y, u = forward_impl(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, backend)
+        # this thread's Triton design, kept for the backward (autograd may run it on another thread)
+        design = triton_design() if backend == "triton" else None
+        y, u = forward_impl(x, weight, bias, lora_A, lora_B, alpha, scale, p, seed, stream, backend, design=design)
         ctx.save_for_backward(x, weight, lora_A, lora_B, alpha, u, seed)
-        ctx.args = (scale, p, stream, backend)
+        ctx.args = (scale, p, stream, backend, design)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, alpha, u, seed = ctx.saved_tensors
-        scale, p, stream, backend = ctx.args
+        scale, p, stream, backend, design = ctx.args
         need = ctx.needs_input_grad
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             grads = backward_impl(dy.contiguous(), x, weight, lora_A, lora_B, alpha, u, scale, p, seed, stream,
-                                  need[0], need[5], need[1], need[2], backend)
+                                  need[0], need[5], need[1], need[2], backend, design=design)
         if create_graph:  # the gradients are not differentiable: fail when they are differentiated
             grads = _NoDoubleBackward.apply(len(grads), *grads, x, weight, lora_A, lora_B, alpha)
         dx, da, db, dalpha, dw, dbias = grads
