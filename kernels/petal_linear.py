@@ -289,6 +289,19 @@ def _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned, *extra)
             *extra)
 
 
+def _planned(cache: dict, cacheable: bool, key_parts: tuple, build: Callable[[], object]):
+    """A call's plan: from ``cache`` by ``_key(*key_parts)`` when the call is cacheable (static shapes, the
+    device's table), else built — and remembered when cacheable. A traced symbolic batch is planned
+    once per trace, not cached."""
+    key = _key(*key_parts) if cacheable else None
+    plan = cache.get(key) if cacheable else None
+    if plan is None:
+        plan = build()
+        if cacheable:
+            _remember(cache, key, plan)
+    return plan
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
             lora_B: torch.Tensor, alpha: torch.Tensor | None, scale: float, p: float, seed: torch.Tensor | None,
             stream: int, table: dict | None = None, wrap: Callable = direct,
@@ -303,13 +316,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lo
         raise ValueError("petal_linear (triton): x must be row-major contiguous")
     tma_aligned = _aligned(x, weight)
     design = design_for(x.device, "fwd", design)
-    cached = table is None and _static(x, alpha)  # a traced symbolic batch is planned once, not cached
-    key = _key(x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned) if cached else None
-    plan = _forward_plans.get(key) if cached else None
-    if plan is None:
-        plan = _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p, table, design, tma_aligned)
-        if cached:
-            _remember(_forward_plans, key, plan)
+    plan = _planned(_forward_plans, table is None and _static(x, alpha),
+                    (x, weight, bias, lora_A, lora_B, alpha, p, design, tma_aligned),
+                    lambda: _forward_plan(x, weight, bias, lora_A, lora_B, alpha, p, table, design, tma_aligned))
     (M, K), N = x.shape, weight.shape[0]
     rank = lora_A.shape[1]
     R = lora_A.shape[0] * rank
@@ -350,13 +359,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
         raise ValueError("petal_linear (triton): x, dy and U must be row-major contiguous")
     tma_aligned = _aligned(x, weight, dy)
     design = design_for(x.device, "bwd", design)
-    cached = table is None and _static(x, alpha)
-    key = _key(x, weight, None, lora_A, lora_B, alpha, p, design, tma_aligned, need_x) if cached else None
-    plan = _backward_plans.get(key) if cached else None
-    if plan is None:
-        plan = _backward_plan(x, weight, lora_A, lora_B, alpha, p, need_x, table, design, tma_aligned)
-        if cached:
-            _remember(_backward_plans, key, plan)
+    plan = _planned(_backward_plans, table is None and _static(x, alpha),
+                    (x, weight, None, lora_A, lora_B, alpha, p, design, tma_aligned, need_x),
+                    lambda: _backward_plan(x, weight, lora_A, lora_B, alpha, p, need_x, table, design, tma_aligned))
     (M, K), N = x.shape, weight.shape[0]
     rank = lora_A.shape[1]
     R = lora_A.shape[0] * rank
