@@ -54,6 +54,23 @@ def row_coef(alpha_ptr, offs_m, m_ok, offs_r, rank, rows_per_image, scale, BRANC
 
 
 @triton.jit
+def scaled_u(u, u_ptr, offs_m, m_ok, offs_r, r_ok, R, rank, rows_per_image, scale, alpha_ptr, pid_n,
+             BRANCHES: tl.constexpr, ONEPASS: tl.constexpr):
+    """V = c ⊙ U of a row tile, fp32. One-pass: ``u`` was accumulated by the caller; the programs of the
+    first N-tile store it for backward, and V uses it rounded as stored (both designs give the same y).
+    Split: U is loaded from the shrink kernel's output (``u`` unused)."""
+    ur_ok = m_ok[:, None] & r_ok[None, :]
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    if ONEPASS:
+        if pid_n == 0:
+            tl.store(u_ptrs, u.to(u_ptr.dtype.element_ty), mask=ur_ok)
+        u = u.to(u_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        u = tl.load(u_ptrs, mask=ur_ok, other=0.0).to(tl.float32)
+    return u * row_coef(alpha_ptr, offs_m, m_ok, offs_r, rank, rows_per_image, scale, BRANCHES)
+
+
+@triton.jit
 def branch_keep(key0, key1, offs_m, offs_n, threshold, BRANCH: tl.constexpr):
     """Branch BRANCH's keep mask over the (offs_m × offs_n) tile: each branch hashes its own key."""
     if BRANCH == 0:
@@ -149,15 +166,8 @@ def fwd_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, alpha_ptr, y_ptr,
         w_ptrs += BLOCK_K * s_wk
 
     # LoRA expand: V = c ⊙ U (per row, per branch), then V B_catᵀ into the same accumulator
-    ur_ok = m_ok[:, None] & r_ok[None, :]
-    u_ptrs = u_ptr + rows[:, None] * R + offs_r[None, :]
-    if ONEPASS:
-        if pid_n == 0:
-            tl.store(u_ptrs, u.to(u_ptr.dtype.element_ty), mask=ur_ok)
-        u = u.to(u_ptr.dtype.element_ty).to(tl.float32)  # the stored rounding: both designs give the same y
-    else:
-        u = tl.load(u_ptrs, mask=ur_ok, other=0.0).to(tl.float32)
-    v = u * row_coef(alpha_ptr, offs_m, m_ok, offs_r, rank, rows_per_image, scale, BRANCHES)
+    v = scaled_u(u, u_ptr, offs_m, m_ok, offs_r, r_ok, R, rank, rows_per_image, scale, alpha_ptr, pid_n,
+                 BRANCHES, ONEPASS)
     bt = tl.load(b_ptr + lora_offsets(offs_r, rank, s_b0, s_br)[:, None] + offs_n[None, :] * s_bn,
                  mask=r_ok[:, None] & n_ok[None, :], other=0.0)                  # B_catᵀ tile (RP × BLOCK_N)
     key0, key1 = branch_keys(seed_ptr, stream_mix, DROPOUT)

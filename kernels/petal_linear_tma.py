@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._rng import branch_keys
-from .petal_linear_kernels import dx_da_epilogue, lora_expand, lora_offsets, row_coef, tile_ids
+from .petal_linear_kernels import dx_da_epilogue, lora_expand, lora_offsets, scaled_u, tile_ids
 
 
 @triton.jit
@@ -96,15 +96,8 @@ def fwd_tma_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, u_ptr, b_ptr, alpha_ptr, y_ptr
 
         offs_m = off_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        ur_ok = m_ok[:, None] & r_ok[None, :]
-        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-        if ONEPASS:
-            if pid_n == 0:
-                tl.store(u_ptrs, u.to(u_ptr.dtype.element_ty), mask=ur_ok)
-            u = u.to(u_ptr.dtype.element_ty).to(tl.float32)  # the stored rounding: both designs give the same y
-        else:
-            u = tl.load(u_ptrs, mask=ur_ok, other=0.0).to(tl.float32)
-        v = u * row_coef(alpha_ptr, offs_m, m_ok, offs_r, rank, rows_per_image, scale, BRANCHES)
+        v = scaled_u(u, u_ptr, offs_m, m_ok, offs_r, r_ok, R, rank, rows_per_image, scale, alpha_ptr, pid_n,
+                     BRANCHES, ONEPASS)
         if not DROPOUT:  # the expand: one more K step (K = RP) of the same accumulator
             offs_n = off_n + tl.arange(0, BLOCK_N)
             bt = tl.load(b_ptr + lora_offsets(offs_r, rank, s_b0, s_br)[:, None] + offs_n[None, :] * s_bn,
