@@ -29,7 +29,7 @@ def host_seed(seed: Tensor, stream: int) -> int | Tensor:
     """The layer's seed as the CPU backends take it: an int read on the host for a real CPU tensor (no
     device to wait for), a tensor otherwise (the torch composition hashes it where it is)."""
     if seed.device.type == "cpu" and has_values(seed):
-        return stream_seed(int(seed.reshape(-1)[0]), stream)
+        return stream_seed(int(seed.item()), stream)  # a 1-element tensor: one read, no view or index op
     return stream_seed(seed, stream)  # hashed as a tensor: on the device, or traced (fake: no value)
 
 
