@@ -15,9 +15,9 @@
 
 #include <algorithm>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "hash32.h"
@@ -51,24 +51,6 @@ Dims dims_of(const Tensor& x, const Tensor& w, const Tensor& lora_a, const Tenso
   return d;
 }
 
-// The per-image branch weights c (images × branches, row-major): [s(1−α_i), sα_i], or [s] for one
-// branch, in the op's accumulation type (double for double inputs, else float).
-template <typename acc_t>
-std::vector<acc_t> branch_weights(const Dims& d, const std::optional<Tensor>& alpha, double scale) {
-  std::vector<acc_t> c(d.images * d.branches);
-  if (d.branches == 1) {
-    std::fill(c.begin(), c.end(), static_cast<acc_t>(scale));
-    return c;
-  }
-  const Tensor a = alpha->to(at::kDouble).contiguous();
-  const double* av = a.data_ptr<double>();
-  for (int64_t i = 0; i < d.images; ++i) {
-    c[2 * i] = static_cast<acc_t>(scale * (1.0 - av[i]));
-    c[2 * i + 1] = static_cast<acc_t>(scale * av[i]);
-  }
-  return c;
-}
-
 // A_cat (R × K) and B_cat (N × R), R = branches·r: both branches side by side.
 Tensor a_cat_of(const Tensor& lora_a) { return lora_a.reshape({-1, lora_a.size(2)}).contiguous(); }
 Tensor b_cat_of(const Tensor& lora_b) {
@@ -76,7 +58,8 @@ Tensor b_cat_of(const Tensor& lora_b) {
   return lora_b.permute({1, 0, 2}).reshape({lora_b.size(1), -1}).contiguous();
 }
 
-// The branch weights in both accumulation types (images × branches each; a handful of values).
+// The per-image branch weights c (images × branches, row-major): [s(1−α_i), sα_i], or [s] for one
+// branch, in both accumulation types (double for double inputs, else float; a handful of values).
 struct Coef {
   std::vector<float> f;
   std::vector<double> d;
@@ -88,7 +71,17 @@ struct Coef {
 };
 
 Coef coef_of(const Dims& d, const std::optional<Tensor>& alpha, double scale) {
-  return {branch_weights<float>(d, alpha, scale), branch_weights<double>(d, alpha, scale)};
+  std::vector<double> c(d.images * d.branches, scale);
+  if (d.branches == 2) {
+    const Tensor a = alpha->to(at::kDouble).contiguous();  // α read once, in double
+    const double* av = a.data_ptr<double>();
+    for (int64_t i = 0; i < d.images; ++i) {
+      c[2 * i] = scale * (1.0 - av[i]);
+      c[2 * i + 1] = scale * av[i];
+    }
+  }
+  std::vector<float> f(c.begin(), c.end());  // the same values, rounded once to float
+  return {std::move(f), std::move(c)};
 }
 
 // Tuning knobs of the strategies below, passed with every call (for re-tuning on another machine;
@@ -314,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> petal_linear_bwd(const Tensor& dy_in, const T
   const bool fp32 = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   const auto acc = fp32 ? x.options() : x.options().dtype(at::kFloat);  // reductions over M in fp32
   const auto acc_t = acc.dtype().toScalarType();
-  const Tensor b_acc = b_cat.to(acc_t), a_acc = a_cat.to(acc_t);
+  const Tensor b_acc = b_cat.to(acc_t);
   const bool blocked = use_row_blocks(d, x.element_size(), tune);
   if (!blocked && p == 0.0) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

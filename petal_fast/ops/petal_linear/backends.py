@@ -7,7 +7,7 @@
   (``csrc/petal_linear.cpp``). Both take the layer's tensors as they are and the seed as a host int
   (:func:`_host` reads it); the branch weights and the concatenated layouts are built inside.
 - ``triton``: the launchers in ``kernels/petal_linear.py``, imported on first use (a machine without
-  Triton never imports it), given the ``triton_design`` setting as an argument.
+  Triton never imports it), given the design in force (:func:`triton_design`) as an argument.
 
 ``reference`` is not a table entry: the dispatcher calls ``petal_fast.reference.petal_linear``.
 """
